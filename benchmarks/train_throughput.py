@@ -1,0 +1,111 @@
+"""Training-step throughput: clearlm's decoder against Hugging Face transformers' LlamaForCausalLM.
+
+Both models get the same dimensions, batch, optimizer (AdamW), thread count and data; each is timed
+over the same number of full training steps (forward, loss, backward, clipping, optimizer step)
+after warm-up steps, alternating rounds so that machine noise hits both alike. Prints tokens/s,
+the ratio, and the share of the machine's measured fp32 matmul peak each one reaches (MFU).
+
+    python benchmarks/train_throughput.py [--d-model 256 --n-layers 4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from clearlm.model.transformer import Transformer, TransformerConfig
+from clearlm.recipe import TrainConfig
+from clearlm.train.loop import train_step
+from clearlm.train.optim import build_optimizer
+from clearlm.train.perf import measure_matmul_peak
+
+
+def hf_step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, batch: torch.Tensor, clip: float) -> None:
+    logits = model(input_ids=batch[:, :-1]).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = TransformerConfig(
+        vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+        context=args.context, tie_embeddings=True,
+    )  # fmt: skip
+    ours = Transformer(cfg)
+    ours.init_weights(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.context, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False,
+    )  # fmt: skip
+    theirs = LlamaForCausalLM(hf_cfg).train()
+    tcfg = TrainConfig()
+    opt_ours = build_optimizer(ours, tcfg, torch.device("cpu"))
+    opt_theirs = build_optimizer(theirs, tcfg, torch.device("cpu"))
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1))
+    tokens = args.batch * cfg.context
+
+    runners = {
+        "clearlm": lambda: train_step(ours, opt_ours, [batch], 1.0),
+        "transformers": lambda: hf_step(theirs, opt_theirs, batch, 1.0),
+    }
+    for run in runners.values():
+        for _ in range(2):
+            run()
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                run()
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+
+    peak = measure_matmul_peak(args.threads)
+    flops = ours.flops_per_token()
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads",
+        "torch": torch.__version__,
+        "config": vars(args),
+        "parameters": ours.num_params(),
+        "matmul_peak_gflops": peak / 1e9,
+    }
+    for name, seconds in best.items():
+        results[name] = {"tokens_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak}
+    results["ratio"] = results["clearlm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+    print(f"{'model':<14}{'tokens/s':>12}{'MFU':>8}")
+    for name in runners:
+        print(f"{name:<14}{results[name]['tokens_per_s']:>12,.0f}{results[name]['mfu']:>8.1%}")
+    print(f"ratio clearlm/transformers: {results['ratio']:.2f}x   (fp32 matmul peak {peak / 1e9:.1f} GFLOP/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

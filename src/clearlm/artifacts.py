@@ -1,0 +1,175 @@
+"""Artifacts: directories with a manifest, addressed by a digest of what produced them.
+
+An artifact's digest hashes its kind, its config, its inputs' digests and the clearlm version, so a
+stage whose digest already exists on disk can be skipped, and a changed setting re-runs exactly the
+stages downstream of it. Stages write into `<name>.partial/` and the directory is renamed into place
+only when its manifest is complete, so a half-written artifact never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from clearlm import __version__
+from clearlm.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+_ENV_PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pydantic")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str
+    digest: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    def ref(self) -> dict[str, str]:
+        return {"kind": self.kind, "digest": self.digest}
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def compute_digest(kind: str, config: Any, inputs: dict[str, Artifact], extra: Any = None) -> str:
+    """The identity of an artifact: what it is, how it was configured, and what it was made from."""
+    payload = {
+        "kind": kind,
+        "clearlm_version": __version__,
+        "config": config,
+        "inputs": {name: art.digest for name, art in sorted(inputs.items())},
+        "extra": extra,
+    }
+    return "sha256:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    for pkg in _ENV_PACKAGES:
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = None
+    return env
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _output_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+class ArtifactStore:
+    """A directory of artifacts named `<kind>-<short digest>`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, kind: str, digest: str) -> Path:
+        return self.root / f"{kind}-{digest.removeprefix('sha256:')[:16]}"
+
+    def partial_path(self, kind: str, digest: str) -> Path:
+        final = self.path_for(kind, digest)
+        return final.with_name(final.name + ".partial")
+
+    def lookup(self, kind: str, digest: str) -> Artifact | None:
+        """The complete artifact with this digest, or None if absent or damaged."""
+        path = self.path_for(kind, digest)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("digest") != digest or manifest.get("kind") != kind:
+            return None
+        if not all((path / rel).is_file() for rel in manifest.get("outputs", {})):
+            return None
+        return Artifact(kind, digest, path, manifest)
+
+    def start(self, kind: str, digest: str, keep_partial: bool = False) -> Path:
+        """A clean (or, with keep_partial, the existing) working directory for building an artifact."""
+        partial = self.partial_path(kind, digest)
+        if partial.exists() and not keep_partial:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def finish(
+        self,
+        kind: str,
+        digest: str,
+        config: Any,
+        inputs: dict[str, Artifact],
+        metrics: dict[str, Any],
+        seconds: float,
+    ) -> Artifact:
+        """Hash every output, write the manifest and rename the directory into place."""
+        partial = self.partial_path(kind, digest)
+        manifest = {
+            "kind": kind,
+            "digest": digest,
+            "clearlm_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": config,
+            "inputs": {name: art.ref() for name, art in sorted(inputs.items())},
+            "outputs": {p.relative_to(partial).as_posix(): sha256_file(p) for p in _output_files(partial)},
+            "environment": environment(),
+            "command": sys.argv,
+            "seconds": round(seconds, 3),
+            "metrics": metrics,
+        }
+        write_json_atomic(partial / MANIFEST, manifest)
+        final = self.path_for(kind, digest)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        return Artifact(kind, digest, final, manifest)
+
+
+def check_outputs(artifact: Artifact) -> list[str]:
+    """Files whose content no longer matches the manifest (empty when the artifact is intact)."""
+    bad = []
+    for rel, digest in artifact.manifest.get("outputs", {}).items():
+        file = artifact.path / rel
+        if not file.is_file() or sha256_file(file) != digest:
+            bad.append(rel)
+    return bad
+
+
+def open_artifact(path: Path) -> Artifact:
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        return Artifact(manifest["kind"], manifest["digest"], Path(path), manifest)
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{path}: not a clearlm artifact ({e})") from None

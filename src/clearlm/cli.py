@@ -1,0 +1,216 @@
+"""The `clearlm` command line: typer sub-commands over the pipeline, rendered with rich."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from clearlm import __version__
+from clearlm.artifacts import Artifact
+from clearlm.errors import ClearlmError
+from clearlm.eval.generate import generate as sample
+from clearlm.pipeline import Pipeline, Reporter
+from clearlm.recipe import load_recipe
+from clearlm.release.load import load_release
+
+app = typer.Typer(
+    help="Train, evaluate and release a fully open language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+_state = {"debug": False}
+
+RecipeArg = Annotated[
+    str | None, typer.Argument(help="recipe TOML file, or a built-in recipe name (default: quickstart)")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override a recipe value, e.g. train.max_steps=200")
+]
+WorkdirOpt = Annotated[Path, typer.Option(help="where artifacts are stored")]
+ResumeOpt = Annotated[bool, typer.Option(help="continue an interrupted training run from its last checkpoint")]
+
+
+class RichReporter(Reporter):
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def stage_started(self, kind: str) -> None:
+        console.print(f"[bold cyan]{kind}[/]: building")
+
+    def stage_skipped(self, kind: str, artifact: Artifact) -> None:
+        console.print(f"[bold cyan]{kind}[/]: up to date, skipped ({artifact.path})")
+
+    def stage_finished(self, kind: str, artifact: Artifact) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        console.print(f"[bold cyan]{kind}[/]: done in {artifact.manifest['seconds']:.1f} s ({artifact.path})")
+
+    def train_step(self, record: dict[str, Any]) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("  train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=record["max_steps"], info="")
+        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s" if "loss" in record else ""
+        if record.get("val_loss") is not None:
+            info += f"  val {record['val_loss']:.3f}"
+        self.progress.update(self.task, completed=record["step"], info=info)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Print a ClearlmError as one line and exit 2; tracebacks only with --debug."""
+    try:
+        yield
+    except ClearlmError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _pipeline(recipe: str | None, overrides: list[str] | None, workdir: Path) -> Pipeline:
+    return Pipeline(load_recipe(recipe, overrides or []), workdir, RichReporter())
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clearlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option(help="show full tracebacks")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _summary(pipe: Pipeline) -> None:
+    table = Table(title="stages")
+    for col in ("stage", "seconds", "artifact"):
+        table.add_column(col)
+    for kind, art in pipe.artifacts.items():
+        table.add_row(kind, f"{art.manifest['seconds']:.1f}", str(art.path))
+    console.print(table)
+    if "eval" in pipe.artifacts:
+        _print_bpb(pipe.artifacts["eval"].metrics)
+
+
+def _print_bpb(metrics: dict[str, Any]) -> None:
+    if "bits_per_byte" not in metrics:
+        return
+    table = Table(title="validation bits per byte")
+    for col in ("domain", "bits/byte", "untrained", "documents"):
+        table.add_column(col)
+    untrained = metrics.get("untrained_bits_per_byte", {})
+    for domain, m in metrics["bits_per_byte"].items():
+        base = untrained.get(domain, {}).get("bits_per_byte")
+        table.add_row(domain, f"{m['bits_per_byte']:.4f}", f"{base:.4f}" if base else "", str(m["documents"]))
+    console.print(table)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+) -> None:
+    """Run every stage of a recipe (data, tokenizer, shards, train, eval, release); up-to-date ones are skipped."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        art = pipe.run("release", resume=resume)
+        _summary(pipe)
+        console.print(f"release: [bold]{workdir / pipe.recipe.name / 'release'}[/] -> {art.path}")
+
+
+@app.command()
+def data(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+    """Build the corpus, train the tokenizer and write token shards."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        pipe.run("shards")
+        _summary(pipe)
+
+
+@app.command()
+def train(
+    recipe: RecipeArg = None,
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+    stop_after: Annotated[
+        int | None, typer.Option(help="stop (as if interrupted) after this many steps; continue with --resume")
+    ] = None,
+) -> None:
+    """Pretrain the model (building the data stages first if needed)."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        art = pipe.train(resume=resume, stop_after=stop_after)
+        if art is None:
+            console.print(f"train: stopped after step {stop_after}; continue with --resume")
+            return
+        _summary(pipe)
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+    """Evaluate the trained model: bits per byte per validation domain."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        pipe.run("eval")
+        _summary(pipe)
+
+
+@app.command()
+def release(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+    """Assemble the release folder (running any stage that is not up to date)."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        art = pipe.run("release")
+        _summary(pipe)
+        console.print(f"release: [bold]{art.path}[/]")
+
+
+@app.command()
+def generate(
+    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a release (or Llama model) folder")],
+    prompt: Annotated[str, typer.Argument(help="text to continue")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="0 = no top-k filtering")] = 50,
+    seed: int = 0,
+) -> None:
+    """Sample a continuation of PROMPT from a release."""
+    with _user_errors():
+        model, tok, eos_id = load_release(release_dir)
+        text = sample(
+            model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k or None, seed=seed, stop_id=eos_id,
+        )  # fmt: skip
+        sys.stdout.write(prompt + text + "\n")
+
+
+def main() -> None:
+    app()

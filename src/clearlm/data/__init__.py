@@ -1,0 +1,1 @@
+"""Data stages: documents in (Dolma fields + licence), tokenizer and token shards out."""

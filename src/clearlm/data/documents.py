@@ -1,0 +1,31 @@
+"""Documents with Dolma's field names, plus the licence each one carries through to the release."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypedDict
+
+
+class Document(TypedDict):
+    id: str
+    text: str
+    source: str
+    added: str
+    created: str
+    license: str
+    metadata: dict[str, Any]
+
+
+def in_validation(split_key: str, fraction: float) -> bool:
+    """A stable split: the same key lands in the same split on every machine and Python version."""
+    bucket = int.from_bytes(hashlib.sha256(split_key.encode()).digest()[:8], "big")
+    return bucket < fraction * 2**64
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)

@@ -1,0 +1,92 @@
+"""Token shards: a flat memmap of token ids per split, document offsets beside it, and the sampler.
+
+Each document is followed by the end-of-text token. Training windows are fixed slices of
+`context + 1` tokens; their order is a permutation fixed by (seed, epoch), so the position in the
+stream (a single integer) is the whole data-loader state, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from clearlm.data.corpus import SPLITS
+from clearlm.data.documents import read_jsonl
+
+_BATCH_DOCS = 512
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _batches(path: Path) -> Iterator[list[str]]:
+    texts = (doc["text"] for doc in read_jsonl(path))
+    while batch := list(islice(texts, _BATCH_DOCS)):
+        yield batch
+
+
+def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict[str, Any]:
+    """Write `<split>.bin` (token ids) and `<split>.idx.npy` (document start offsets, plus the end)."""
+    dtype = token_dtype(tok.get_vocab_size())
+    metrics: dict[str, Any] = {"dtype": dtype.name, "eos_id": eos_id}
+    for split in SPLITS:
+        offsets, total, n_bytes = [0], 0, 0
+        with open(out / f"{split}.bin", "wb") as f:
+            for texts in _batches(data_dir / f"{split}.jsonl"):
+                n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+                for enc in tok.encode_batch(texts, add_special_tokens=False):
+                    ids = np.asarray([*enc.ids, eos_id], dtype=dtype)
+                    f.write(ids.tobytes())
+                    total += len(ids)
+                    offsets.append(total)
+        np.save(out / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
+        metrics[split] = {
+            "tokens": total,
+            "documents": len(offsets) - 1,
+            "bytes_per_token": n_bytes / max(total, 1),
+        }
+    return metrics
+
+
+def open_tokens(shards_dir: Path, split: str, dtype: str) -> np.memmap:
+    return np.memmap(shards_dir / f"{split}.bin", dtype=np.dtype(dtype), mode="r")
+
+
+class WindowSampler:
+    """Fixed windows of `context + 1` tokens, visited in an order fixed by (seed, epoch)."""
+
+    def __init__(self, tokens: np.ndarray, context: int, seed: int) -> None:
+        self.tokens, self.context, self.seed = tokens, context, seed
+        self.n_windows = (len(tokens) - 1) // context
+        if self.n_windows < 1:
+            raise ValueError(f"only {len(tokens)} tokens: fewer than one window of {context + 1}")
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
+        return self._perm[1]
+
+    def window(self, index: int) -> np.ndarray:
+        start = index * self.context
+        return self.tokens[start : start + self.context + 1]
+
+    def batch(self, position: int, size: int) -> torch.Tensor:
+        """Windows `position ..` of the endless shuffled stream, as int64 [size, context + 1]."""
+        rows = []
+        for pos in range(position, position + size):
+            epoch, offset = divmod(pos, self.n_windows)
+            rows.append(self.window(int(self.permutation(epoch)[offset])))
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def sequential(self, first: int, size: int) -> torch.Tensor:
+        """Unshuffled windows (for validation), wrapping around the end."""
+        rows = [self.window(i % self.n_windows) for i in range(first, first + size)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))

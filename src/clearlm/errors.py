@@ -1,0 +1,17 @@
+"""User-facing failures: each is printed by the CLI as one line, exit code 2."""
+
+
+class ClearlmError(Exception):
+    """A failure caused by the user's input or environment, not by a bug in clearlm."""
+
+
+class RecipeError(ClearlmError):
+    """The recipe (or a command-line override) is invalid."""
+
+
+class InputError(ClearlmError):
+    """A data file or model folder is missing or malformed."""
+
+
+class ArtifactError(ClearlmError):
+    """An artifact on disk is missing, incomplete or inconsistent."""

@@ -1,0 +1,1 @@
+"""Evaluation: bits-per-byte per domain and text generation."""

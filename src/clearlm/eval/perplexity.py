@@ -1,0 +1,103 @@
+"""Rolling log-likelihood of whole documents, reported per domain as bits-per-byte (Paloma-style).
+
+Windows are built exactly as lm-evaluation-harness's `loglikelihood_rolling` builds them (disjoint
+windows of the model's context, the end-of-text token as the first window's prefix), so every token
+is predicted once and the numbers are comparable with its `wikitext`-style tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from clearlm.model.transformer import Transformer
+
+Window = tuple[list[int], list[int]]
+
+
+def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Window]:
+    """(input, targets) pairs; the last len(targets) positions of input predict targets."""
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    windows = [([prefix_id, *tokens[: first - 1]], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        n = min(len(tokens) - predicted, max_len)
+        end = predicted + n
+        windows.append((tokens[end - max_len - 1 : end - 1], tokens[end - n : end]))
+        predicted += n
+    return windows
+
+
+@torch.no_grad()
+def windows_logprob(model: Transformer, windows: list[Window], batch_size: int) -> list[float]:
+    """Sum of target log-probabilities (nats) for each window, batched by length."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    scores = [0.0] * len(windows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(windows[chunk[0]][0])
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            inp = windows[i][0]
+            ids[row, : len(inp)] = torch.tensor(inp)
+        logprobs = F.log_softmax(model(ids.to(device)).float(), dim=-1).cpu()
+        for row, i in enumerate(chunk):
+            inp, targets = windows[i]
+            n = len(targets)
+            positions = torch.arange(len(inp) - n, len(inp))
+            scores[i] = logprobs[row, positions, torch.tensor(targets)].sum().item()
+    return scores
+
+
+def domain_bits_per_byte(
+    model: Transformer,
+    tok: Tokenizer,
+    docs: Iterable[dict[str, Any]],
+    prefix_id: int,
+    batch_size: int = 8,
+    max_docs_per_domain: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per `source`: bits_per_byte, byte_perplexity, word_perplexity, plus an `all` row."""
+    model.eval()
+    texts: dict[str, list[str]] = defaultdict(list)
+    for doc in docs:
+        bucket = texts[doc["source"]]
+        if max_docs_per_domain is None or len(bucket) < max_docs_per_domain:
+            bucket.append(doc["text"])
+    totals: dict[str, dict[str, float]] = {}
+    for domain, domain_texts in sorted(texts.items()):
+        encodings = tok.encode_batch(domain_texts, add_special_tokens=False)
+        windows = [w for enc in encodings for w in rolling_windows(enc.ids, prefix_id, model.cfg.context)]
+        nll = -sum(windows_logprob(model, windows, batch_size))
+        totals[domain] = {
+            "nll": nll,
+            "bytes": sum(len(t.encode("utf-8")) for t in domain_texts),
+            "words": sum(len(re.split(r"\s+", t)) for t in domain_texts),
+            "tokens": sum(len(e.ids) for e in encodings),
+            "documents": len(domain_texts),
+        }
+    if totals:
+        totals["all"] = {k: sum(t[k] for t in totals.values()) for k in next(iter(totals.values()))}
+    return {domain: _metrics(t) for domain, t in totals.items()}
+
+
+def _metrics(t: dict[str, float]) -> dict[str, float]:
+    return {
+        "bits_per_byte": t["nll"] / (math.log(2) * t["bytes"]),
+        "byte_perplexity": math.exp(t["nll"] / t["bytes"]),
+        "word_perplexity": math.exp(t["nll"] / t["words"]),
+        "token_perplexity": math.exp(t["nll"] / max(t["tokens"], 1)),
+        "documents": int(t["documents"]),
+        "bytes": int(t["bytes"]),
+        "tokens": int(t["tokens"]),
+    }

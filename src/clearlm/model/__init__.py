@@ -1,0 +1,1 @@
+"""The decoder and its conversion to and from Hugging Face transformers' layout."""

@@ -1,0 +1,63 @@
+"""Cross-entropy fused with the output projection, computed in chunks of rows.
+
+The full [tokens, vocabulary] logits never exist: each chunk's logits are made, turned into the
+loss and, when gradients are needed, straight into the gradients of the hidden states and of the
+output weight (as Liger-Kernel's fused linear cross-entropy does). Backward then only scales the
+stored gradients, so no matmul is recomputed. This saves the largest activation of a small model
+and runs the softmax on cache-sized blocks, which is most of the speed-up on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import FunctionCtx
+
+IGNORE_INDEX = -100
+
+
+def _chunk_rows(n_rows: int, vocab: int) -> int:
+    """Rows per chunk so that one chunk of logits is about 4 MiB of float32."""
+    return max(1, min(n_rows, (1 << 20) // max(vocab, 1)))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        n, vocab = hidden.shape[0], weight.shape[0]
+        step = _chunk_rows(n, vocab)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        for start in range(0, n, step):
+            h = hidden[start : start + step]
+            t = targets[start : start + step]
+            logits = (h @ weight.T).float()
+            valid = t != IGNORE_INDEX
+            safe_t = t.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if needs_grad:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+                probs *= valid[:, None]
+                probs = probs.to(hidden.dtype)
+                grad_hidden[start : start + step] = probs @ weight
+                grad_weight.addmm_(probs.T.float(), h.float())
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of -log softmax(hidden @ weight.T)[target]; rows with target -100 are skipped.
+
+    hidden: [N, d], weight: [V, d], targets: [N]. Returns a float32 scalar.
+    """
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets)

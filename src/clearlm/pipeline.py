@@ -1,0 +1,214 @@
+"""The stage graph behind `clearlm run`: data -> tokenizer -> shards -> train -> eval -> release.
+
+Each stage is looked up by its digest first; only missing or outdated artifacts are built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
+from clearlm.data.corpus import build_corpus, data_identity
+from clearlm.data.documents import read_jsonl
+from clearlm.data.shards import write_shards
+from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
+from clearlm.errors import ArtifactError
+from clearlm.eval.perplexity import domain_bits_per_byte
+from clearlm.model.transformer import Transformer
+from clearlm.recipe import LoadedRecipe
+from clearlm.release.build import build_release
+from clearlm.train.loop import load_trained, pretrain
+
+STAGES = ("data", "tokenizer", "shards", "train", "eval", "release")
+
+
+class Reporter:
+    """How a pipeline tells its caller what happens; the CLI renders it, tests record it."""
+
+    def stage_started(self, kind: str) -> None: ...
+
+    def stage_skipped(self, kind: str, artifact: Artifact) -> None: ...
+
+    def stage_finished(self, kind: str, artifact: Artifact) -> None: ...
+
+    def train_step(self, record: dict[str, Any]) -> None: ...
+
+
+class Pipeline:
+    def __init__(self, loaded: LoadedRecipe, workdir: Path, reporter: Reporter | None = None) -> None:
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.workdir = Path(workdir)
+        self.store = ArtifactStore(self.workdir / "artifacts")
+        self.reporter = reporter or Reporter()
+        self._done: dict[str, Artifact] = {}
+
+    @property
+    def artifacts(self) -> dict[str, Artifact]:
+        """The artifacts built or found so far, in stage order."""
+        return dict(self._done)
+
+    def _stage(
+        self,
+        kind: str,
+        config: Any,
+        inputs: dict[str, Artifact],
+        build: Callable[[Path], dict[str, Any] | None],
+        extra: Any = None,
+        keep_partial: bool = False,
+    ) -> Artifact | None:
+        digest = compute_digest(kind, config, inputs, extra)
+        found = self.store.lookup(kind, digest)
+        if found:
+            self.reporter.stage_skipped(kind, found)
+            return found
+        self.reporter.stage_started(kind)
+        started = time.perf_counter()
+        work = self.store.start(kind, digest, keep_partial=keep_partial)
+        metrics = build(work)
+        if metrics is None:
+            return None
+        art = self.store.finish(kind, digest, config, inputs, metrics, time.perf_counter() - started)
+        self.reporter.stage_finished(kind, art)
+        return art
+
+    def data(self) -> Artifact:
+        if "data" not in self._done:
+            cfg, base = self.recipe.data, self.loaded.base_dir
+            self._done["data"] = self._stage(
+                "data",
+                cfg.model_dump(mode="json"),
+                {},
+                lambda out: build_corpus(cfg, base, out),
+                extra=data_identity(cfg, base),
+            )
+        return self._done["data"]
+
+    def tokenizer(self) -> Artifact:
+        if "tokenizer" not in self._done:
+            data, cfg = self.data(), self.recipe.tokenizer
+            self._done["tokenizer"] = self._stage(
+                "tokenizer",
+                cfg.model_dump(mode="json"),
+                {"data": data},
+                lambda out: train_tokenizer(cfg, data.path / "train.jsonl", out),
+            )
+        return self._done["tokenizer"]
+
+    def shards(self) -> Artifact:
+        if "shards" not in self._done:
+            data, tok_art = self.data(), self.tokenizer()
+            tok = load_tokenizer(tok_art.path)
+            eos_id = tok.token_to_id(self.recipe.tokenizer.eos_token)
+            self._done["shards"] = self._stage(
+                "shards",
+                {},
+                {"data": data, "tokenizer": tok_art},
+                lambda out: write_shards(tok, eos_id, data.path, out),
+            )
+        return self._done["shards"]
+
+    def _train_config(self) -> dict[str, Any]:
+        return {"seed": self.recipe.seed, **self.recipe.model_dump(mode="json", include={"model", "train"})}
+
+    def train(self, resume: bool = False, stop_after: int | None = None) -> Artifact | None:
+        """Train (or find) the model; None when `stop_after` interrupted it before max_steps."""
+        if "train" not in self._done:
+            shards, tok_art = self.shards(), self.tokenizer()
+
+            def build(out: Path) -> dict[str, Any] | None:
+                metrics = pretrain(
+                    self.recipe,
+                    shards.path,
+                    shards.metrics,
+                    tok_art.metrics["vocab_size"],
+                    out,
+                    resume=resume,
+                    stop_after=stop_after,
+                    on_step=self.reporter.train_step,
+                )
+                return None if "stopped_at" in metrics else metrics
+
+            art = self._stage(
+                "train", self._train_config(), {"shards": shards, "tokenizer": tok_art}, build, keep_partial=resume
+            )
+            if art is None:
+                return None
+            self._done["train"] = art
+        return self._done["train"]
+
+    def eval(self, resume: bool = False) -> Artifact:
+        if "eval" not in self._done:
+            data, tok_art, train = self.data(), self.tokenizer(), self._require_train(resume)
+            cfg = self.recipe.eval
+
+            def build(out: Path) -> dict[str, Any]:
+                tok = load_tokenizer(tok_art.path)
+                eos_id = tok.token_to_id(self.recipe.tokenizer.eos_token)
+                trained = load_trained(train.path)
+                untrained = Transformer(trained.cfg)
+                untrained.init_weights(self.recipe.seed)
+                metrics: dict[str, Any] = {}
+                if cfg.bpb:
+                    for key, model in (("bits_per_byte", trained), ("untrained_bits_per_byte", untrained)):
+                        docs = read_jsonl(data.path / "validation.jsonl")
+                        metrics[key] = domain_bits_per_byte(
+                            model, tok, docs, eos_id, cfg.batch_size, cfg.max_documents_per_domain
+                        )
+                (out / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                return metrics
+
+            self._done["eval"] = self._stage(
+                "eval", cfg.model_dump(mode="json"), {"data": data, "tokenizer": tok_art, "train": train}, build
+            )
+        return self._done["eval"]
+
+    def _require_train(self, resume: bool) -> Artifact:
+        art = self.train(resume=resume)
+        if art is None:  # pragma: no cover - only stop_after returns None
+            raise ArtifactError("training did not finish")
+        return art
+
+    def release(self, resume: bool = False) -> Artifact:
+        if "release" not in self._done:
+            inputs = {
+                "data": self.data(),
+                "tokenizer": self.tokenizer(),
+                "shards": self.shards(),
+                "train": self._require_train(resume),
+                "eval": self.eval(resume),
+            }
+            config = {"name": self.recipe.name, **self.recipe.release.model_dump(mode="json")}
+            art = self._stage(
+                "release",
+                config,
+                inputs,
+                lambda out: build_release(self.recipe, self.loaded.text, inputs, out),
+            )
+            self._done["release"] = art
+            self._link_release(art)
+        return self._done["release"]
+
+    def _link_release(self, art: Artifact) -> None:
+        """`<workdir>/<recipe name>/release` always points at the latest release of that recipe."""
+        link = self.workdir / self.recipe.name / "release"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name("release.tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(os.path.relpath(art.path, link.parent))
+        os.replace(tmp, link)
+
+    def run(self, until: str = "release", resume: bool = False) -> Artifact:
+        if until not in STAGES:
+            raise ValueError(f"unknown stage {until!r}")
+        if until == "train":
+            return self._require_train(resume)
+        if until in ("eval", "release"):
+            return getattr(self, until)(resume)
+        return getattr(self, until)()

@@ -1,0 +1,196 @@
+"""The recipe: one TOML file, validated by pydantic, that describes every stage of a run."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clearlm.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUILTIN_RECIPES = ("quickstart",)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    """A user data source: a file, a directory or a glob of jsonl/txt files."""
+
+    path: str
+    source: str | None = Field(None, description="domain name; defaults to the file's stem")
+    license: str = Field("NOASSERTION", description="SPDX identifier of the source's licence")
+
+
+class DataConfig(_Section):
+    builtin: Literal["cpython-stdlib"] | None = Field(None, description="a built-in corpus to include")
+    sources: list[SourceConfig] = []
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")
+
+    @model_validator(mode="after")
+    def _has_input(self) -> DataConfig:
+        if self.builtin is None and not self.sources:
+            raise ValueError("needs a builtin corpus or at least one entry in sources")
+        return self
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = Field(4096, ge=300, le=1 << 20)
+    min_frequency: int = Field(2, ge=1)
+    eos_token: str = "<|endoftext|>"
+    pad_token: str = "<|pad|>"
+    special_tokens: list[str] = Field(
+        ["<|system|>", "<|user|>", "<|assistant|>"],
+        description="reserved for chat templates; never produced from plain text",
+    )
+
+
+class ModelConfig(_Section):
+    architecture: Literal["llama"] = "llama"
+    d_model: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; default n_heads")
+    d_ff: int | None = Field(None, gt=0, description="SwiGLU hidden size; default ~8/3 d_model")
+    context: int = Field(256, gt=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head size (d_model / n_heads) must be even for RoPE")
+        if self.n_heads % (self.n_kv_heads or self.n_heads):
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(1000, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_interval: int = Field(100, ge=0, description="steps between validation losses; 0 = only at the end")
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final")
+    keep_optimizer: Literal["last", "all"] = "last"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+class EvalConfig(_Section):
+    bpb: bool = True
+    batch_size: int = Field(8, gt=0)
+    max_documents_per_domain: int | None = Field(None, gt=0)
+
+
+class ReleaseConfig(_Section):
+    name: str | None = None
+    license: str = Field("Apache-2.0", description="SPDX licence of the weights and documents")
+    code_license: str = "Apache-2.0"
+    authors: list[str] = []
+    description: str = ""
+
+
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    data: DataConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    release: ReleaseConfig = ReleaseConfig()
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from (relative data paths resolve against `base_dir`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recipe: Recipe
+    origin: str
+    base_dir: Path
+    text: str
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as TOML, else taken as a string."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.max_steps=200")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {assignment!r}: {part} is not a section")
+        node = child
+    node[leaf] = _parse_value(value.strip())
+
+
+def _format_errors(origin: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] != "missing":
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def parse_recipe(text: str, origin: str, base_dir: Path, overrides: list[str] = ()) -> LoadedRecipe:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{origin}: invalid TOML: {e}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(origin, e)) from None
+    return LoadedRecipe(recipe=recipe, origin=origin, base_dir=base_dir, text=text)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> LoadedRecipe:
+    """Load a recipe file, or a built-in recipe by name (`quickstart` when `path` is None)."""
+    name = str(path) if path is not None else "quickstart"
+    if name in BUILTIN_RECIPES and not Path(name).exists():
+        text = resources.files("clearlm").joinpath("recipes", f"{name}.toml").read_text()
+        return parse_recipe(text, f"<builtin {name}>", Path.cwd(), overrides)
+    file = Path(name)
+    if not file.is_file():
+        raise RecipeError(f"{file}: recipe file not found (built-in recipes: {', '.join(BUILTIN_RECIPES)})")
+    return parse_recipe(file.read_text(), str(file), file.resolve().parent, overrides)

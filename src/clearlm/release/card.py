@@ -1,0 +1,140 @@
+"""The model card: Hugging Face YAML front matter plus a human-readable account of the whole run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Licence ids the Hugging Face Hub accepts in model card metadata (lower-cased SPDX ids).
+_HF_LICENSES = {
+    "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0",
+    "cdla-permissive-2.0", "odc-by", "odbl", "pddl", "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0",
+    "unlicense", "openrail", "cc-by-nc-4.0", "llama3", "gemma",
+}  # fmt: skip
+
+
+def hf_license(spdx: str) -> dict[str, str]:
+    lowered = spdx.lower()
+    if lowered in _HF_LICENSES:
+        return {"license": lowered}
+    return {"license": "other", "license_name": spdx}
+
+
+def _front_matter(meta: dict[str, Any]) -> str:
+    """YAML front matter; every value is written as JSON, which YAML reads unchanged."""
+    lines = [f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in meta.items()]
+    return "---\n" + "\n".join(lines) + "\n---\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def model_card(ctx: dict[str, Any]) -> str:
+    """Render the card from the release context (recipe, stage metrics, digests)."""
+    recipe, data, train, evaluation = ctx["recipe"], ctx["data"], ctx["train"], ctx["eval"]
+    rel = recipe["release"]
+    bpb = evaluation.get("bits_per_byte", {})
+    meta: dict[str, Any] = {
+        **hf_license(rel["license"]),
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["clearlm", "llama", "fully-open"],
+        "datasets": sorted(data["licenses"]),
+        "metrics": ["bits_per_byte"],
+        "model-index": [
+            {
+                "name": ctx["name"],
+                "results": [
+                    {
+                        "task": {"type": "text-generation", "name": "Language modelling"},
+                        "dataset": {"name": f"{domain} (validation)", "type": domain},
+                        "metrics": [{"type": "bits_per_byte", "value": round(m["bits_per_byte"], 4)}],
+                    }
+                    for domain, m in bpb.items()
+                ],
+            }
+        ],
+    }
+    splits = data["splits"]
+    data_rows = [
+        [
+            src,
+            data["licenses"].get(src, "?"),
+            v["documents"],
+            v["bytes"],
+            splits["validation"].get(src, {}).get("bytes", 0),
+        ]
+        for src, v in splits["train"].items()
+    ]
+    untrained = evaluation.get("untrained_bits_per_byte", {})
+    eval_rows = [
+        [
+            d,
+            f"{m['bits_per_byte']:.4f}",
+            f"{untrained[d]['bits_per_byte']:.4f}" if d in untrained else "",
+            m["documents"],
+            m["bytes"],
+        ]
+        for d, m in bpb.items()
+    ]
+    m = recipe["model"]
+    t = recipe["train"]
+    lines = [
+        _front_matter(meta),
+        f"# {ctx['name']}",
+        "",
+        rel["description"] or "A small language model trained end to end with clearlm; every part of it is open.",
+        "",
+        f"Authors: {', '.join(rel['authors']) or 'not given'}. Weights and documents: {rel['license']}; "
+        f"code: {rel['code_license']}. Built with clearlm {ctx['clearlm_version']}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        "## Training data",
+        "",
+        _table(["source", "licence", "train documents", "train bytes", "validation bytes"], data_rows),
+        "",
+        "## Model",
+        "",
+        f"Llama-family decoder: {ctx['parameters']:,} parameters, d_model {m['d_model']}, {m['n_layers']} layers, "
+        f"{m['n_heads']} heads, context {m['context']}, vocabulary {ctx['vocab_size']} (byte-level BPE), "
+        f"tied embeddings: {m['tie_embeddings']}.",
+        "",
+        "## Training",
+        "",
+        f"{train['steps']} steps of AdamW (lr {t['lr']}, warmup {t['warmup_steps']}, "
+        f"cosine to {t['min_lr_ratio']} x lr, weight decay {t['weight_decay']}), "
+        f"{train['tokens']:,} tokens in {train['train_seconds']:.0f} s "
+        f"({train['tokens_per_s'] or 0:,.0f} tokens/s). Final training loss {train['final_loss']:.4f}; "
+        f"validation loss {train['initial_val_loss']:.4f} at initialisation, {train['val_loss']:.4f} at the end. "
+        "The per-step log is in `training/log.jsonl`; intermediate weights are in `checkpoints/`.",
+        "",
+        "## Evaluation",
+        "",
+        "Bits per byte on the held-out validation split, per domain (lower is better):",
+        "",
+        _table(["domain", "bits/byte", "untrained model", "documents", "bytes"], eval_rows),
+        "",
+        "Full results: `eval/results.json`.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "pip install clearlm",
+        "clearlm run recipe.toml",
+        "```",
+        "",
+        "`manifest.json` and `lineage.json` list the digest, configuration and output hashes of every stage "
+        "(data, tokenizer, shards, training, evaluation) that produced this folder.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""Open a release (or any local Llama-layout folder) as a clearlm model and tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from clearlm.errors import InputError
+from clearlm.model.hf import load_hf
+from clearlm.model.transformer import Transformer
+
+
+def load_release(folder: Path) -> tuple[Transformer, Tokenizer, int | None]:
+    """Model, tokenizer and end-of-text id; one-line errors for a folder that is not a model."""
+    folder = Path(folder)
+    for name in ("config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise InputError(f"{folder / name}: not found (expected a clearlm release or Llama model folder)")
+    try:
+        model = load_hf(folder)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise InputError(f"{folder}: cannot load the model ({e})") from None
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+    return model, tok, eos if isinstance(eos, int) else None

@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny recipe over a tiny corpus, and one pipeline run reused by many tests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from clearlm.pipeline import Pipeline
+from clearlm.recipe import load_recipe
+
+WORDS = [
+    "def",
+    "return",
+    "class",
+    "import",
+    "self",
+    "value",
+    "list",
+    "dict",
+    "print",
+    "open",
+    "file",
+    "data",
+    "model",
+    "token",
+    "train",
+    "loss",
+]
+
+
+def write_corpus(folder: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """A small jsonl corpus in two domains with a few hundred words per document."""
+    rng = random.Random(seed)
+    path = folder / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            domain = "prose" if i % 3 else "code"
+            words = [rng.choice(WORDS) for _ in range(rng.randint(80, 200))]
+            text = " ".join(words) if domain == "prose" else "\n".join(f"    {w} = {w}()" for w in words)
+            f.write(json.dumps({"id": f"doc-{i}", "text": text, "source": domain}) + "\n")
+    return path
+
+
+TINY_RECIPE = """
+name = "tiny"
+seed = 3
+
+[data]
+validation_fraction = 0.2
+sources = [{{ path = "{corpus}", license = "CC0-1.0" }}]
+
+[tokenizer]
+vocab_size = 320
+
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+context = 32
+
+[train]
+max_steps = {steps}
+micro_batch_size = 4
+grad_accum_steps = 2
+lr = 1e-2
+warmup_steps = 2
+eval_interval = 4
+eval_batches = 2
+checkpoint_interval = 4
+
+[eval]
+batch_size = 4
+"""
+
+
+def write_tiny_recipe(folder: Path, steps: int = 8) -> Path:
+    corpus = write_corpus(folder)
+    recipe = folder / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(corpus=corpus.name, steps=steps))
+    return recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path) -> Path:
+    return write_tiny_recipe(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """One complete run of the tiny recipe (all stages), shared by read-only tests."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    pipe = Pipeline(load_recipe(write_tiny_recipe(folder)), folder / "runs")
+    pipe.run("release")
+    return pipe

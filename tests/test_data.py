@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+
+from clearlm.data import builtin
+from clearlm.data.corpus import build_corpus
+from clearlm.data.documents import in_validation, read_jsonl
+from clearlm.data.shards import WindowSampler, write_shards
+from clearlm.data.sources import read_source
+from clearlm.data.tokenizer import load_tokenizer, special_tokens, train_tokenizer
+from clearlm.errors import InputError
+from clearlm.recipe import DataConfig, SourceConfig, TokenizerConfig
+
+DOLMA = {"id", "text", "source", "added", "created", "metadata", "license"}
+
+
+def test_builtin_corpus_has_code_and_docs_with_dolma_fields_and_licence():
+    docs = list(builtin.stdlib_documents())
+    sources = {d["source"] for d in docs}
+    assert sources == {builtin.CODE, builtin.DOCS}
+    assert all(set(d) == DOLMA and d["license"] == "PSF-2.0" for d in docs)
+    assert any(d["id"] == "cpython-stdlib/code/json/decoder.py" for d in docs)
+    assert not any("/test/" in d["id"] or "site-packages" in d["id"] for d in docs)
+    assert len({d["id"] for d in docs}) == len(docs)
+    assert [d["id"] for d in docs] == [d["id"] for d in builtin.stdlib_documents()], "order must be fixed"
+
+
+def test_split_is_deterministic_and_roughly_the_fraction():
+    keys = [f"module{i}" for i in range(4000)]
+    chosen = [k for k in keys if in_validation(k, 0.1)]
+    assert chosen == [k for k in keys if in_validation(k, 0.1)]
+    assert 300 < len(chosen) < 500
+
+
+def test_jsonl_reader_keeps_fields_and_fills_defaults(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"id": "x1", "text": "hello", "metadata": {"k": 1}}) + "\n\n" + json.dumps({"text": "b"}))
+    docs = list(read_source(SourceConfig(path=str(f), license="MIT"), tmp_path))
+    assert [d["id"] for d in docs] == ["x1", "a.jsonl:3"]
+    assert docs[0]["source"] == "a" and docs[0]["license"] == "MIT" and docs[0]["metadata"]["k"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"bad.jsonl:2: invalid JSON"),
+        ('{"id": 1}', r"bad.jsonl:2: field 'text' is missing or not a string"),
+        ("[1, 2]", r"bad.jsonl:2: expected a JSON object"),
+        ('{"text": "t", "metadata": 3}', r"bad.jsonl:2: field 'metadata' must be an object"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(InputError, match=message):
+        list(read_source(SourceConfig(path=str(f)), tmp_path))
+
+
+def test_text_directory_is_one_document_per_file(tmp_path):
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("alpha")
+    (tmp_path / "books" / "b.md").write_text("# beta")
+    (tmp_path / "books" / "skip.bin").write_bytes(b"\0")
+    docs = list(read_source(SourceConfig(path="books", source="books", license="CC-BY-4.0"), tmp_path))
+    assert [(d["id"], d["text"]) for d in docs] == [("books/a.txt", "alpha"), ("books/b.md", "# beta")]
+
+
+def test_missing_source_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="data source not found"):
+        list(read_source(SourceConfig(path="nowhere.jsonl"), tmp_path))
+
+
+def test_corpus_splits_and_counts(tmp_path):
+    from conftest import write_corpus
+
+    write_corpus(tmp_path)
+    cfg = DataConfig(sources=[SourceConfig(path="corpus.jsonl", license="CC0-1.0")], validation_fraction=0.2)
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics = build_corpus(cfg, tmp_path, out)
+    train, val = list(read_jsonl(out / "train.jsonl")), list(read_jsonl(out / "validation.jsonl"))
+    assert len(train) + len(val) == 60 and val
+    assert metrics["documents"] == {"train": len(train), "validation": len(val)}
+    assert metrics["licenses"] == {"code": "CC0-1.0", "prose": "CC0-1.0"}
+    assert {d["id"] for d in train}.isdisjoint(d["id"] for d in val)
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    cfg = DataConfig(sources=[SourceConfig(path="d.jsonl")])
+    with pytest.raises(InputError, match="duplicate document id 'a'"):
+        build_corpus(cfg, tmp_path, tmp_path)
+
+
+def test_tokenizer_and_shards(tmp_path):
+    from conftest import write_corpus
+
+    write_corpus(tmp_path)
+    cfg = DataConfig(sources=[SourceConfig(path="corpus.jsonl")], validation_fraction=0.2)
+    build_corpus(cfg, tmp_path, tmp_path)
+    tcfg = TokenizerConfig(vocab_size=300)
+    train_tokenizer(tcfg, tmp_path / "train.jsonl", tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert [tok.token_to_id(t) for t in special_tokens(tcfg)] == [0, 1, 2, 3, 4]
+    text = "def value():\n    return ünïcode"
+    assert tok.decode(tok.encode(text).ids) == text, "byte-level BPE must round-trip any text"
+    metrics = write_shards(tok, 0, tmp_path, tmp_path)
+    tokens = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    offsets = np.load(tmp_path / "train.idx.npy")
+    assert offsets[-1] == len(tokens) == metrics["train"]["tokens"]
+    assert all(tokens[end - 1] == 0 for end in offsets[1:]), "every document ends with end-of-text"
+    first = next(read_jsonl(tmp_path / "train.jsonl"))["text"]
+    assert tok.decode(tokens[offsets[0] : offsets[1] - 1].tolist()) == first
+
+
+def test_tokenizer_training_is_deterministic(tmp_path):
+    from conftest import write_corpus
+
+    write_corpus(tmp_path)
+    cfg = DataConfig(sources=[SourceConfig(path="corpus.jsonl")], validation_fraction=0.2)
+    build_corpus(cfg, tmp_path, tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        train_tokenizer(TokenizerConfig(vocab_size=300), tmp_path / "train.jsonl", tmp_path / name)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+
+
+def test_sampler_visits_every_window_once_per_epoch_in_a_seeded_order():
+    tokens = np.arange(101, dtype=np.uint16)
+    s = WindowSampler(tokens, context=10, seed=1)
+    assert s.n_windows == 10
+    epoch0 = s.batch(0, 10)
+    assert sorted(row[0].item() for row in epoch0) == list(range(0, 100, 10))
+    assert all(row.tolist() == list(range(row[0], row[0] + 11)) for row in epoch0)
+    assert not np.array_equal(epoch0.numpy(), s.batch(10, 10).numpy()), "each epoch has its own order"
+    assert np.array_equal(s.batch(3, 4).numpy(), epoch0[3:7].numpy()), "any position can be resumed"
+    assert np.array_equal(WindowSampler(tokens, 10, seed=1).batch(0, 10).numpy(), epoch0.numpy())
+    assert not np.array_equal(WindowSampler(tokens, 10, seed=2).batch(0, 10).numpy(), epoch0.numpy())

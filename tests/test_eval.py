@@ -1,0 +1,79 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from clearlm.eval.generate import generate
+from clearlm.eval.perplexity import domain_bits_per_byte, rolling_windows
+from clearlm.model.transformer import Transformer, TransformerConfig
+
+
+def _lm_eval_windows(token_list, prefix_token, max_seq_len, context_len=1):
+    """lm-evaluation-harness's get_rolling_token_windows + make_disjoint_window, transcribed."""
+    pred_len = max_seq_len - context_len + 1
+    predicted = 0
+    first_seq_len = min(max_seq_len, len(token_list))
+    out = [([prefix_token, *token_list[: first_seq_len - 1]], token_list[:first_seq_len])]
+    predicted += first_seq_len
+    while predicted < len(token_list):
+        window_pred_len = min(len(token_list) - predicted, pred_len)
+        window_end = predicted + window_pred_len
+        out.append(
+            (
+                token_list[window_end - max_seq_len - 1 : window_end - 1],
+                token_list[window_end - window_pred_len : window_end],
+            )
+        )
+        predicted += window_pred_len
+    return [(a[: len(a) - (len(b) - 1)], b) for a, b in out]
+
+
+def test_rolling_windows_predict_every_token_once_with_lm_eval_contexts():
+    for n in (1, 5, 16, 17, 40):
+        tokens = list(range(100, 100 + n))
+        ours = rolling_windows(tokens, 0, 16)
+        assert [t for _, t in ours for t in t] == tokens
+        for (inp, targets), (ctx, cont) in zip(ours, _lm_eval_windows(tokens, 0, 16), strict=True):
+            assert targets == cont
+            assert (ctx + cont)[:-1][-16:] == inp, "the model sees the same input as in lm-eval"
+
+
+def _char_tokenizer() -> Tokenizer:
+    vocab = {chr(i): i - 32 for i in range(32, 127)} | {"<eos>": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return tok
+
+
+def test_bits_per_byte_equals_a_direct_computation():
+    cfg = TransformerConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, context=8)
+    model = Transformer(cfg)
+    model.init_weights(1)
+    tok = _char_tokenizer()
+    docs = [{"source": "a", "text": "hello world"}, {"source": "b", "text": "abc"}, {"source": "a", "text": "xyz!"}]
+    result = domain_bits_per_byte(model, tok, docs, prefix_id=95, batch_size=2)
+    nll = {"a": 0.0, "b": 0.0}
+    for doc in docs:  # one unbatched, unpadded forward per lm-eval window
+        for ctx, cont in _lm_eval_windows(tok.encode(doc["text"]).ids, 95, 8):
+            inp = (ctx + cont)[:-1][-8:]
+            with torch.no_grad():
+                logp = F.log_softmax(model(torch.tensor([inp]))[0], -1)
+            nll[doc["source"]] -= sum(logp[len(inp) - len(cont) + j, t].item() for j, t in enumerate(cont))
+    assert math.isclose(result["a"]["bits_per_byte"], nll["a"] / math.log(2) / 15, rel_tol=1e-4)
+    assert math.isclose(result["b"]["bits_per_byte"], nll["b"] / math.log(2) / 3, rel_tol=1e-4)
+    assert math.isclose(result["all"]["bits_per_byte"], (nll["a"] + nll["b"]) / math.log(2) / 18, rel_tol=1e-4)
+    assert result["a"]["documents"] == 2 and result["all"]["bytes"] == 18
+
+
+def test_generation_is_seeded_and_greedy_is_deterministic():
+    cfg = TransformerConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, context=8)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    tok = _char_tokenizer()
+    a = generate(model, tok, "hi", max_new_tokens=12, seed=1, temperature=1.0)
+    assert a == generate(model, tok, "hi", max_new_tokens=12, seed=1, temperature=1.0)
+    assert a != generate(model, tok, "hi", max_new_tokens=12, seed=2, temperature=1.0)
+    greedy = generate(model, tok, "hi", max_new_tokens=12, temperature=0)
+    assert greedy == generate(model, tok, "hi", max_new_tokens=12, temperature=0, seed=5)
+    assert len(greedy.split(" ")) == 12  # the word-level test tokenizer decodes with spaces

@@ -1,0 +1,157 @@
+"""End-to-end: the tiny recipe through every stage, the cache, the release and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clearlm.artifacts import check_outputs
+from clearlm.cli import app
+from clearlm.pipeline import Pipeline, Reporter
+from clearlm.recipe import load_recipe
+from clearlm.release.load import load_release
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.events = []
+
+    def stage_skipped(self, kind, artifact):
+        self.events.append(("skip", kind))
+
+    def stage_finished(self, kind, artifact):
+        self.events.append(("built", kind))
+
+
+def test_release_folder_is_complete_and_traceable(tiny_run):
+    rel = tiny_run.artifacts["release"].path
+    expected = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+                "recipe.toml", "training/log.jsonl", "eval/results.json", "lineage.json", "manifest.json",
+                "checkpoints/step-0000004/model.safetensors", "data/stats.json", "generation_config.json"]  # fmt: skip
+    for name in expected:
+        assert (rel / name).is_file(), name
+    manifest = json.loads((rel / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"data", "tokenizer", "shards", "train", "eval"}
+    lineage = json.loads((rel / "lineage.json").read_text())
+    assert {k: v["digest"] for k, v in lineage.items()} == {k: v["digest"] for k, v in manifest["inputs"].items()}
+    assert check_outputs(tiny_run.artifacts["release"]) == []
+    card = (rel / "README.md").read_text()
+    assert card.startswith('---\nlicense: "apache-2.0"') and "bits_per_byte" in card
+    link = tiny_run.workdir / "tiny" / "release"
+    assert link.is_symlink() and link.resolve() == rel.resolve()
+    assert load_recipe(rel / "recipe.toml").recipe.model_dump(exclude={"data"}) == tiny_run.recipe.model_dump(
+        exclude={"data"}
+    )
+
+
+def test_release_loads_in_transformers_with_identical_logits(tiny_run):
+    transformers = pytest.importorskip("transformers")
+    rel = tiny_run.artifacts["release"].path
+    hf = transformers.AutoModelForCausalLM.from_pretrained(rel).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(rel)
+    model, tok, eos = load_release(rel)
+    text = "def value(self):\n    return data"
+    ids = hf_tok(text)["input_ids"]
+    assert ids == tok.encode(text).ids
+    assert hf_tok.eos_token_id == eos == 0
+    with torch.no_grad():
+        diff = (hf(torch.tensor([ids])).logits - model(torch.tensor([ids]))).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_eval_reports_bits_per_byte_per_domain(tiny_run):
+    metrics = tiny_run.artifacts["eval"].metrics
+    assert set(metrics["bits_per_byte"]) == {"code", "prose", "all"}
+    for domain, m in metrics["bits_per_byte"].items():
+        assert 0 < m["bits_per_byte"] < metrics["untrained_bits_per_byte"][domain]["bits_per_byte"]
+
+
+def test_rerun_skips_everything_and_a_changed_setting_reruns_downstream(tmp_path, tiny_recipe):
+    rec = Recorder()
+    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run()
+    assert rec.events == [("built", k) for k in ("data", "tokenizer", "shards", "train", "eval", "release")]
+    rec.events.clear()
+    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run()
+    assert {e[0] for e in rec.events} == {"skip"}
+    rec.events.clear()
+    Pipeline(load_recipe(tiny_recipe, ["train.max_steps=6"]), tmp_path, rec).run()
+    built = [k for e, k in rec.events if e == "built"]
+    assert built == ["train", "eval", "release"]
+    rec.events.clear()
+    Pipeline(load_recipe(tiny_recipe, ["tokenizer.vocab_size=310"]), tmp_path, rec).run()
+    assert [k for e, k in rec.events if e == "built"] == ["tokenizer", "shards", "train", "eval", "release"]
+
+
+def test_edited_source_file_reruns_the_data_stage(tmp_path, tiny_recipe):
+    rec = Recorder()
+    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).data()
+    corpus = tiny_recipe.parent / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + json.dumps({"id": "new", "text": "more text"}) + "\n")
+    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).data()
+    assert rec.events == [("built", "data"), ("built", "data")]
+
+
+def test_cli_run_generate_and_skip(tmp_path, tiny_recipe):
+    workdir = str(tmp_path / "w")
+    result = runner.invoke(app, ["run", str(tiny_recipe), "--workdir", workdir, "--set", "train.max_steps=4"])
+    assert result.exit_code == 0, result.output
+    assert "bits per byte" in result.output
+    again = runner.invoke(app, ["run", str(tiny_recipe), "--workdir", workdir, "--set", "train.max_steps=4"])
+    assert again.output.count("up to date, skipped") == 6
+    out = runner.invoke(app, ["generate", f"{workdir}/tiny/release", "def", "--max-new-tokens", "5", "--seed", "1"])
+    assert out.exit_code == 0 and out.stdout.startswith("def")
+
+
+def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\n[data]\nbuiltin = "cpython-stdlib"\n[train]\nmax_stepz = 1\n')
+    result = runner.invoke(app, ["run", str(bad), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {bad}: train.max_stepz: unknown key"
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_bad_data_file_leaves_no_artifact(tmp_path, tiny_recipe):
+    (tiny_recipe.parent / "corpus.jsonl").write_text('{"text": "ok"}\n{"text": 5}\n')
+    result = runner.invoke(app, ["data", str(tiny_recipe), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2
+    assert "corpus.jsonl:2: field 'text' is missing or not a string" in result.output
+    assert not [p for p in (tmp_path / "w" / "artifacts").iterdir() if not p.name.endswith(".partial")]
+
+
+def test_generate_on_a_folder_without_model_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path), "x"])
+    assert result.exit_code == 2 and "config.json: not found" in result.output
+
+
+def test_help_for_every_command():
+    for cmd in ("run", "data", "train", "eval", "release", "generate"):
+        result = runner.invoke(app, [cmd, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, cmd
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "clearlm", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert all(cmd in proc.stdout for cmd in ("run", "data", "train", "eval", "release", "generate"))
+
+
+def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
+    """The real quickstart recipe (full stdlib corpus, both domains) with a tiny model and 3 steps."""
+    shrink = ["tokenizer.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+              "model.context=64", "train.max_steps=3", "train.eval_batches=1", "train.checkpoint_interval=0",
+              "eval.max_documents_per_domain=3"]  # fmt: skip
+    pipe = Pipeline(load_recipe(None, shrink), tmp_path)
+    pipe.run()
+    data = pipe.artifacts["data"].metrics
+    assert set(data["splits"]["validation"]) == {"cpython-stdlib/code", "cpython-stdlib/docs"}
+    assert data["licenses"] == {"cpython-stdlib/code": "PSF-2.0", "cpython-stdlib/docs": "PSF-2.0"}
+    bpb = pipe.artifacts["eval"].metrics["bits_per_byte"]
+    assert set(bpb) == {"cpython-stdlib/code", "cpython-stdlib/docs", "all"}
+    assert (tmp_path / "quickstart" / "release" / "model.safetensors").is_file()
