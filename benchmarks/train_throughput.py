@@ -4,6 +4,8 @@ Both models get the same dimensions, batch, optimizer (AdamW), thread count and 
 over the same number of full training steps (forward, loss, backward, clipping, optimizer step)
 after warm-up steps, alternating rounds so that machine noise hits both alike. Prints tokens/s,
 the ratio, and the share of the machine's measured fp32 matmul peak each one reaches (MFU).
+With `--allocator tuned` (the default) glibc keeps freed memory for both models, as `clearlm train`
+does; `--allocator default` leaves glibc as it is for both, which is what a transformers user gets.
 
     python benchmarks/train_throughput.py [--d-model 256 --n-layers 4 ...]
 """
@@ -24,7 +26,7 @@ from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.recipe import TrainConfig
 from clearlm.train.loop import train_step
 from clearlm.train.optim import build_optimizer
-from clearlm.train.perf import measure_matmul_peak
+from clearlm.train.perf import keep_freed_memory, measure_matmul_peak
 
 
 def hf_step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, batch: torch.Tensor, clip: float) -> None:
@@ -39,18 +41,21 @@ def hf_step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, batch: torch.Te
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=192)
     ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--n-heads", type=int, default=6)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.allocator == "tuned":
+        keep_freed_memory()
 
     cfg = TransformerConfig(
         vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,

@@ -35,11 +35,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()
             valid = t != IGNORE_INDEX
             safe_t = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp_sum = logits.sub_(peak).exp_().sum(dim=-1)  # in place: no second logits-sized buffer
+            lse = peak.squeeze(1) + exp_sum.log()
             total += ((lse - picked) * valid).sum()
             if needs_grad:
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = logits.div_(exp_sum[:, None])
                 probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
                 probs *= valid[:, None]
                 probs = probs.to(hidden.dtype)

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from clearlm.data.shards import WindowSampler, open_tokens
+from clearlm.errors import RecipeError
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.recipe import Recipe, TrainConfig
 from clearlm.train import checkpoint
 from clearlm.train.optim import build_optimizer, lr_at
-from clearlm.train.perf import cpu_matmul_peak
+from clearlm.train.perf import cpu_matmul_peak, keep_freed_memory
 
 LOG, FINAL_WEIGHTS, MODEL_CONFIG = "log.jsonl", "model.safetensors", "model_config.json"
 StepCallback = Callable[[dict[str, Any]], None]
@@ -35,6 +36,8 @@ def model_config(recipe: Recipe, vocab_size: int) -> TransformerConfig:
 def pick_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is 'cuda' but this torch build sees no CUDA device; use 'cpu' or 'auto'")
     return torch.device(cfg.device)
 
 
@@ -91,6 +94,8 @@ def pretrain(
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     device = pick_device(cfg)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(recipe.seed)
 
     mcfg = model_config(recipe, vocab_size)
