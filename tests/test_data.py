@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import numpy as np
@@ -57,6 +58,30 @@ def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
         list(read_source(SourceConfig(path=str(f)), tmp_path))
 
 
+def test_more_bad_rows_name_file_line_and_field(tmp_path):
+    cases = {
+        b'{"text": "caf\xe9"}\n': "not valid UTF-8",
+        b'{"text": "\\ud800"}\n': "field 'text' holds an unpaired surrogate",
+        b'{"text": "t", "id": null}\n': "field 'id' must be a string or an integer",
+        b'{"text": "t", "source": 3}\n': "field 'source' must be a string",
+    }
+    for raw, message in cases.items():
+        f = tmp_path / "rows.jsonl"
+        f.write_bytes(b'{"text": "fine"}\n' + raw)
+        with pytest.raises(InputError, match=f"rows.jsonl:2: {message}"):
+            list(read_source(SourceConfig(path=str(f)), tmp_path))
+
+
+def test_gzip_jsonl_is_read_and_a_corrupt_one_is_an_input_error(tmp_path):
+    good = tmp_path / "g.jsonl.gz"
+    good.write_bytes(gzip.compress(b'{"id": "a", "text": "zipped"}\n'))
+    assert [d["text"] for d in read_source(SourceConfig(path=str(good)), tmp_path)] == ["zipped"]
+    bad = tmp_path / "b.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(InputError, match=r"b\.jsonl\.gz: cannot read"):
+        list(read_source(SourceConfig(path=str(bad)), tmp_path))
+
+
 def test_text_directory_is_one_document_per_file(tmp_path):
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("alpha")
@@ -89,7 +114,7 @@ def test_corpus_splits_and_counts(tmp_path):
 def test_duplicate_ids_are_rejected(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
     cfg = DataConfig(sources=[SourceConfig(path="d.jsonl")])
-    with pytest.raises(InputError, match="duplicate document id 'a'"):
+    with pytest.raises(InputError, match=r"d\.jsonl:2: duplicate document id 'a' \(first seen at .*d\.jsonl:1\)"):
         build_corpus(cfg, tmp_path, tmp_path)
 
 
@@ -105,6 +130,9 @@ def test_tokenizer_and_shards(tmp_path):
     assert [tok.token_to_id(t) for t in special_tokens(tcfg)] == [0, 1, 2, 3, 4]
     text = "def value():\n    return ünïcode"
     assert tok.decode(tok.encode(text).ids) == text, "byte-level BPE must round-trip any text"
+    mention = "see <|endoftext|> and <|user|>"
+    assert not set(tok.encode(mention).ids) & {0, 1, 2, 3, 4}, "special tokens never come from plain text"
+    assert tok.decode(tok.encode(mention).ids) == mention
     metrics = write_shards(tok, 0, tmp_path, tmp_path)
     tokens = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
     offsets = np.load(tmp_path / "train.idx.npy")

@@ -1,6 +1,7 @@
 """End-to-end: the tiny recipe through every stage, the cache, the release and the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -125,9 +126,30 @@ def test_cli_bad_data_file_leaves_no_artifact(tmp_path, tiny_recipe):
     assert not [p for p in (tmp_path / "w" / "artifacts").iterdir() if not p.name.endswith(".partial")]
 
 
-def test_generate_on_a_folder_without_model_is_a_clear_error(tmp_path):
+def test_generate_on_a_folder_without_model_is_a_clear_error(tmp_path, tiny_run):
     result = runner.invoke(app, ["generate", str(tmp_path), "x"])
     assert result.exit_code == 2 and "config.json: not found" in result.output
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run.artifacts["release"].path, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    result = runner.invoke(app, ["generate", str(broken), "x"])
+    assert result.exit_code == 2 and "cannot load the model" in result.output
+
+
+def test_cli_too_little_data_for_one_window_is_a_clear_error(tmp_path, tiny_recipe):
+    result = runner.invoke(
+        app, ["train", str(tiny_recipe), "--workdir", str(tmp_path), "--set", "model.context=100000"]
+    )
+    assert result.exit_code == 2
+    assert "fewer than one window of model.context + 1 = 100001" in result.output
+
+
+def test_cli_train_stop_and_resume(tmp_path, tiny_recipe):
+    args = ["train", str(tiny_recipe), "--workdir", str(tmp_path)]
+    first = runner.invoke(app, [*args, "--stop-after", "4"])
+    assert first.exit_code == 0 and "stopped after step 4" in first.output
+    second = runner.invoke(app, [*args, "--resume"])
+    assert second.exit_code == 0 and "resuming from step-0000004" in second.output
 
 
 def test_help_for_every_command():

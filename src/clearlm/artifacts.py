@@ -133,8 +133,12 @@ class ArtifactStore:
         inputs: dict[str, Artifact],
         metrics: dict[str, Any],
         seconds: float,
+        sources: Any = None,
     ) -> Artifact:
-        """Hash every output, write the manifest and rename the directory into place."""
+        """Hash every output, write the manifest and rename the directory into place.
+
+        `sources` identifies raw inputs that are not artifacts (source files, the built-in corpus).
+        """
         partial = self.partial_path(kind, digest)
         manifest = {
             "kind": kind,
@@ -143,6 +147,7 @@ class ArtifactStore:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": config,
             "inputs": {name: art.ref() for name, art in sorted(inputs.items())},
+            "sources": sources,
             "outputs": {p.relative_to(partial).as_posix(): sha256_file(p) for p in _output_files(partial)},
             "environment": environment(),
             "command": sys.argv,

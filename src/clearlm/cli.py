@@ -57,6 +57,9 @@ class RichReporter(Reporter):
             self.progress = None
         console.print(f"[bold cyan]{kind}[/]: done in {artifact.manifest['seconds']:.1f} s ({artifact.path})")
 
+    def note(self, message: str) -> None:
+        console.print(message)
+
     def train_step(self, record: dict[str, Any]) -> None:
         if self.progress is None:
             self.progress = Progress(

@@ -15,3 +15,7 @@ class InputError(ClearlmError):
 
 class ArtifactError(ClearlmError):
     """An artifact on disk is missing, incomplete or inconsistent."""
+
+
+class TrainingError(ClearlmError):
+    """Training cannot go on (for example, the loss diverged)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,11 @@ from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
 from clearlm.errors import ArtifactError
 from clearlm.eval.perplexity import domain_bits_per_byte
 from clearlm.model.transformer import Transformer
+from clearlm.model.weights import load_model
 from clearlm.recipe import LoadedRecipe
 from clearlm.release.build import build_release
-from clearlm.train.loop import load_trained, pretrain
+from clearlm.train.checkpoint import latest_checkpoint
+from clearlm.train.loop import pretrain
 
 STAGES = ("data", "tokenizer", "shards", "train", "eval", "release")
 
@@ -37,6 +40,8 @@ class Reporter:
     def stage_finished(self, kind: str, artifact: Artifact) -> None: ...
 
     def train_step(self, record: dict[str, Any]) -> None: ...
+
+    def note(self, message: str) -> None: ...
 
 
 class Pipeline:
@@ -70,10 +75,16 @@ class Pipeline:
         self.reporter.stage_started(kind)
         started = time.perf_counter()
         work = self.store.start(kind, digest, keep_partial=keep_partial)
-        metrics = build(work)
+        try:
+            metrics = build(work)
+        except BaseException:
+            if kind != "train":  # a failed stage leaves nothing half-written; training keeps checkpoints
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         if metrics is None:
             return None
-        art = self.store.finish(kind, digest, config, inputs, metrics, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        art = self.store.finish(kind, digest, config, inputs, metrics, seconds, sources=extra)
         self.reporter.stage_finished(kind, art)
         return art
 
@@ -134,13 +145,24 @@ class Pipeline:
                 )
                 return None if "stopped_at" in metrics else metrics
 
-            art = self._stage(
-                "train", self._train_config(), {"shards": shards, "tokenizer": tok_art}, build, keep_partial=resume
-            )
+            config, inputs = self._train_config(), {"shards": shards, "tokenizer": tok_art}
+            self._announce_resume(compute_digest("train", config, inputs), resume)
+            art = self._stage("train", config, inputs, build, keep_partial=resume)
             if art is None:
                 return None
             self._done["train"] = art
         return self._done["train"]
+
+    def _announce_resume(self, digest: str, resume: bool) -> None:
+        if self.store.lookup("train", digest):
+            return
+        found = latest_checkpoint(self.store.partial_path("train", digest) / "checkpoints")
+        if found and resume:
+            self.reporter.note(f"train: resuming from {found.name}")
+        elif found:
+            self.reporter.note(f"train: discarding an interrupted run at {found.name} (pass --resume to continue it)")
+        elif resume:
+            self.reporter.note("train: nothing to resume, starting from step 0")
 
     def eval(self, resume: bool = False) -> Artifact:
         if "eval" not in self._done:
@@ -150,7 +172,7 @@ class Pipeline:
             def build(out: Path) -> dict[str, Any]:
                 tok = load_tokenizer(tok_art.path)
                 eos_id = tok.token_to_id(self.recipe.tokenizer.eos_token)
-                trained = load_trained(train.path)
+                trained = load_model(train.path)
                 untrained = Transformer(trained.cfg)
                 untrained.init_weights(self.recipe.seed)
                 metrics: dict[str, Any] = {}

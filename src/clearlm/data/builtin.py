@@ -57,8 +57,8 @@ def stdlib_documents() -> Iterator[Document]:
     files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
     for path in files:
         rel = path.relative_to(root)
-        if rel.as_posix() == _TOPICS:
-            continue
+        if rel.as_posix() == _TOPICS or rel.name.startswith("_sysconfigdata"):
+            continue  # topics form the docs domain; sysconfigdata holds this install's paths
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):

@@ -12,7 +12,7 @@ from typing import Any
 
 from clearlm.data import builtin
 from clearlm.data.documents import Document, in_validation
-from clearlm.data.sources import files_digest, read_source, source_files
+from clearlm.data.sources import files_digest, read_source, source_files, source_root
 from clearlm.errors import InputError
 from clearlm.recipe import DataConfig
 
@@ -24,7 +24,10 @@ def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
     identity: dict[str, Any] = {}
     if cfg.builtin:
         identity["builtin"] = builtin.corpus_identity()
-    identity["sources"] = [files_digest(source_files(src, base_dir)) for src in cfg.sources]
+    identity["sources"] = [
+        {"path": src.path, "digest": files_digest(source_files(src, base_dir), source_root(src, base_dir))}
+        for src in cfg.sources
+    ]
     return identity
 
 
@@ -35,17 +38,25 @@ def iter_documents(cfg: DataConfig, base_dir: Path) -> Iterator[Document]:
     return islice(docs, cfg.max_documents) if cfg.max_documents else docs
 
 
+def _location(doc: Document) -> str:
+    meta = doc["metadata"]
+    if "line" in meta:
+        return f"{meta['file']}:{meta['line']}"
+    return str(meta.get("file") or meta.get("path") or doc["source"])
+
+
 def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
     """Write `train.jsonl` and `validation.jsonl` in one pass; return per-split, per-source counts."""
     stats: dict[str, dict[str, dict[str, int]]] = {s: defaultdict(lambda: {"documents": 0, "bytes": 0}) for s in SPLITS}
     licenses: dict[str, str] = {}
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     with ExitStack() as stack:
         files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
         for doc in iter_documents(cfg, base_dir):
+            where = _location(doc)
             if doc["id"] in seen:
-                raise InputError(f"duplicate document id {doc['id']!r} (source {doc['source']})")
-            seen.add(doc["id"])
+                raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {seen[doc['id']]})")
+            seen[doc["id"]] = where
             is_val = in_validation(doc["metadata"]["split_key"], cfg.validation_fraction)
             split = "validation" if is_val else "train"
             files[split].write(json.dumps(doc, ensure_ascii=False) + "\n")

@@ -6,9 +6,10 @@ import glob
 import gzip
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from clearlm.data.documents import Document
 from clearlm.errors import InputError
@@ -47,52 +48,73 @@ def source_files(cfg: SourceConfig, base_dir: Path) -> list[Path]:
     return files
 
 
-def files_digest(files: list[Path]) -> str:
+def files_digest(files: list[Path], root: Path) -> str:
+    """Content digest of a source: each file's path relative to `root`, size and bytes."""
     h = hashlib.sha256()
     for path in files:
-        h.update(path.name.encode())
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        h.update(f"{rel}\0{path.stat().st_size}\0".encode())
         with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
     return "sha256:" + h.hexdigest()
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            yield from enumerate(f, 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+
+
+def _optional_str(row: dict[str, Any], field: str, where: str, default: str) -> str:
+    value = row.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
 
 
 def _jsonl_documents(path: Path, source: str, license: str) -> Iterator[Document]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row: Any = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: invalid JSON ({e.msg})") from None
-            except UnicodeDecodeError:
-                raise InputError(f"{where}: not valid UTF-8") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            text = row.get("text")
-            if not isinstance(text, str):
-                raise InputError(f"{where}: field 'text' is missing or not a string")
-            metadata = row.get("metadata") or {}
-            if not isinstance(metadata, dict):
-                raise InputError(f"{where}: field 'metadata' must be an object")
-            doc_id = str(row.get("id", f"{path.name}:{lineno}"))
-            yield Document(
-                id=doc_id,
-                text=text,
-                source=str(row.get("source") or source),
-                added=str(row.get("added") or _STAMP),
-                created=str(row.get("created") or _STAMP),
-                license=str(row.get("license") or license),
-                metadata={**metadata, "file": path.name, "line": lineno, "split_key": doc_id},
-            )
+    for lineno, raw in _lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{where}: not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row: Any = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise InputError(f"{where}: field 'text' is missing or not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: field 'text' holds an unpaired surrogate (not valid Unicode)") from None
+        metadata = row.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InputError(f"{where}: field 'metadata' must be an object")
+        doc_id = row.get("id", f"{path.name}:{lineno}")
+        if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
+            raise InputError(f"{where}: field 'id' must be a string or an integer, got {type(doc_id).__name__}")
+        yield Document(
+            id=str(doc_id),
+            text=text,
+            source=_optional_str(row, "source", where, source),
+            added=_optional_str(row, "added", where, _STAMP),
+            created=_optional_str(row, "created", where, _STAMP),
+            license=_optional_str(row, "license", where, license),
+            metadata={**metadata, "file": str(path), "line": lineno, "split_key": str(doc_id)},
+        )
 
 
 def _text_document(path: Path, root: Path, source: str, license: str) -> Document:
@@ -112,13 +134,24 @@ def _text_document(path: Path, root: Path, source: str, license: str) -> Documen
     )
 
 
+def source_root(cfg: SourceConfig, base_dir: Path) -> Path:
+    """The folder that relative document names are taken from."""
+    path = Path(cfg.path).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    while any(ch in path.name for ch in "*?[") or not path.is_dir():
+        if path.parent == path:
+            break
+        path = path.parent
+    return path
+
+
 def read_source(cfg: SourceConfig, base_dir: Path) -> Iterator[Document]:
     """Yield every document of a source, checking each row and naming the file and line on error."""
     files = source_files(cfg, base_dir)
-    root = Path(cfg.path) if Path(cfg.path).is_absolute() else base_dir / cfg.path
+    root = source_root(cfg, base_dir)
     for path in files:
         name = cfg.source or path.name.split(".")[0]
         if _kind(path) == "jsonl":
             yield from _jsonl_documents(path, name, cfg.license)
         else:
-            yield _text_document(path, root if root.is_dir() else path.parent, name, cfg.license)
+            yield _text_document(path, root, name, cfg.license)

@@ -41,5 +41,12 @@ def train_tokenizer(cfg: TokenizerConfig, train_jsonl: Path, out: Path) -> dict[
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer for corpus text: special-token strings in the text stay plain text.
+
+    A document that mentions `<|endoftext|>` must not get an end-of-text id in the middle; only
+    clearlm itself inserts special ids (between documents, in chat templates).
+    """
     file = path / TOKENIZER_FILE if path.is_dir() else path
-    return Tokenizer.from_file(str(file))
+    tok = Tokenizer.from_file(str(file))
+    tok.encode_special_tokens = True
+    return tok

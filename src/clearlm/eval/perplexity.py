@@ -71,6 +71,8 @@ def domain_bits_per_byte(
     model.eval()
     texts: dict[str, list[str]] = defaultdict(list)
     for doc in docs:
+        if not doc["text"]:
+            continue  # nothing to predict, and no bytes to divide by
         bucket = texts[doc["source"]]
         if max_docs_per_domain is None or len(bucket) < max_docs_per_domain:
             bucket.append(doc["text"])

@@ -22,8 +22,9 @@ def _chunk_rows(n_rows: int, vocab: int) -> int:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        needs_grad = hidden.requires_grad or weight.requires_grad
+    def forward(
+        ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, needs_grad: bool
+    ) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
         step = _chunk_rows(n, vocab)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -52,9 +53,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,4 +63,5 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
     hidden: [N, d], weight: [V, d], targets: [N]. Returns a float32 scalar.
     """
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, needs_grad)

@@ -24,11 +24,11 @@ import tomli_w
 
 from clearlm import __version__
 from clearlm.artifacts import Artifact
+from clearlm.data.tokenizer import load_tokenizer
 from clearlm.model.hf import save_hf
+from clearlm.model.weights import WEIGHTS, load_model
 from clearlm.recipe import Recipe
 from clearlm.release.card import model_card
-from clearlm.train.checkpoint import WEIGHTS
-from clearlm.train.loop import LOG, load_trained
 
 
 def _dump(path: Path, obj: Any) -> None:
@@ -36,9 +36,7 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _tokenizer_files(tokenizer_art: Artifact, out: Path, context: int) -> None:
-    special = tokenizer_art.metrics["special_tokens"]
-    eos, pad = special[0], special[1]
+def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, context: int) -> None:
     shutil.copy2(tokenizer_art.path / "tokenizer.json", out / "tokenizer.json")
     _dump(
         out / "tokenizer_config.json",
@@ -57,12 +55,14 @@ def _tokenizer_files(tokenizer_art: Artifact, out: Path, context: int) -> None:
 
 
 def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifact], out: Path) -> dict[str, Any]:
-    data, tok, shards, train, evaluation = (artifacts[k] for k in ("data", "tokenizer", "shards", "train", "eval"))
-    eos_id, pad_id = shards.metrics["eos_id"], 1
-    model = load_trained(train.path)
+    data, train, evaluation = artifacts["data"], artifacts["train"], artifacts["eval"]
+    tok_cfg = recipe.tokenizer
+    tok = load_tokenizer(artifacts["tokenizer"].path)
+    eos_id, pad_id = tok.token_to_id(tok_cfg.eos_token), tok.token_to_id(tok_cfg.pad_token)
+    model = load_model(train.path)
     save_hf(model, out, bos_id=eos_id, eos_id=eos_id, pad_id=pad_id)
     _dump(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id})
-    _tokenizer_files(tok, out, model.cfg.context)
+    _tokenizer_files(artifacts["tokenizer"], tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context)
 
     (out / "recipe.toml").write_text(
         f"# Recipe as run by clearlm {__version__}; the original text follows at the end.\n"
@@ -71,8 +71,8 @@ def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifac
         + "".join(f"# {line}\n" for line in recipe_text.splitlines())
     )
     (out / "training").mkdir()
-    shutil.copy2(train.path / LOG, out / "training" / LOG)
-    for ckpt in sorted((train.path / "checkpoints").glob("step-*")):
+    shutil.copy2(train.path / "log.jsonl", out / "training" / "log.jsonl")
+    for ckpt in sorted(p for p in (train.path / "checkpoints").glob("step-*") if (p / WEIGHTS).is_file()):
         (out / "checkpoints" / ckpt.name).mkdir(parents=True)
         shutil.copy2(ckpt / WEIGHTS, out / "checkpoints" / ckpt.name / WEIGHTS)
     _dump(out / "eval" / "results.json", evaluation.metrics)

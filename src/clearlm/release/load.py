@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
 from clearlm.errors import InputError
@@ -20,8 +21,8 @@ def load_release(folder: Path) -> tuple[Transformer, Tokenizer, int | None]:
             raise InputError(f"{folder / name}: not found (expected a clearlm release or Llama model folder)")
     try:
         model = load_hf(folder)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise InputError(f"{folder}: cannot load the model ({e})") from None
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, SafetensorError, OSError) as e:
+        raise InputError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from None
     eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
     return model, tok, eos if isinstance(eos, int) else None

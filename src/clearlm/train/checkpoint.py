@@ -17,32 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
+from clearlm.model.weights import WEIGHTS, load_weights, save_weights
+
+OPTIMIZER, STATE = "optimizer.safetensors", "state.json"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Weights under clearlm's names; tied tensors are stored once (safetensors forbids sharing)."""
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -85,9 +66,14 @@ def save_checkpoint(
     return final
 
 
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (never a half-written `.tmp` one)."""
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE).exists())
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint that can be resumed from (has optimizer state)."""
-    done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / OPTIMIZER).exists())
+    done = [p for p in checkpoints(root) if (p / OPTIMIZER).exists()]
     return done[-1] if done else None
 
 
