@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,22 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     bpb = pipe.artifacts["eval"].metrics["bits_per_byte"]
     assert set(bpb) == {"cpython-stdlib/code", "cpython-stdlib/docs", "all"}
     assert (tmp_path / "quickstart" / "release" / "model.safetensors").is_file()
+
+
+def test_cli_eval_a_model_folder_on_a_task_file(tmp_path, tiny_run):
+    examples = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+    rel = str(tiny_run.artifacts["release"].path)
+    out = tmp_path / "out"
+    args = ["eval", rel, "--task-file", str(examples / "capitals.toml"), "--output", str(out)]
+    result = runner.invoke(app, [*args, "--task-file", str(examples / "python_keywords.toml")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["results"]) == {"capitals", "python_keywords"}
+    assert doc["results"]["capitals"]["samples"] == 8 and "acc_norm_stderr" in doc["results"]["capitals"]
+    assert doc["data"]["capitals"]["sha256"].startswith("sha256:") and doc["model"]["weights"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 14 and {"loglikelihoods", "pred", "gold"} <= rows[0].keys()
+    listing = runner.invoke(app, ["eval", "--list"])
+    assert "hellaswag" in listing.output and "partial" in listing.output
+    missing = runner.invoke(app, ["eval", rel, "--tasks", "arc_easy", "--data-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "arc_easy_test.jsonl: data file for task 'arc_easy' not found" in missing.output

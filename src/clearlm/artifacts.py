@@ -8,6 +8,7 @@ only when its manifest is complete, so a half-written artifact never looks finis
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,11 +47,25 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+@functools.cache
+def code_version() -> str:
+    """clearlm's version plus a digest of its source files: any change to the code changes every digest.
+
+    Coarser than per-stage fingerprints, but an artifact can never be reused by code that would have
+    built it differently.
+    """
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml") and p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
 def compute_digest(kind: str, config: Any, inputs: dict[str, Artifact], extra: Any = None) -> str:
-    """The identity of an artifact: what it is, how it was configured, and what it was made from."""
+    """The identity of an artifact: what it is, how it was configured, what it was made from, by which code."""
     payload = {
         "kind": kind,
-        "clearlm_version": __version__,
+        "clearlm_version": code_version(),
         "config": config,
         "inputs": {name: art.digest for name, art in sorted(inputs.items())},
         "extra": extra,
@@ -143,7 +158,7 @@ class ArtifactStore:
         manifest = {
             "kind": kind,
             "digest": digest,
-            "clearlm_version": __version__,
+            "clearlm_version": code_version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": config,
             "inputs": {name: art.ref() for name, art in sorted(inputs.items())},

@@ -19,8 +19,12 @@ def generate(
     top_k: int | None = 50,
     seed: int = 0,
     stop_id: int | None = None,
+    stop_strings: list[str] = (),
 ) -> str:
-    """The prompt's continuation (without the prompt). temperature 0 means greedy decoding."""
+    """The prompt's continuation (without the prompt), cut before the first stop string.
+
+    temperature 0 means greedy decoding.
+    """
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -43,4 +47,9 @@ def generate(
             break
         new.append(next_id)
         ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
-    return tok.decode(new)
+        if stop_strings and any(s in tok.decode(new) for s in stop_strings):
+            break
+    text = tok.decode(new)
+    for stop in stop_strings:
+        text = text.split(stop)[0]
+    return text

@@ -26,3 +26,14 @@ def load_release(folder: Path) -> tuple[Transformer, Tokenizer, int | None]:
         raise InputError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from None
     eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
     return model, tok, eos if isinstance(eos, int) else None
+
+
+def bos_token_id(folder: Path, eos_id: int | None) -> int:
+    """lm-eval's prefix token for log-likelihoods: the model's BOS token, else its EOS token."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    bos = config.get("bos_token_id")
+    if isinstance(bos, int):
+        return bos
+    if eos_id is None:
+        raise InputError(f"{folder}: config.json names neither bos_token_id nor eos_token_id")
+    return eos_id

@@ -1,0 +1,45 @@
+"""Evaluation outputs: `results.json` (metrics, config, digests) and `samples.jsonl` (per item)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from clearlm import __version__
+from clearlm.artifacts import sha256_file
+from clearlm.eval.taskspec import TaskSpec
+
+
+def describe_inputs(model_dir: Path, specs: list[TaskSpec], data_dir: Path | None) -> dict[str, Any]:
+    weights = sorted(model_dir.glob("*.safetensors"))
+    return {
+        "model": {"path": str(model_dir), "weights": {w.name: sha256_file(w) for w in weights}},
+        "data": {
+            s.name: {
+                "file": str(s.data_path(data_dir)),
+                "sha256": sha256_file(s.data_path(data_dir)),
+                "source": s.source,
+                "license": s.license,
+            }
+            for s in specs
+        },
+    }
+
+
+def write_results(out: Path, results: dict[str, Any], samples: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Write both files into `out` atomically: a temporary folder renamed into place."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    doc = {"clearlm_version": __version__, "results": results, **meta}
+    (tmp / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)

@@ -1,0 +1,89 @@
+"""Log-likelihood of continuations, tokenised and windowed exactly as lm-evaluation-harness does.
+
+A request is (context, continuation). As in lm-eval's HF model: trailing spaces of the context move
+to the continuation; the pair is encoded whole and the context alone, and the continuation tokens
+are the whole encoding past the context's; an empty context becomes the prefix token; the input is
+the last `context + 1` tokens minus one. Differences from lm-eval are only in speed: requests are
+sorted by length and batched, and only the continuation positions go through the output layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from clearlm.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+class Encoder:
+    """Tokenisation with lm-eval's conventions for a `tokenizers` tokenizer."""
+
+    def __init__(self, tok: Tokenizer, prefix_id: int) -> None:
+        self.tok, self.prefix_id = tok, prefix_id
+        self.prefix_text = tok.decode([prefix_id], skip_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        add_special = not (self.prefix_text and text.startswith(self.prefix_text))
+        return self.tok.encode(text, add_special_tokens=add_special).ids
+
+    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.encode(continuation)
+            return ([self.prefix_id], cont) if cont[:1] != [self.prefix_id] else ([], cont)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx) :]
+
+
+@torch.no_grad()
+def score_requests(
+    model: Transformer, encoder: Encoder, requests: list[tuple[str, str]], batch_size: int = 16
+) -> list[Score]:
+    """Log-probability of each continuation given its context, and whether it is the greedy one."""
+    max_len = model.cfg.context
+    device = next(model.parameters()).device
+    encoded = []
+    for context, continuation in requests:
+        ctx, cont = encoder.pair(context, continuation)
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+        inp = (ctx + cont)[-(max_len + 1) :][:-1]
+        encoded.append((inp, cont[-max_len:] if len(cont) > max_len else cont))
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    scores: list[Score | None] = [None] * len(encoded)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = len(encoded[chunk[0]][0])
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for row, i in enumerate(chunk):
+            inp, cont = encoded[i]
+            ids[row, : len(inp)] = torch.tensor(inp)
+            rows += [row] * len(cont)
+            cols += range(len(inp) - len(cont), len(inp))
+            targets += cont
+        hidden = model.hidden_states(ids.to(device))[torch.tensor(rows), torch.tensor(cols)]
+        logprobs = F.log_softmax(model.lm_head(hidden).float(), dim=-1).cpu()
+        target_t = torch.tensor(targets)
+        picked = logprobs[torch.arange(len(targets)), target_t]
+        greedy = logprobs.argmax(-1) == target_t
+        offset = 0
+        for i in chunk:
+            n = len(encoded[i][1])
+            scores[i] = Score(picked[offset : offset + n].sum().item(), bool(greedy[offset : offset + n].all()), n)
+            offset += n
+    return scores  # type: ignore[return-value]

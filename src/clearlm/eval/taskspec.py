@@ -1,0 +1,221 @@
+"""Tasks as data: one TOML/YAML file names a data file, Jinja prompt templates and the metrics.
+
+Templates follow lm-evaluation-harness's conventions, so its default task configs translate one to
+one: `doc_to_text` renders the context; `doc_to_choice` renders a Python list literal (or names a
+field holding a list); `doc_to_target` renders an index into the choices or, for
+`loglikelihood`/`generate` tasks, the target text. With `partial = true` (Winogrande-style "partial
+evaluation"), `doc_to_text` gives the gold index, the choices are alternative contexts and the target
+is the continuation that all of them share.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from clearlm.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Doc = dict[str, Any]
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def _hellaswag(doc: Doc) -> Doc:
+    """lm-eval's hellaswag preprocessing (WikiHow bracket artefacts removed)."""
+
+    def clean(text: str) -> str:
+        text = text.strip().replace(" [title]", ". ")
+        text = re.sub("\\[.*?\\]", "", text)
+        return text.replace("  ", " ")
+
+    ctx = doc["ctx"] if "ctx" in doc else doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return {
+        **doc,
+        "query": clean(doc["activity_label"] + ": " + ctx),
+        "choices": [clean(e) for e in doc["endings"]],
+        "gold": int(doc["label"]),
+    }
+
+
+def _winogrande(doc: Doc) -> Doc:
+    """The blank splits the sentence: each option completes the context, the rest is the target."""
+    idx = doc["sentence"].index("_")
+    return {
+        **doc,
+        "contexts": [doc["sentence"][:idx] + opt for opt in (doc["option1"], doc["option2"])],
+        "continuation": doc["sentence"][idx + 1 :].strip(),
+        "gold": {"1": 0, "2": 1}[str(doc["answer"])],
+    }
+
+
+PREPROCESSORS: dict[str, Callable[[Doc], Doc]] = {"hellaswag": _hellaswag, "winogrande": _winogrande}
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    data_file: str = Field(description="jsonl, json, csv or parquet; relative to --data-dir or the task file")
+    source: str = Field("", description="where the data comes from upstream")
+    license: str = "NOASSERTION"
+    output_type: Literal["multiple_choice", "loglikelihood", "generate"] = "multiple_choice"
+    doc_to_text: str
+    doc_to_choice: str | None = None
+    doc_to_target: str
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    partial: bool = False
+    preprocess: Literal["hellaswag", "winogrande"] | None = None
+    until: list[str] = ["\n\n"]
+    max_gen_tokens: int = Field(32, gt=0)
+    metrics: list[Literal["acc", "acc_norm", "perplexity", "exact_match"]] = ["acc"]
+    base_dir: Path | None = Field(None, exclude=True)
+
+    def data_path(self, data_dir: Path | None) -> Path:
+        candidates = [d / self.data_file for d in (data_dir, self.base_dir) if d is not None]
+        for path in candidates:
+            if path.is_file():
+                return path
+        where = candidates[0] if candidates else Path(self.data_file)
+        origin = f" (upstream: {self.source}, licence {self.license})" if self.source else ""
+        raise InputError(f"{where}: data file for task {self.name!r} not found{origin}; pass --data-dir")
+
+    def _render(self, template: str, doc: Doc) -> str:
+        if template in doc:
+            return doc[template]
+        return _ENV.from_string(template).render(**doc)
+
+    def text(self, doc: Doc) -> str | int:
+        out = self._render(self.doc_to_text, doc)
+        return int(out) if self.partial else out
+
+    def choices(self, doc: Doc) -> list[str]:
+        if self.doc_to_choice is None:
+            return []
+        value = self._render(self.doc_to_choice, doc)
+        if isinstance(value, str):
+            value = ast.literal_eval(value)
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise ValueError(f"doc_to_choice must give a list of strings, got {value!r}")
+        return value
+
+    def target(self, doc: Doc) -> int | str:
+        value = self._render(self.doc_to_target, doc)
+        if self.output_type == "multiple_choice" and not self.partial:
+            return int(value)
+        return value
+
+    def prepare(self, doc: Doc) -> Doc:
+        return PREPROCESSORS[self.preprocess](doc) if self.preprocess else doc
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, Doc]]:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield i, row
+    elif name.endswith(".csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from enumerate(csv.DictReader(f), 2)
+    elif name.endswith(".json"):
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise InputError(f"{path}: expected a JSON array of objects")
+        yield from enumerate(rows, 1)
+    else:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield i, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+
+
+def load_docs(spec: TaskSpec, data_dir: Path | None, limit: int | None = None) -> list[Doc]:
+    """The task's documents, preprocessed and checked: a bad row names the file and line."""
+    path = spec.data_path(data_dir)
+    docs = []
+    for line, row in _read_rows(path):
+        if limit is not None and len(docs) >= limit:
+            break
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected an object")
+        try:
+            doc = spec.prepare(row)
+            spec.text(doc), spec.choices(doc), spec.target(doc)
+        except (KeyError, ValueError, TypeError, SyntaxError, jinja2.TemplateError) as e:
+            raise InputError(f"{where}: task {spec.name!r} cannot use this row ({type(e).__name__}: {e})") from None
+        if spec.output_type == "multiple_choice":
+            n = len(spec.choices(doc))
+            gold = spec.text(doc) if spec.partial else spec.target(doc)
+            if not 0 <= gold < n:
+                raise InputError(f"{where}: gold index {gold} is outside the {n} choices")
+        docs.append(doc)
+    if not docs:
+        raise InputError(f"{path}: no documents")
+    return docs
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: invalid YAML ({e})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: invalid TOML ({e})") from None
+
+
+def load_task_file(path: Path) -> TaskSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: task file not found")
+    raw = _load_file(path)
+    try:
+        return TaskSpec.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(task)"
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InputError(f"{path}: {loc}: {msg}") from None
+
+
+def builtin_tasks() -> dict[str, TaskSpec]:
+    folder = resources.files("clearlm.eval").joinpath("tasks")
+    specs = {}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            spec = TaskSpec.model_validate(tomllib.loads(entry.read_text()))
+            specs[spec.name] = spec
+    return specs
+
+
+def resolve_tasks(names: list[str], task_files: list[Path]) -> list[TaskSpec]:
+    known = builtin_tasks()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"unknown task(s) {', '.join(unknown)}; `clearlm eval --list` shows the built-in tasks")
+    return [known[n] for n in names] + [load_task_file(f) for f in task_files]

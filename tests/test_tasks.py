@@ -1,0 +1,157 @@
+"""Task definitions, prompts, metrics and agreement with lm-evaluation-harness."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from clearlm.errors import InputError
+from clearlm.eval.harness import _doc_result, build_requests
+from clearlm.eval.metrics import acc_norm_pred, argmax, mean_and_stderr, perplexity
+from clearlm.eval.scoring import Score
+from clearlm.eval.taskspec import builtin_tasks, load_docs, load_task_file, resolve_tasks
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+TASKS = builtin_tasks()
+
+
+def _first_requests(name, k=1):
+    spec = TASKS[name]
+    docs = load_docs(spec, SHARED, limit=k)
+    return build_requests(spec, docs, spec.data_path(SHARED), 0, 1234).requests
+
+
+def test_every_builtin_task_names_its_source_and_licence():
+    assert set(TASKS) == {
+        "arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "sciq", "openbookqa",
+        "social_iqa", "copa", "commonsense_qa", "wsc273", "lambada_openai",
+    }  # fmt: skip
+    assert all(spec.source and spec.license != "NOASSERTION" for spec in TASKS.values())
+
+
+@needs_shared
+def test_prompts_match_hand_checked_items():
+    q = "Which statement best explains why photosynthesis is the foundation of most food webs?"
+    assert _first_requests("arc_easy")[0] == (
+        f"Question: {q}\nAnswer:",
+        " Sunlight is the source of energy for nearly all ecosystems.",
+    )
+    assert _first_requests("hellaswag")[3] == (
+        "Roof shingle removal: A man is sitting on a roof. he",
+        " starts pulling up roofing on a roof.",
+    )
+    assert _first_requests("winogrande") == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
+    ]
+    assert (
+        _first_requests("piqa")[1][0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
+    )
+    context, target = _first_requests("lambada_openai")[0]
+    assert context.endswith("I don't care about") and target == " signs"
+    assert _first_requests("copa")[1] == ("The man turned on the faucet, therefore", " water flowed from the spout.")
+    assert _first_requests("social_iqa")[0][0].startswith("Q: Tracy didn't go home") and _first_requests("social_iqa")[
+        0
+    ][0].endswith("before this?\nA:")
+    assert _first_requests("boolq")[0][0].endswith("does ethanol take more energy make that produces?\nAnswer:")
+    assert _first_requests("sciq")[0][0].startswith("\nQuestion: Compounds that are capable")
+
+
+@needs_shared
+def test_every_builtin_task_loads_its_data():
+    for spec in TASKS.values():
+        docs = load_docs(spec, SHARED, limit=5)
+        assert len(docs) == 5
+        assert build_requests(spec, docs, spec.data_path(SHARED), 0, 1234).requests
+
+
+def test_acc_and_acc_norm_from_known_loglikelihoods():
+    spec = TASKS["arc_easy"]
+    doc = {"question": "q", "choices": ["a", "bbbbbbbb", "cc"], "gold": 1}
+    scores = [Score(-2.0, False, 1), Score(-8.0, False, 3), Score(-3.0, False, 1)]
+    row = _doc_result(spec, doc, scores)
+    assert row["pred"] == 0 and row["acc"] == 0.0  # raw: -2 is best
+    assert row["acc_norm"] == 1.0  # per character: -2/1, -8/8 = -1, -3/2: "bbbbbbbb" is best
+    assert argmax([1.0, 3.0, 3.0]) == 1, "ties go to the first, as numpy's argmax"
+    assert acc_norm_pred([-4.0, -4.0], ["ab", "abcd"]) == 1
+    mean, err = mean_and_stderr([1.0, 0.0, 1.0, 1.0])
+    assert mean == 0.75 and err == pytest.approx(math.sqrt(0.25 / 4))
+    assert perplexity([-1.0, -3.0]) == pytest.approx(math.exp(2.0))
+
+
+def test_user_task_file_errors(tmp_path):
+    bad = tmp_path / "t.toml"
+    bad.write_text('name = "t"\ndata_file = "x.jsonl"\ndoc_to_text = "{{q}}"\ndoc_to_target = "{{a}}"\nprompt = 1\n')
+    with pytest.raises(InputError, match=r"t\.toml: prompt: unknown key"):
+        load_task_file(bad)
+    bad.write_text(
+        'name = "t"\ndata_file = "x.jsonl"\nsource = "hub/x"\ndoc_to_text = "{{q}}"\ndoc_to_target = "{{a}}"\n'
+    )
+    spec = load_task_file(bad)
+    with pytest.raises(InputError, match=r"x\.jsonl: data file for task 't' not found \(upstream: hub/x"):
+        load_docs(spec, None)
+    (tmp_path / "x.jsonl").write_text('{"q": "1", "a": 0, "c": ["x"]}\n{"q": "2"}\n')
+    bad.write_text(bad.read_text() + 'doc_to_choice = "{{c}}"\n')
+    with pytest.raises(InputError, match=r"x\.jsonl:2: task 't' cannot use this row"):
+        load_docs(load_task_file(bad), None)
+    with pytest.raises(InputError, match="unknown task"):
+        resolve_tasks(["nope"], [])
+
+
+def test_example_task_files_load(tmp_path):
+    examples = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+    files = sorted(examples.glob("*.toml"))
+    assert len(files) >= 2
+    for f in files:
+        spec = load_task_file(f)
+        if (f.parent / spec.data_file).is_file():
+            assert load_docs(spec, None)
+
+
+def _long_context_copy(release: Path, out: Path) -> Path:
+    """The tiny release's tokenizer with a random 512-token-context model (lm-eval needs room)."""
+    import shutil
+
+    import torch
+
+    from clearlm.model.hf import save_hf
+    from clearlm.model.transformer import Transformer, TransformerConfig
+
+    config = json.loads((release / "config.json").read_text())
+    model = Transformer(TransformerConfig(vocab_size=config["vocab_size"], d_model=48, n_layers=2, n_heads=4,
+                                          context=512, tie_embeddings=False, init_std=0.2))  # fmt: skip
+    model.init_weights(7)
+    save_hf(model, out, config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(release / name, out / name)
+    torch.manual_seed(0)
+    return out
+
+
+@pytest.mark.slow
+@needs_shared
+def test_agreement_with_lm_evaluation_harness(tiny_run, tmp_path):
+    pytest.importorskip("lm_eval")
+    from clearlm.eval.harness import evaluate_tasks
+    from clearlm.eval.lm_eval_export import run_lm_eval
+    from clearlm.release.load import bos_token_id, load_release
+
+    release = _long_context_copy(tiny_run.artifacts["release"].path, tmp_path / "model")
+    specs = [TASKS[n] for n in ("arc_easy", "piqa", "winogrande", "hellaswag", "lambada_openai")]
+    theirs = run_lm_eval(release, specs, SHARED, tmp_path / "lm_eval_tasks", limit=12, batch_size=8)
+    model, tok, eos = load_release(release)
+    ours, samples = evaluate_tasks(model, tok, specs, SHARED, prefix_id=bos_token_id(release, eos), limit=12)
+    for spec in specs:
+        mine = [s.get("loglikelihoods", [s.get("loglikelihood")]) for s in samples if s["task"] == spec.name]
+        other = theirs[spec.name]["loglikelihoods"]
+        assert len(mine) == len(other) == 12
+        diff = max(abs(a - b) for x, y in zip(mine, other, strict=True) for a, b in zip(x, y, strict=True))
+        assert diff < 1e-4, (spec.name, diff)
+        for metric in spec.metrics:  # accuracies identical; perplexity is exp of sums that differ by < 1e-4
+            expected = theirs[spec.name]["metrics"][metric]
+            if metric == "perplexity":
+                expected = pytest.approx(expected, rel=1e-4)
+            assert ours[spec.name][metric] == expected, (spec.name, metric)
+    json.dumps(ours)
