@@ -55,7 +55,7 @@ def main() -> None:
     report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "tasks": {}}
     print(f"{'task':<16}{'metric':<10}{'clearlm':>10}{'lm-eval':>10}   max |dLL|")
     for spec in specs:
-        mine = [s["loglikelihoods"] for s in samples if s["task"] == spec.name and "loglikelihoods" in s]
+        mine = [s.get("loglikelihoods", [s.get("loglikelihood")]) for s in samples if s["task"] == spec.name]
         other = theirs[spec.name]["loglikelihoods"]
         diffs = [abs(a - b) for x, y in zip(mine, other, strict=False) for a, b in zip(x, y, strict=False)]
         max_diff = max(diffs) if diffs else float("nan")

@@ -177,6 +177,10 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     assert data["licenses"] == {"cpython-stdlib/code": "PSF-2.0", "cpython-stdlib/docs": "PSF-2.0"}
     bpb = pipe.artifacts["eval"].metrics["bits_per_byte"]
     assert set(bpb) == {"cpython-stdlib/code", "cpython-stdlib/docs", "all"}
+    next_line = pipe.artifacts["eval"].metrics["tasks"]["stdlib_next_line"]
+    assert next_line["samples"] > 20 and 0 <= next_line["acc"] <= 1
+    card = (tmp_path / "quickstart" / "release" / "README.md").read_text()
+    assert "stdlib_next_line" in card and (tmp_path / "quickstart" / "release" / "eval" / "samples.jsonl").is_file()
     assert (tmp_path / "quickstart" / "release" / "model.safetensors").is_file()
 
 

@@ -13,13 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
 from clearlm.data.corpus import build_corpus, data_identity
 from clearlm.data.documents import read_jsonl
 from clearlm.data.shards import write_shards
+from clearlm.data.sources import files_digest
 from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
 from clearlm.errors import ArtifactError
+from clearlm.eval.harness import evaluate_tasks
 from clearlm.eval.perplexity import domain_bits_per_byte
+from clearlm.eval.results import write_samples
+from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model
 from clearlm.recipe import LoadedRecipe
@@ -168,6 +174,10 @@ class Pipeline:
         if "eval" not in self._done:
             data, tok_art, train = self.data(), self.tokenizer(), self._require_train(resume)
             cfg = self.recipe.eval
+            base = self.loaded.base_dir
+            specs = resolve_tasks(cfg.tasks, [base / f for f in cfg.task_files])
+            data_dirs = ([base / cfg.data_dir] if cfg.data_dir else []) + [data.path]
+            task_data = {s.name: files_digest([s.data_path(data_dirs)], base) for s in specs}
 
             def build(out: Path) -> dict[str, Any]:
                 tok = load_tokenizer(tok_art.path)
@@ -182,11 +192,24 @@ class Pipeline:
                         metrics[key] = domain_bits_per_byte(
                             model, tok, docs, eos_id, cfg.batch_size, cfg.max_documents_per_domain
                         )
+                if specs:
+                    task_tok = Tokenizer.from_file(
+                        str(tok_art.path / "tokenizer.json")
+                    )  # lm-eval's special-token rules
+                    metrics["tasks"], samples = evaluate_tasks(
+                        trained, task_tok, specs, data_dirs, prefix_id=eos_id, num_fewshot=cfg.num_fewshot,
+                        limit=cfg.limit, batch_size=cfg.batch_size,
+                    )  # fmt: skip
+                    write_samples(out / "samples.jsonl", samples)
                 (out / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
                 return metrics
 
             self._done["eval"] = self._stage(
-                "eval", cfg.model_dump(mode="json"), {"data": data, "tokenizer": tok_art, "train": train}, build
+                "eval",
+                cfg.model_dump(mode="json"),
+                {"data": data, "tokenizer": tok_art, "train": train},
+                build,
+                extra={"task_data": task_data},
             )
         return self._done["eval"]
 

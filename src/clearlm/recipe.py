@@ -103,6 +103,11 @@ class EvalConfig(_Section):
     bpb: bool = True
     batch_size: int = Field(8, gt=0)
     max_documents_per_domain: int | None = Field(None, gt=0)
+    tasks: list[str] = Field([], description="built-in tasks (clearlm eval --list)")
+    task_files: list[str] = Field([], description="task definition files, relative to the recipe")
+    data_dir: str | None = Field(None, description="folder of task data files; the run's data split is also searched")
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(None, gt=0, description="first N items of each task")
 
 
 class ReleaseConfig(_Section):

@@ -109,7 +109,7 @@ def evaluate_tasks(
     model: Transformer,
     tok: Tokenizer,
     specs: list[TaskSpec],
-    data_dir: Path | None,
+    data_dir: Path | list[Path] | None,
     *,
     prefix_id: int,
     num_fewshot: int = 0,

@@ -25,7 +25,8 @@ SPECS = {{**builtin_tasks(), **{{n: load_task_file(Path(p)) for n, p in _FILES.i
 
 
 def _docs(name):
-    return lambda dataset: dataset.map(SPECS[name].prepare)
+    spec = SPECS[name]
+    return lambda dataset: dataset.filter(lambda d: spec.prepare(d) is not None).map(spec.prepare)
 
 
 def _text(name):
@@ -69,7 +70,10 @@ def export_tasks(specs: list[TaskSpec], data_dir: Path | None, out: Path, task_f
             "doc_to_target": spec.doc_to_target,
             "target_delimiter": spec.target_delimiter,
             "fewshot_delimiter": spec.fewshot_delimiter,
-            "metric_list": [{"metric": m, "aggregation": m if m == "perplexity" else "mean"} for m in spec.metrics],
+            "metric_list": [
+                {"metric": m, "aggregation": m if m == "perplexity" else "mean", "higher_is_better": m != "perplexity"}
+                for m in spec.metrics
+            ],
         }
         if spec.doc_to_choice is not None:
             config["doc_to_choice"] = spec.doc_to_choice

@@ -29,6 +29,12 @@ def describe_inputs(model_dir: Path, specs: list[TaskSpec], data_dir: Path | Non
     }
 
 
+def write_samples(path: Path, samples: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def write_results(out: Path, results: dict[str, Any], samples: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Write both files into `out` atomically: a temporary folder renamed into place."""
     tmp = out.with_name(out.name + ".partial")
@@ -37,9 +43,7 @@ def write_results(out: Path, results: dict[str, Any], samples: list[dict[str, An
     tmp.mkdir(parents=True)
     doc = {"clearlm_version": __version__, "results": results, **meta}
     (tmp / "results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    with open(tmp / "samples.jsonl", "w", encoding="utf-8") as f:
-        for row in samples:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_samples(tmp / "samples.jsonl", samples)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

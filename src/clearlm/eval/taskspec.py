@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -62,7 +63,31 @@ def _winogrande(doc: Doc) -> Doc:
     }
 
 
-PREPROCESSORS: dict[str, Callable[[Doc], Doc]] = {"hellaswag": _hellaswag, "winogrande": _winogrande}
+def _stable_int(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def _next_line(doc: Doc) -> Doc | None:
+    """Which line comes next? From one held-out source file: ten lines of context, the true next line
+    and three other lines of the same file, all picked by hashing the document id (no RNG state).
+    Files too short to give four distinct candidate lines are skipped."""
+    lines = [line for line in doc["text"].splitlines() if line.strip()]
+    candidates = sorted({line for line in lines[10:] if len(line.strip()) >= 12})
+    positions = [i for i in range(10, len(lines)) if len(lines[i].strip()) >= 12]
+    if len(candidates) < 4 or not positions:
+        return None
+    i = positions[_stable_int(doc["id"], "position") % len(positions)]
+    others = sorted((c for c in candidates if c != lines[i]), key=lambda c: _stable_int(doc["id"], c))[:3]
+    gold = _stable_int(doc["id"], "gold") % 4
+    choices = [*others[:gold], lines[i], *others[gold:]]
+    return {"id": doc["id"], "context": "\n".join(lines[i - 10 : i]) + "\n", "choices": choices, "gold": gold}
+
+
+PREPROCESSORS: dict[str, Callable[[Doc], Doc | None]] = {
+    "hellaswag": _hellaswag,
+    "winogrande": _winogrande,
+    "next_line": _next_line,
+}
 
 
 class TaskSpec(BaseModel):
@@ -79,14 +104,15 @@ class TaskSpec(BaseModel):
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     partial: bool = False
-    preprocess: Literal["hellaswag", "winogrande"] | None = None
+    preprocess: Literal["hellaswag", "winogrande", "next_line"] | None = None
     until: list[str] = ["\n\n"]
     max_gen_tokens: int = Field(32, gt=0)
     metrics: list[Literal["acc", "acc_norm", "perplexity", "exact_match"]] = ["acc"]
     base_dir: Path | None = Field(None, exclude=True)
 
-    def data_path(self, data_dir: Path | None) -> Path:
-        candidates = [d / self.data_file for d in (data_dir, self.base_dir) if d is not None]
+    def data_path(self, data_dir: Path | list[Path] | None) -> Path:
+        dirs = data_dir if isinstance(data_dir, list) else [data_dir]
+        candidates = [d / self.data_file for d in (*dirs, self.base_dir) if d is not None]
         for path in candidates:
             if path.is_file():
                 return path
@@ -119,7 +145,8 @@ class TaskSpec(BaseModel):
             return int(value)
         return value
 
-    def prepare(self, doc: Doc) -> Doc:
+    def prepare(self, doc: Doc) -> Doc | None:
+        """The document as the templates see it; None when the task's preprocessing skips it."""
         return PREPROCESSORS[self.preprocess](doc) if self.preprocess else doc
 
 
@@ -148,7 +175,7 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Doc]]:
                         raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
 
 
-def load_docs(spec: TaskSpec, data_dir: Path | None, limit: int | None = None) -> list[Doc]:
+def load_docs(spec: TaskSpec, data_dir: Path | list[Path] | None, limit: int | None = None) -> list[Doc]:
     """The task's documents, preprocessed and checked: a bad row names the file and line."""
     path = spec.data_path(data_dir)
     docs = []
@@ -160,6 +187,8 @@ def load_docs(spec: TaskSpec, data_dir: Path | None, limit: int | None = None) -
             raise InputError(f"{where}: expected an object")
         try:
             doc = spec.prepare(row)
+            if doc is None:
+                continue
             spec.text(doc), spec.choices(doc), spec.target(doc)
         except (KeyError, ValueError, TypeError, SyntaxError, jinja2.TemplateError) as e:
             raise InputError(f"{where}: task {spec.name!r} cannot use this row ({type(e).__name__}: {e})") from None

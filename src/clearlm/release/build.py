@@ -76,6 +76,8 @@ def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifac
         (out / "checkpoints" / ckpt.name).mkdir(parents=True)
         shutil.copy2(ckpt / WEIGHTS, out / "checkpoints" / ckpt.name / WEIGHTS)
     _dump(out / "eval" / "results.json", evaluation.metrics)
+    if (evaluation.path / "samples.jsonl").is_file():
+        shutil.copy2(evaluation.path / "samples.jsonl", out / "eval" / "samples.jsonl")
     _dump(out / "data" / "stats.json", data.metrics)
     _dump(
         out / "lineage.json",

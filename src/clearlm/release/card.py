@@ -32,6 +32,19 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+def _task_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
+    if not tasks:
+        return []
+    rows = []
+    for task, metrics in tasks.items():
+        for name, value in metrics.items():
+            if name != "samples" and not name.endswith("_stderr"):
+                err = metrics.get(f"{name}_stderr")
+                rows.append([task, name, f"{value:.4f}", f"{err:.4f}" if err is not None else "", metrics["samples"]])
+    header = "Tasks (scored as lm-evaluation-harness scores them):"
+    return [header, "", _table(["task", "metric", "value", "stderr", "items"], rows), ""]
+
+
 def model_card(ctx: dict[str, Any]) -> str:
     """Render the card from the release context (recipe, stage metrics, digests)."""
     recipe, data, train, evaluation = ctx["recipe"], ctx["data"], ctx["train"], ctx["eval"]
@@ -54,6 +67,15 @@ def model_card(ctx: dict[str, Any]) -> str:
                         "metrics": [{"type": "bits_per_byte", "value": round(m["bits_per_byte"], 4)}],
                     }
                     for domain, m in bpb.items()
+                ]
+                + [
+                    {
+                        "task": {"type": "multiple-choice", "name": task},
+                        "dataset": {"name": task, "type": task},
+                        "metrics": [{"type": "acc", "value": round(m["acc"], 4)}],
+                    }
+                    for task, m in evaluation.get("tasks", {}).items()
+                    if "acc" in m
                 ],
             }
         ],
@@ -124,7 +146,8 @@ def model_card(ctx: dict[str, Any]) -> str:
         "",
         _table(["domain", "bits/byte", "untrained model", "documents", "bytes"], eval_rows),
         "",
-        "Full results: `eval/results.json`.",
+        *_task_lines(evaluation.get("tasks", {})),
+        "Full results: `eval/results.json`; per-item log-likelihoods: `eval/samples.jsonl`.",
         "",
         "## Reproduce",
         "",
