@@ -201,3 +201,21 @@ def test_cli_eval_a_model_folder_on_a_task_file(tmp_path, tiny_run):
     assert "hellaswag" in listing.output and "partial" in listing.output
     missing = runner.invoke(app, ["eval", rel, "--tasks", "arc_easy", "--data-dir", str(tmp_path)])
     assert missing.exit_code == 2 and "arc_easy_test.jsonl: data file for task 'arc_easy' not found" in missing.output
+
+
+def test_cli_eval_bits_per_byte_and_preferences_on_files(tmp_path, tiny_run):
+    rel = str(tiny_run.artifacts["release"].path)
+    text = tmp_path / "notes"
+    text.mkdir()
+    (text / "a.txt").write_text("def value(self):\n    return data\n")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "def", "chosen": " value", "rejected": " zzz"}) + "\n")
+    out = tmp_path / "out"
+    args = ["eval", rel, "--bpb", str(text), "--preferences", str(prefs), "--reference", rel, "--output", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["bpb:notes"]["a"]["bits_per_byte"] > 0  # one domain per text file (its stem)
+    assert results["preferences:prefs.jsonl"]["samples"] == 1 and "accuracy_dpo" in results["preferences:prefs.jsonl"]
+    nothing = runner.invoke(app, ["eval", rel])
+    assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output

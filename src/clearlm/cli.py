@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,12 +17,12 @@ from clearlm import __version__
 from clearlm.artifacts import Artifact
 from clearlm.errors import ClearlmError, InputError
 from clearlm.eval.generate import generate as sample
-from clearlm.eval.harness import evaluate_tasks
-from clearlm.eval.results import describe_inputs, write_results
-from clearlm.eval.taskspec import builtin_tasks, resolve_tasks
+from clearlm.eval.results import write_results
+from clearlm.eval.run import EvalRequest, evaluate_model
+from clearlm.eval.taskspec import builtin_tasks
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
-from clearlm.release.load import bos_token_id, load_release
+from clearlm.release.load import load_release
 
 app = typer.Typer(
     help="Train, evaluate and release a fully open language model.",
@@ -189,6 +188,9 @@ def eval_(
     tasks: Annotated[str | None, typer.Option(help="comma-separated built-in tasks, e.g. arc_easy,piqa")] = None,
     task_file: Annotated[list[Path] | None, typer.Option(help="a task definition file (TOML or YAML)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="folder holding the tasks' data files")] = None,
+    bpb: Annotated[list[Path] | None, typer.Option(help="jsonl/txt file or folder: bits per byte per source")] = None,
+    preferences: Annotated[list[Path] | None, typer.Option(help="prompt/chosen/rejected (or HH) jsonl")] = None,
+    reference: Annotated[Path | None, typer.Option(help="reference model folder for DPO reward accuracy")] = None,
     num_fewshot: Annotated[int, typer.Option(min=0)] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items of each task")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
@@ -197,16 +199,24 @@ def eval_(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("runs"),
 ) -> None:
-    """Evaluate a model folder on tasks (lm-eval-identical scoring), or a recipe's model (bits per byte)."""
+    """Evaluate a model folder (tasks scored as lm-eval does, bits per byte, preferences), or a recipe's model."""
     with _user_errors():
         if list_tasks:
             _print_task_list()
             return
         if target is not None and (Path(target) / "config.json").is_file():
-            _eval_model(Path(target), tasks, task_file or [], data_dir, num_fewshot, limit, batch_size, output, workdir)
+            req = EvalRequest(
+                Path(target), [t.strip() for t in (tasks or "").split(",") if t.strip()], task_file or [], data_dir,
+                bpb or [], preferences or [], reference, num_fewshot, limit, batch_size,
+            )  # fmt: skip
+            results, samples, meta = evaluate_model(req)
+            out = output or workdir / "eval" / Path(target).resolve().name
+            write_results(out, results, samples, meta)
+            _print_results(f"{target} ({num_fewshot}-shot)", results)
+            console.print(f"results: {out / 'results.json'}")
             return
-        if tasks or task_file:
-            raise InputError(f"{target}: not a model folder (no config.json); tasks need a model folder")
+        if tasks or task_file or bpb or preferences:
+            raise InputError(f"{target}: not a model folder (no config.json)")
         pipe = _pipeline(target, set_, workdir)
         pipe.run("eval")
         _summary(pipe)
@@ -222,45 +232,21 @@ def _print_task_list() -> None:
     Console().print(table)
 
 
-def _eval_model(
-    folder: Path,
-    tasks: str | None,
-    task_files: list[Path],
-    data_dir: Path | None,
-    num_fewshot: int,
-    limit: int | None,
-    batch_size: int,
-    output: Path | None,
-    workdir: Path,
-) -> None:
-    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
-    specs = resolve_tasks(names, task_files)
-    if not specs:
-        raise InputError("no tasks: pass --tasks (see --list) or --task-file")
-    model, tok, eos_id = load_release(folder)
-    prefix_id = bos_token_id(folder, eos_id)
-    started = time.perf_counter()
-    results, samples = evaluate_tasks(
-        model, tok, specs, data_dir, prefix_id=prefix_id, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size
-    )
-    meta = {
-        "config": {"tasks": [s.name for s in specs], "num_fewshot": num_fewshot, "limit": limit,
-                   "batch_size": batch_size, "seconds": round(time.perf_counter() - started, 3)},
-        **describe_inputs(folder, specs, data_dir),
-    }  # fmt: skip
-    out = output or workdir / "eval" / folder.resolve().name
-    write_results(out, results, samples, meta)
-    table = Table(title=f"{folder} ({num_fewshot}-shot)")
+def _print_results(title: str, results: dict[str, Any]) -> None:
+    table = Table(title=title)
     for col in ("task", "metric", "value", "stderr", "items"):
         table.add_column(col)
     for task, metrics in results.items():
+        if task.startswith("bpb:"):
+            for domain, m in metrics.items():
+                table.add_row(f"{task} {domain}", "bits_per_byte", f"{m['bits_per_byte']:.4f}", "", str(m["documents"]))
+            continue
         for name, value in metrics.items():
-            if name.endswith("_stderr") or name == "samples":
+            if name.endswith("_stderr") or name in ("samples", "skipped"):
                 continue
             err = metrics.get(f"{name}_stderr")
             table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if err is not None else "", str(metrics["samples"]))
     Console().print(table)
-    console.print(f"results: {out / 'results.json'}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import hashlib
 import json
 import re
@@ -33,6 +34,11 @@ else:  # pragma: no cover
 
 Doc = dict[str, Any]
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+@functools.cache
+def _compiled(template: str) -> jinja2.Template:
+    return _ENV.from_string(template)
 
 
 def _hellaswag(doc: Doc) -> Doc:
@@ -123,7 +129,7 @@ class TaskSpec(BaseModel):
     def _render(self, template: str, doc: Doc) -> str:
         if template in doc:
             return doc[template]
-        return _ENV.from_string(template).render(**doc)
+        return _compiled(template).render(**doc)
 
     def text(self, doc: Doc) -> str | int:
         out = self._render(self.doc_to_text, doc)

@@ -1,0 +1,74 @@
+"""Evaluate a model folder: tasks, bits-per-byte on text files, preference pairs — one results file."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clearlm.data.sources import read_source
+from clearlm.errors import InputError
+from clearlm.eval.harness import evaluate_tasks
+from clearlm.eval.perplexity import domain_bits_per_byte
+from clearlm.eval.preference import preference_accuracy, read_preferences
+from clearlm.eval.results import describe_inputs
+from clearlm.eval.scoring import Encoder
+from clearlm.eval.taskspec import resolve_tasks
+from clearlm.recipe import SourceConfig
+from clearlm.release.load import bos_token_id, load_release
+
+
+@dataclass
+class EvalRequest:
+    model: Path
+    tasks: list[str] = field(default_factory=list)
+    task_files: list[Path] = field(default_factory=list)
+    data_dir: Path | None = None
+    bpb_files: list[Path] = field(default_factory=list)
+    preference_files: list[Path] = field(default_factory=list)
+    reference: Path | None = None
+    num_fewshot: int = 0
+    limit: int | None = None
+    batch_size: int = 16
+
+
+def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(results, samples, metadata) for everything the request names."""
+    specs = resolve_tasks(req.tasks, req.task_files)
+    if not (specs or req.bpb_files or req.preference_files):
+        raise InputError("nothing to evaluate: pass --tasks (see --list), --task-file, --bpb or --preferences")
+    model, tok, eos_id = load_release(req.model)
+    prefix_id = bos_token_id(req.model, eos_id)
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
+    if specs:
+        results, samples = evaluate_tasks(
+            model, tok, specs, req.data_dir, prefix_id=prefix_id, num_fewshot=req.num_fewshot, limit=req.limit,
+            batch_size=req.batch_size,
+        )  # fmt: skip
+    for path in req.bpb_files:
+        docs = read_source(SourceConfig(path=str(path)), Path.cwd())
+        results[f"bpb:{path.name}"] = domain_bits_per_byte(model, tok, docs, prefix_id, req.batch_size)
+    reference = load_release(req.reference)[0] if req.reference else None
+    for path in req.preference_files:
+        triples = read_preferences(path)
+        if req.limit:
+            triples = triples[: req.limit]
+        metrics, rows = preference_accuracy(
+            model, Encoder(tok, prefix_id), triples, reference=reference, batch_size=req.batch_size
+        )
+        results[f"preferences:{path.name}"] = metrics
+        samples += [{"task": f"preferences:{path.name}", "doc_id": i, **row} for i, row in enumerate(rows)]
+    meta = {
+        "config": {
+            "tasks": [s.name for s in specs], "num_fewshot": req.num_fewshot, "limit": req.limit,
+            "batch_size": req.batch_size, "bpb_files": [str(p) for p in req.bpb_files],
+            "preference_files": [str(p) for p in req.preference_files],
+            "reference": str(req.reference) if req.reference else None,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+        **describe_inputs(req.model, specs, req.data_dir),
+    }  # fmt: skip
+    return results, samples, meta
