@@ -32,27 +32,32 @@ def _gold_text(spec: TaskSpec, doc: Doc) -> str:
     return str(spec.target(doc))
 
 
-def _fewshot_prefix(spec: TaskSpec, docs: list[Doc], index: int, k: int, rng: random.Random) -> str:
-    """k labelled examples drawn (seeded) from the task's other documents."""
+def _fewshot_prefix(spec: TaskSpec, pool: list[Doc], doc: Doc, k: int, rng: random.Random) -> str:
+    """k labelled examples drawn as lm-eval's default sampler draws them from a task's only split:
+    k + 1 documents, the evaluated one removed, redrawn from the others if too few remain."""
     if k == 0:
         return ""
-    pool = [i for i in rng.sample(range(len(docs)), min(k + 1, len(docs))) if i != index][:k]
-    shots = []
-    for i in pool:
-        doc = docs[i]
+    shots = [x for x in rng.sample(pool, k + 1) if x != doc][:k]
+    if len(shots) < k:
+        shots = rng.sample([x for x in pool if x != doc], k)
+    parts = []
+    for shot in shots:
         if spec.partial:
-            text = spec.choices(doc)[spec.text(doc)]
-            shots.append(text + spec.target_delimiter + str(spec.target(doc)))
+            parts.append(spec.choices(shot)[spec.text(shot)] + spec.target_delimiter + str(spec.target(shot)))
         else:
-            shots.append(str(spec.text(doc)) + spec.target_delimiter + _gold_text(spec, doc))
-    return spec.fewshot_delimiter.join(shots) + spec.fewshot_delimiter
+            parts.append(str(spec.text(shot)) + spec.target_delimiter + _gold_text(spec, shot))
+    return "".join(part + spec.fewshot_delimiter for part in parts)
 
 
-def build_requests(spec: TaskSpec, docs: list[Doc], data_path: Path, num_fewshot: int, seed: int) -> TaskRun:
+def build_requests(
+    spec: TaskSpec, docs: list[Doc], data_path: Path, num_fewshot: int, seed: int, pool: list[Doc] | None = None
+) -> TaskRun:
+    """Requests for `docs`; few-shot examples come from `pool` (the whole split), seeded as lm-eval does."""
     run = TaskRun(spec, docs, data_path)
     rng = random.Random(seed)
-    for index, doc in enumerate(docs):
-        prefix = _fewshot_prefix(spec, docs, index, num_fewshot, rng)
+    pool = pool if pool is not None else docs
+    for doc in docs:
+        prefix = _fewshot_prefix(spec, pool, doc, num_fewshot, rng)
         start = len(run.requests)
         if spec.partial:
             cont = spec.target_delimiter + str(spec.target(doc))
@@ -121,8 +126,9 @@ def evaluate_tasks(
     one sorted, batched pass."""
     runs = []
     for spec in specs:
-        docs = load_docs(spec, data_dir, limit)
-        runs.append(build_requests(spec, docs, spec.data_path(data_dir), num_fewshot, seed))
+        pool = load_docs(spec, data_dir) if num_fewshot else None
+        docs = pool[:limit] if pool is not None else load_docs(spec, data_dir, limit)
+        runs.append(build_requests(spec, docs, spec.data_path(data_dir), num_fewshot, seed, pool))
     all_requests = [r for run in runs for r in run.requests]
     scores = score_requests(model, Encoder(tok, prefix_id), all_requests, batch_size) if all_requests else []
     results, samples, offset = {}, [], 0

@@ -65,6 +65,8 @@ def export_tasks(specs: list[TaskSpec], data_dir: Path | None, out: Path, task_f
             "dataset_path": "json",
             "dataset_kwargs": {"data_files": {"test": str(spec.data_path(data_dir).resolve())}},
             "test_split": "test",
+            # few-shot examples come from the same file, never the evaluated item itself
+            "fewshot_split": "test",
             "output_type": spec.output_type if spec.output_type != "generate" else "generate_until",
             "doc_to_text": spec.doc_to_text,
             "doc_to_target": spec.doc_to_target,
@@ -102,7 +104,13 @@ def _loglikelihoods(resps: list) -> list[float]:
 
 
 def run_lm_eval(
-    model_dir: Path, specs: list[TaskSpec], data_dir: Path | None, work: Path, limit: int | None, batch_size: int
+    model_dir: Path,
+    specs: list[TaskSpec],
+    data_dir: Path | None,
+    work: Path,
+    limit: int | None,
+    batch_size: int,
+    num_fewshot: int = 0,
 ) -> dict[str, dict]:
     """Evaluate with lm-evaluation-harness's `hf` model on the exported tasks (needs lm-eval installed).
 
@@ -124,6 +132,7 @@ def run_lm_eval(
             tasks=names,
             task_manager=TaskManager(include_path=str(work)),
             limit=limit,
+            num_fewshot=num_fewshot,
             batch_size=batch_size,
             log_samples=True,
             bootstrap_iters=0,
