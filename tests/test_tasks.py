@@ -57,6 +57,21 @@ def test_prompts_match_hand_checked_items():
     ][0].endswith("before this?\nA:")
     assert _first_requests("boolq")[0][0].endswith("does ethanol take more energy make that produces?\nAnswer:")
     assert _first_requests("sciq")[0][0].startswith("\nQuestion: Compounds that are capable")
+    assert _first_requests("arc_challenge")[2] == (
+        "Question: An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most "
+        "likely effect of this increase in rotation?\nAnswer:",
+        " Planetary days will become shorter.",
+    )
+    obqa = "A person wants to start saving money so that they can afford a nice vacation at the end of the year."
+    assert _first_requests("openbookqa")[1][0].startswith(obqa) and _first_requests("openbookqa")[1][1] == (
+        " quit eating lunch out"
+    )
+    csqa = _first_requests("commonsense_qa")
+    assert csqa[0][0].endswith("D. new york\nAnswer:") and [c for _, c in csqa] == [" A", " B", " C", " D"]
+    assert _first_requests("wsc273") == [
+        ("The city councilmen refused the demonstrators a permit because the city councilmen", " feared violence."),
+        ("The city councilmen refused the demonstrators a permit because the demonstrators", " feared violence."),
+    ]
 
 
 @needs_shared
@@ -98,6 +113,29 @@ def test_user_task_file_errors(tmp_path):
         load_docs(load_task_file(bad), None)
     with pytest.raises(InputError, match="unknown task"):
         resolve_tasks(["nope"], [])
+
+
+def test_csv_and_parquet_task_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"q": "two plus two", "a": "four", "b": "five", "gold": 0},
+        {"q": "sky", "a": "green", "b": "blue", "gold": 1},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("q,a,b,gold\n" + "\n".join(f"{r['q']},{r['a']},{r['b']},{r['gold']}" for r in rows))
+    for name in ("d.parquet", "d.csv"):
+        (tmp_path / "t.toml").write_text(
+            f'name = "t"\ndata_file = "{name}"\ndoc_to_text = "{{{{q}}}} is"\ndoc_to_choice = "{{{{[a, b]}}}}"\n'
+            'doc_to_target = "{{gold}}"\n'
+        )
+        spec = load_task_file(tmp_path / "t.toml")
+        docs = load_docs(spec, None)
+        assert [spec.choices(d)[spec.target(d)] for d in docs] == ["four", "blue"], name
+    (tmp_path / "d.csv").write_text("q,a,b,gold\nsky,green,blue,7\n")
+    with pytest.raises(InputError, match=r"d\.csv:2: gold index 7 is outside the 2 choices"):
+        load_docs(load_task_file(tmp_path / "t.toml"), None)
 
 
 def test_example_task_files_load(tmp_path):
@@ -177,3 +215,44 @@ def test_next_line_items_are_deterministic_and_well_formed(tmp_path):
         lines.index(doc["context"].splitlines()[0])
     )
     assert len(set(doc["choices"])) == 4 and load_docs(spec, tmp_path) == docs
+
+
+@pytest.mark.slow
+@needs_shared
+def test_a_non_llama_transformers_folder_scores_as_in_lm_eval(tiny_run, tmp_path):
+    """A GPT-2 folder goes through transformers; the numbers still equal lm-eval's."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("lm_eval")
+    from clearlm.eval.harness import evaluate_tasks
+    from clearlm.eval.lm_eval_export import run_lm_eval
+    from clearlm.release.load import bos_token_id, load_release
+
+    release = tiny_run.artifacts["release"].path
+    config = json.loads((release / "config.json").read_text())
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=config["vocab_size"],
+            n_positions=512,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+            initializer_range=0.3,
+        )
+    )
+    folder = tmp_path / "gpt2"
+    gpt2.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(release / name, folder / name)
+    specs = [TASKS["arc_easy"]]
+    theirs = run_lm_eval(folder, specs, SHARED, tmp_path / "tasks", limit=8, batch_size=8)
+    model, tok, eos = load_release(folder)
+    assert type(model).__name__ == "TransformersCausalLM"
+    ours, samples = evaluate_tasks(model, tok, specs, SHARED, prefix_id=bos_token_id(folder, eos), limit=8)
+    pairs = zip([s["loglikelihoods"] for s in samples], theirs["arc_easy"]["loglikelihoods"], strict=True)
+    diff = max(abs(a - b) for x, y in pairs for a, b in zip(x, y, strict=True))
+    assert diff < 1e-4
+    assert ours["arc_easy"]["acc"] == theirs["arc_easy"]["metrics"]["acc"]

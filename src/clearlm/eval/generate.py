@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from clearlm.model.transformer import Transformer
+from clearlm.model.auto import CausalLM
 
 
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model: CausalLM,
     tok: Tokenizer,
     prompt: str,
     *,

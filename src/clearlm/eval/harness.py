@@ -13,7 +13,7 @@ from clearlm.eval.generate import generate
 from clearlm.eval.metrics import acc_norm_pred, argmax, mean_and_stderr, perplexity
 from clearlm.eval.scoring import Encoder, score_requests
 from clearlm.eval.taskspec import Doc, TaskSpec, load_docs
-from clearlm.model.transformer import Transformer
+from clearlm.model.auto import CausalLM
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _aggregate(spec: TaskSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return metrics
 
 
-def _generate_rows(run: TaskRun, model: Transformer, tok: Tokenizer, stop_id: int | None) -> list[dict[str, Any]]:
+def _generate_rows(run: TaskRun, model: CausalLM, tok: Tokenizer, stop_id: int | None) -> list[dict[str, Any]]:
     rows = []
     for doc, context in zip(run.docs, run.contexts, strict=True):
         text = generate(
@@ -111,7 +111,7 @@ def _generate_rows(run: TaskRun, model: Transformer, tok: Tokenizer, stop_id: in
 
 
 def evaluate_tasks(
-    model: Transformer,
+    model: CausalLM,
     tok: Tokenizer,
     specs: list[TaskSpec],
     data_dir: Path | list[Path] | None,

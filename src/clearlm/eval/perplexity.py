@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from clearlm.model.transformer import Transformer
+from clearlm.model.auto import CausalLM
 
 Window = tuple[list[int], list[int]]
 
@@ -38,7 +38,7 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Win
 
 
 @torch.no_grad()
-def windows_logprob(model: Transformer, windows: list[Window], batch_size: int) -> list[float]:
+def windows_logprob(model: CausalLM, windows: list[Window], batch_size: int) -> list[float]:
     """Sum of target log-probabilities (nats) for each window, batched by length."""
     device = next(model.parameters()).device
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
@@ -60,7 +60,7 @@ def windows_logprob(model: Transformer, windows: list[Window], batch_size: int) 
 
 
 def domain_bits_per_byte(
-    model: Transformer,
+    model: CausalLM,
     tok: Tokenizer,
     docs: Iterable[dict[str, Any]],
     prefix_id: int,

@@ -14,7 +14,7 @@ from typing import Any
 from clearlm.errors import InputError
 from clearlm.eval.metrics import mean_and_stderr
 from clearlm.eval.scoring import Encoder, score_requests
-from clearlm.model.transformer import Transformer
+from clearlm.model.auto import CausalLM
 
 ASSISTANT = "\n\nAssistant:"
 
@@ -67,11 +67,11 @@ def read_preferences(path: Path) -> list[tuple[str, str, str]]:
 
 
 def preference_accuracy(
-    model: Transformer,
+    model: CausalLM,
     encoder: Encoder,
     triples: list[tuple[str, str, str]],
     *,
-    reference: Transformer | None = None,
+    reference: CausalLM | None = None,
     batch_size: int = 16,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-pair rows. Pairs whose answer encodes to no tokens are skipped and counted."""

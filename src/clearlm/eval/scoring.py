@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch import nn
 
 from clearlm.model.transformer import Transformer
 
@@ -48,9 +49,17 @@ class Encoder:
         return ctx, whole[len(ctx) :]
 
 
+def _logits_at(model: nn.Module, ids: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """Logits at the given (row, position) pairs; clearlm's decoder runs its output layer only there."""
+    index = (torch.tensor(rows), torch.tensor(cols))
+    if isinstance(model, Transformer):
+        return model.lm_head(model.hidden_states(ids)[index])
+    return model(ids)[index]
+
+
 @torch.no_grad()
 def score_requests(
-    model: Transformer, encoder: Encoder, requests: list[tuple[str, str]], batch_size: int = 16
+    model: nn.Module, encoder: Encoder, requests: list[tuple[str, str]], batch_size: int = 16
 ) -> list[Score]:
     """Log-probability of each continuation given its context, and whether it is the greedy one."""
     max_len = model.cfg.context
@@ -76,8 +85,7 @@ def score_requests(
             rows += [row] * len(cont)
             cols += range(len(inp) - len(cont), len(inp))
             targets += cont
-        hidden = model.hidden_states(ids.to(device))[torch.tensor(rows), torch.tensor(cols)]
-        logprobs = F.log_softmax(model.lm_head(hidden).float(), dim=-1).cpu()
+        logprobs = F.log_softmax(_logits_at(model, ids.to(device), rows, cols).float(), dim=-1).cpu()
         target_t = torch.tensor(targets)
         picked = logprobs[torch.arange(len(targets)), target_t]
         greedy = logprobs.argmax(-1) == target_t
