@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -31,11 +31,75 @@ class SourceConfig(_Section):
     license: str = Field("NOASSERTION", description="SPDX identifier of the source's licence")
 
 
+class NormalizeStep(_Section):
+    """Unicode normalisation, Windows/Mac line endings to \\n, trailing spaces on each line removed."""
+
+    type: Literal["normalize"]
+    form: Literal["NFC", "NFKC"] = "NFC"
+
+
+class GopherQualityStep(_Section):
+    """Gopher's quality rules with datatrove's GopherQualityFilter defaults."""
+
+    type: Literal["gopher_quality"]
+    min_doc_words: int | None = 50
+    max_doc_words: int | None = 100000
+    min_avg_word_length: float | None = 3
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    max_non_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2
+    stop_words: list[str] = ["the", "be", "to", "of", "and", "that", "have", "with"]
+
+
+class GopherRepetitionStep(_Section):
+    """Gopher's repetition rules with datatrove's GopherRepetitionFilter defaults."""
+
+    type: Literal["gopher_repetition"]
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
+    top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
+    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+
+
+class C4QualityStep(_Section):
+    """C4's line and page rules with datatrove's C4QualityFilter defaults (it rewrites kept text)."""
+
+    type: Literal["c4_quality"]
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = True
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class ExactDedupStep(_Section):
+    """Drop a document whose text, lower-cased with whitespace collapsed, was already kept."""
+
+    type: Literal["exact_dedup"]
+
+
+StepConfig = Annotated[
+    NormalizeStep | GopherQualityStep | GopherRepetitionStep | C4QualityStep | ExactDedupStep,
+    Field(discriminator="type"),
+]
+
+
 class DataConfig(_Section):
     builtin: Literal["cpython-stdlib"] | None = Field(None, description="a built-in corpus to include")
     sources: list[SourceConfig] = []
     validation_fraction: float = Field(0.05, gt=0, lt=1)
     max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")
+    steps: list[StepConfig] = Field([], description="cleaning steps, applied in order before the split")
+    keep_removed_text: bool = Field(False, description="store removed documents' text in removed.jsonl")
 
     @model_validator(mode="after")
     def _has_input(self) -> DataConfig:

@@ -1,0 +1,42 @@
+"""The data card: where every document came from, under which licence, and what cleaning removed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
+    splits, before = metrics["splits"], metrics.get("before_steps", {})
+    lines = ["# Data card", "", "## Sources", ""]
+    lines += [_row(["source", "licence", "documents read", "bytes read", "train documents", "validation documents"]),
+              _row(["---"] * 6)]  # fmt: skip
+    for source, licence in metrics["licenses"].items():
+        read = before.get(source, {})
+        train = splits["train"].get(source, {}).get("documents", 0)
+        validation = splits["validation"].get(source, {}).get("documents", 0)
+        lines.append(_row([source, licence, read.get("documents", ""), read.get("bytes", ""), train, validation]))
+    lines += ["", "## Cleaning steps", ""]
+    steps = metrics.get("steps", {})
+    if not steps:
+        lines.append("No cleaning steps: every document read was kept.")
+    else:
+        lines += [_row(["step", "documents in", "removed", "bytes in", "bytes out", "reasons"]), _row(["---"] * 6)]
+        for name, s in steps.items():
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]))
+            lines.append(_row([name, s["documents_in"], s["removed"], s["bytes_in"], s["bytes_out"], reasons or "-"]))
+        lines += ["", "Every removed document is listed with its step and reason in `removed.jsonl`."]
+    lines += [
+        "",
+        "## Split",
+        "",
+        f"Validation fraction {config.get('validation_fraction')}, by a sha256 of each document's split key "
+        "(module name for the built-in corpus, document id otherwise): "
+        f"{metrics['documents']['train']} training and {metrics['documents']['validation']} validation documents, "
+        f"{metrics['bytes']['train']:,} and {metrics['bytes']['validation']:,} bytes.",
+        "",
+    ]
+    return "\n".join(lines)

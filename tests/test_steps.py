@@ -1,0 +1,129 @@
+"""Cleaning steps, and their keep/drop decisions against datatrove's filters on the same documents."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clearlm.data.corpus import build_corpus
+from clearlm.data.documents import read_jsonl
+from clearlm.data.steps import Removed, build_steps
+from clearlm.recipe import DataConfig, SourceConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _doc(text: str, i: int = 0) -> dict:
+    return {"id": f"d{i}", "text": text, "source": "s", "added": "", "created": "", "license": "", "metadata": {}}
+
+
+def _run(step_type: str, text: str, **settings):
+    ((_, step),) = build_steps(DataConfig(builtin="cpython-stdlib", steps=[{"type": step_type, **settings}]).steps)
+    return step(_doc(text))
+
+
+PROSE = (
+    " ".join(["The cat sat on the mat and looked at the dog with great interest."] * 2)
+    + " "
+    + " ".join(f"Sentence number {i} talks about the weather, the river and the town." for i in range(8))
+)
+
+
+def test_gopher_quality_rules():
+    assert not isinstance(_run("gopher_quality", PROSE), Removed)
+    assert _run("gopher_quality", "too short to keep") == Removed("gopher_short_doc")
+    hashes = PROSE + " #" * 40
+    assert _run("gopher_quality", hashes) == Removed("gopher_too_many_hashes")
+    no_stop = " ".join(f"word{i} apple" for i in range(60))
+    assert _run("gopher_quality", no_stop) == Removed("gopher_enough_stop_words")
+
+
+def test_gopher_repetition_and_c4_rules():
+    repeated = "\n".join(["The same line again and again."] * 10)
+    assert _run("gopher_repetition", repeated) == Removed("dup_para_frac") or _run(
+        "gopher_repetition", repeated
+    ) == Removed("dup_line_frac")
+    assert _run("c4_quality", "Lorem ipsum dolor sit amet, consectetur.\n" + PROSE) == Removed("lorem_ipsum")
+    kept = _run("c4_quality", PROSE.replace(". ", ".\n") + "\nno terminal punctuation here\nEnable JavaScript now.")
+    assert "no terminal" not in kept["text"] and "JavaScript" not in kept["text"]
+
+
+def test_normalize_and_exact_dedup():
+    assert _run("normalize", "cafe\u0301  \r\nline  \r\n")["text"] == "caf\u00e9\nline\n"
+    assert _run("normalize", " \r\n ") == Removed("empty")
+    ((_, dedup),) = build_steps(DataConfig(builtin="cpython-stdlib", steps=[{"type": "exact_dedup"}]).steps)
+    assert not isinstance(dedup(_doc("Hello   World")), Removed)
+    assert dedup(_doc("hello world")) == Removed("exact_duplicate")
+    assert not isinstance(dedup(_doc("hello there")), Removed)
+
+
+def test_corpus_records_removed_documents_and_step_statistics(tmp_path):
+    rows = [{"id": f"k{i}", "text": PROSE.replace("cat", f"cat{i}")} for i in range(12)]
+    rows += [{"id": "short", "text": "tiny"}, {"id": "dup", "text": rows[0]["text"].replace(" ", "  \n")}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(
+        sources=[SourceConfig(path="c.jsonl", license="CC0-1.0")],
+        validation_fraction=0.2,
+        steps=[{"type": "gopher_quality"}, {"type": "exact_dedup"}],
+    )
+    metrics = build_corpus(cfg, tmp_path, tmp_path)
+    removed = {r["id"]: (r["step"], r["reason"]) for r in read_jsonl(tmp_path / "removed.jsonl")}
+    assert removed == {"short": ("gopher_quality", "gopher_short_doc"), "dup": ("exact_dedup", "exact_duplicate")}
+    assert metrics["steps"]["gopher_quality"]["documents_in"] == 14
+    assert metrics["steps"]["exact_dedup"]["reasons"] == {"exact_duplicate": 1}
+    assert metrics["before_steps"]["c"]["documents"] == 14 and sum(metrics["documents"].values()) == 12
+
+
+def _parity_corpus() -> list[str]:
+    """Real text of several kinds plus documents built to trip each rule."""
+    texts = []
+    for name in ("tinystories_sample/tinystories_valid_head.txt", "wikitext2_raw_test/wiki.test.raw.nonempty.txt"):
+        lines = (SHARED / name).read_text(encoding="utf-8").splitlines()
+        texts += ["\n".join(lines[i : i + 12]) for i in range(0, 1200, 12)]
+    emma = (SHARED / "gutenberg_nltk" / "austen-emma.txt").read_text(encoding="utf-8")
+    texts += [emma[i : i + 3000] for i in range(0, 150_000, 3000)]
+    from pydoc_data.topics import topics
+
+    texts += [topics[k] for k in sorted(topics)[:40]]
+    texts += [
+        "- item one\n- item two\n- item three\n" * 20,
+        "Wait for it...\nAnd then...\nNothing happened...\n" * 15,
+        "Please enable javascript to view this page. " * 30,
+        "We use cookies. Read our privacy policy.\n" * 10 + PROSE,
+        "function f() { return 1; }\n" + PROSE,
+        PROSE + "\n\n" + PROSE + "\n\n" + PROSE,
+        "Lorem ipsum dolor sit amet.\n" + PROSE,
+    ]
+    return texts
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
+def test_filter_decisions_equal_datatrove():
+    pytest.importorskip("spacy")
+    datatrove = pytest.importorskip("datatrove.pipeline.filters")
+    from datatrove.data import Document
+
+    theirs = {
+        "gopher_quality": datatrove.GopherQualityFilter(),
+        "gopher_repetition": datatrove.GopherRepetitionFilter(),
+        "c4_quality": datatrove.C4QualityFilter(),
+    }
+    texts = _parity_corpus()
+    assert len(texts) > 250
+    for name, peer in theirs.items():
+        ((_, ours),) = build_steps(DataConfig(builtin="cpython-stdlib", steps=[{"type": name}]).steps)
+        decisions = {"kept": 0, "removed": 0}
+        for i, text in enumerate(texts):
+            doc = Document(text=text, id=str(i))
+            verdict = peer.filter(doc)
+            mine = ours(_doc(text, i))
+            if verdict is True:
+                assert not isinstance(mine, Removed), (name, i, mine)
+                assert mine["text"] == doc.text, (name, i)  # C4 rewrites kept text: same rewrite
+                decisions["kept"] += 1
+            else:
+                reason = verdict[1] if isinstance(verdict, tuple) else None
+                assert isinstance(mine, Removed) and mine.reason == reason, (name, i, mine, reason)
+                decisions["removed"] += 1
+        assert decisions["kept"] and decisions["removed"], (name, decisions)
