@@ -38,6 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     specs = resolve_tasks(args.tasks.split(","), [])
+    if any(s.output_type == "generate" for s in specs):
+        ap.error("generation tasks have no log-likelihoods to compare; pick log-likelihood tasks")
 
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()
@@ -57,7 +59,7 @@ def main() -> None:
     for spec in specs:
         mine = [s.get("loglikelihoods", [s.get("loglikelihood")]) for s in samples if s["task"] == spec.name]
         other = theirs[spec.name]["loglikelihoods"]
-        diffs = [abs(a - b) for x, y in zip(mine, other, strict=False) for a, b in zip(x, y, strict=False)]
+        diffs = [abs(a - b) for x, y in zip(mine, other, strict=True) for a, b in zip(x, y, strict=True)]
         max_diff = max(diffs) if diffs else float("nan")
         report["tasks"][spec.name] = {"clearlm": ours[spec.name], "lm_eval": theirs[spec.name]["metrics"],
                                       "max_loglikelihood_diff": max_diff}  # fmt: skip

@@ -51,11 +51,12 @@ def test_prompts_match_hand_checked_items():
     )
     context, target = _first_requests("lambada_openai")[0]
     assert context.endswith("I don't care about") and target == " signs"
-    assert _first_requests("copa")[1] == ("The man turned on the faucet, therefore", " water flowed from the spout.")
+    assert _first_requests("copa")[1] == ("The man turned on the faucet therefore", "  water flowed from the spout.")
     assert _first_requests("social_iqa")[0][0].startswith("Q: Tracy didn't go home") and _first_requests("social_iqa")[
         0
     ][0].endswith("before this?\nA:")
-    assert _first_requests("boolq")[0][0].endswith("does ethanol take more energy make that produces?\nAnswer:")
+    boolq = _first_requests("boolq")[0][0]
+    assert boolq.startswith("All biomass goes through") and boolq.endswith("make that produces?\nAnswer:")
     assert _first_requests("sciq")[0][0].startswith("\nQuestion: Compounds that are capable")
     assert _first_requests("arc_challenge")[2] == (
         "Question: An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most "
@@ -69,8 +70,8 @@ def test_prompts_match_hand_checked_items():
     csqa = _first_requests("commonsense_qa")
     assert csqa[0][0].endswith("D. new york\nAnswer:") and [c for _, c in csqa] == [" A", " B", " C", " D"]
     assert _first_requests("wsc273") == [
-        ("The city councilmen refused the demonstrators a permit because the city councilmen", " feared violence."),
-        ("The city councilmen refused the demonstrators a permit because the demonstrators", " feared violence."),
+        ("The city councilmen refused the demonstrators a permit because the city councilmen", "  feared violence."),
+        ("The city councilmen refused the demonstrators a permit because the demonstrators", "  feared violence."),
     ]
 
 
@@ -103,12 +104,12 @@ def test_user_task_file_errors(tmp_path):
         load_task_file(bad)
     bad.write_text(
         'name = "t"\ndata_file = "x.jsonl"\nsource = "hub/x"\ndoc_to_text = "{{q}}"\ndoc_to_target = "{{a}}"\n'
+        'doc_to_choice = "{{c}}"\n'
     )
     spec = load_task_file(bad)
     with pytest.raises(InputError, match=r"x\.jsonl: data file for task 't' not found \(upstream: hub/x"):
         load_docs(spec, None)
     (tmp_path / "x.jsonl").write_text('{"q": "1", "a": 0, "c": ["x"]}\n{"q": "2"}\n')
-    bad.write_text(bad.read_text() + 'doc_to_choice = "{{c}}"\n')
     with pytest.raises(InputError, match=r"x\.jsonl:2: task 't' cannot use this row"):
         load_docs(load_task_file(bad), None)
     with pytest.raises(InputError, match="unknown task"):
@@ -256,3 +257,64 @@ def test_a_non_llama_transformers_folder_scores_as_in_lm_eval(tiny_run, tmp_path
     diff = max(abs(a - b) for x, y in pairs for a, b in zip(x, y, strict=True))
     assert diff < 1e-4
     assert ours["arc_easy"]["acc"] == theirs["arc_easy"]["metrics"]["acc"]
+
+
+def test_prompts_equal_lm_eval_task_code_on_upstream_rows():
+    """clearlm's templates on the local rows give the prompts lm-eval's own task code gives upstream rows."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks.super_glue.copa import utils as copa
+
+    upstream = {"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.",
+                "choice2": "Water flowed from the spout.", "question": "effect", "label": 1}  # fmt: skip
+    local = {"query": "The man turned on the faucet, therefore",
+             "choices": ["the toilet filled with water.", "water flowed from the spout."], "gold": 1}  # fmt: skip
+    spec = TASKS["copa"]
+    assert spec.text(local) == copa.doc_to_text(upstream)
+    assert spec.choices(local) == copa.doc_to_choice(upstream)
+    row = {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+           "endings": ["is using wrap.", "starts pulling up roofing [title] on a roof."], "label": "1"}  # fmt: skip
+    doc = TASKS["hellaswag"].prepare(row)
+    assert doc["query"] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert doc["choices"][1] == "starts pulling up roofing. on a roof."
+
+
+def test_empty_context_matches_lm_eval_with_a_bos_adding_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from clearlm.eval.scoring import Encoder
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "a": 1, "b": 2, "<unk>": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    enc = Encoder(tok, prefix_id=0)
+    assert enc.pair("", "a b") == ([0], [1, 2]), "the continuation is encoded without special tokens"
+    assert enc.pair("a", " b") == ([0, 1], [2]), "non-empty contexts get the tokenizer's BOS, as in lm-eval"
+
+
+def test_task_definitions_are_validated(tmp_path):
+    f = tmp_path / "t.toml"
+    base = 'name = "t"\ndata_file = "x.jsonl"\ndoc_to_text = "{{q}}"\ndoc_to_target = "{{a}}"\n'
+    f.write_text(base + 'output_type = "generate"\nmetrics = ["acc"]\n')
+    with pytest.raises(InputError, match="do not apply to generate tasks"):
+        load_task_file(f)
+    f.write_text(base + 'output_type = "generate"\n')
+    assert load_task_file(f).metrics == ["exact_match"]
+    f.write_text(base)
+    with pytest.raises(InputError, match="multiple_choice tasks need doc_to_choice"):
+        load_task_file(f)
+    f.write_text("- a list\n")
+    yaml_file = tmp_path / "t.yaml"
+    yaml_file.write_text("- not a mapping\n")
+    with pytest.raises(InputError, match="must be a mapping"):
+        load_task_file(yaml_file)
+    (tmp_path / "x.jsonl").write_text('{"q": "1", "a": 0, "c": ["", "y"]}\n')
+    f.write_text(base + 'doc_to_choice = "{{c}}"\n')
+    with pytest.raises(InputError, match=r"x\.jsonl:1: task 't' has an empty choice"):
+        load_docs(load_task_file(f), None)
+
+
+def test_too_few_items_for_k_shot_is_an_input_error():
+    spec = TASKS["arc_easy"]
+    docs = [{"question": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(3)]
+    with pytest.raises(InputError, match="too few for 3-shot"):
+        build_requests(spec, docs, Path("x"), 3, 1234)

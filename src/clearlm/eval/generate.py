@@ -20,6 +20,7 @@ def generate(
     seed: int = 0,
     stop_id: int | None = None,
     stop_strings: list[str] = (),
+    add_special_tokens: bool = False,
 ) -> str:
     """The prompt's continuation (without the prompt), cut before the first stop string.
 
@@ -28,7 +29,8 @@ def generate(
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    prompt_ids = tok.encode(prompt, add_special_tokens=False).ids
+    stop_strings = [s for s in stop_strings if s]
+    prompt_ids = tok.encode(prompt, add_special_tokens=add_special_tokens).ids
     if not prompt_ids and stop_id is not None:
         prompt_ids = [stop_id]
     ids = torch.tensor([prompt_ids], device=device)

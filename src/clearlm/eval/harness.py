@@ -9,6 +9,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from clearlm.errors import InputError
 from clearlm.eval.generate import generate
 from clearlm.eval.metrics import acc_norm_pred, argmax, mean_and_stderr, perplexity
 from clearlm.eval.scoring import Encoder, score_requests
@@ -37,6 +38,8 @@ def _fewshot_prefix(spec: TaskSpec, pool: list[Doc], doc: Doc, k: int, rng: rand
     k + 1 documents, the evaluated one removed, redrawn from the others if too few remain."""
     if k == 0:
         return ""
+    if k >= len(pool):
+        raise InputError(f"task {spec.name!r} has {len(pool)} items: too few for {k}-shot prompts")
     shots = [x for x in rng.sample(pool, k + 1) if x != doc][:k]
     if len(shots) < k:
         shots = rng.sample([x for x in pool if x != doc], k)
@@ -103,10 +106,10 @@ def _generate_rows(run: TaskRun, model: CausalLM, tok: Tokenizer, stop_id: int |
     for doc, context in zip(run.docs, run.contexts, strict=True):
         text = generate(
             model, tok, context, max_new_tokens=run.spec.max_gen_tokens, temperature=0, stop_id=stop_id,
-            stop_strings=run.spec.until,
+            stop_strings=run.spec.until, add_special_tokens=True,
         )  # fmt: skip
         gold = str(run.spec.target(doc))
-        rows.append({"generation": text, "gold": gold, "exact_match": float(text.strip() == gold.strip())})
+        rows.append({"generation": text, "gold": gold, "exact_match": float(text == gold)})  # lm-eval: no strip
     return rows
 
 
@@ -117,6 +120,7 @@ def evaluate_tasks(
     data_dir: Path | list[Path] | None,
     *,
     prefix_id: int,
+    eos_id: int | None = None,
     num_fewshot: int = 0,
     limit: int | None = None,
     batch_size: int = 16,
@@ -134,7 +138,7 @@ def evaluate_tasks(
     results, samples, offset = {}, [], 0
     for run in runs:
         if run.spec.output_type == "generate":
-            rows = _generate_rows(run, model, tok, prefix_id)
+            rows = _generate_rows(run, model, tok, eos_id if eos_id is not None else prefix_id)
         else:
             mine = scores[offset : offset + len(run.requests)]
             offset += len(run.requests)

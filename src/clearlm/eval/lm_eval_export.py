@@ -79,6 +79,8 @@ def export_tasks(specs: list[TaskSpec], data_dir: Path | None, out: Path, task_f
         }
         if spec.doc_to_choice is not None:
             config["doc_to_choice"] = spec.doc_to_choice
+        if spec.output_type == "generate":
+            config["generation_kwargs"] = {"until": spec.until, "max_gen_toks": spec.max_gen_tokens, "do_sample": False}
         key = spec.name.replace("-", "_").replace(".", "_")
         if spec.preprocess:
             hooks.append(f"{key}_docs = _docs({spec.name!r})")

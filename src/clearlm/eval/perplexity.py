@@ -2,7 +2,8 @@
 
 Windows are built exactly as lm-evaluation-harness's `loglikelihood_rolling` builds them (disjoint
 windows of the model's context, the end-of-text token as the first window's prefix), so every token
-is predicted once and the numbers are comparable with its `wikitext`-style tasks.
+is predicted once. The text is scored as given: lm-eval's `wikitext` task additionally detokenises
+and splits articles, which this does not.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
     samples: list[dict[str, Any]] = []
     if specs:
         results, samples = evaluate_tasks(
-            model, tok, specs, req.data_dir, prefix_id=prefix_id, num_fewshot=req.num_fewshot, limit=req.limit,
-            batch_size=req.batch_size,
+            model, tok, specs, req.data_dir, prefix_id=prefix_id, eos_id=eos_id, num_fewshot=req.num_fewshot,
+            limit=req.limit, batch_size=req.batch_size,
         )  # fmt: skip
     for path in req.bpb_files:
         docs = read_source(SourceConfig(path=str(path)), Path.cwd())
@@ -64,6 +64,7 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
     meta = {
         "config": {
             "tasks": [s.name for s in specs], "num_fewshot": req.num_fewshot, "limit": req.limit,
+            "fewshot_source": "the evaluated file, the evaluated item excluded (seed 1234)",
             "batch_size": req.batch_size, "bpb_files": [str(p) for p in req.bpb_files],
             "preference_files": [str(p) for p in req.preference_files],
             "reference": str(req.reference) if req.reference else None,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
+from clearlm.errors import InputError
 from clearlm.model.transformer import Transformer
 
 
@@ -39,8 +40,8 @@ class Encoder:
 
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if context == "":
-            cont = self.encode(continuation)
-            return ([self.prefix_id], cont) if cont[:1] != [self.prefix_id] else ([], cont)
+            cont = self.tok.encode(continuation, add_special_tokens=False).ids
+            return ([self.prefix_id], cont) if cont[:1] != [self.prefix_id] else (cont[:1], cont[1:])
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -68,7 +69,7 @@ def score_requests(
     for context, continuation in requests:
         ctx, cont = encoder.pair(context, continuation)
         if not cont:
-            raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+            raise InputError(f"continuation {continuation!r} (context ...{context[-40:]!r}) encodes to no tokens")
         inp = (ctx + cont)[-(max_len + 1) :][:-1]
         encoded.append((inp, cont[-max_len:] if len(cont) > max_len else cont))
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))

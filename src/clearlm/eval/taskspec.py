@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clearlm.errors import InputError
 
@@ -49,7 +49,9 @@ def _hellaswag(doc: Doc) -> Doc:
         text = re.sub("\\[.*?\\]", "", text)
         return text.replace("  ", " ")
 
-    ctx = doc["ctx"] if "ctx" in doc else doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    # upstream rows have ctx_a/ctx_b; the local copy keeps only the joined `ctx`, ctx_b's case unchanged
+    split = "ctx_a" in doc and "ctx_b" in doc
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize() if split else doc["ctx"]
     return {
         **doc,
         "query": clean(doc["activity_label"] + ": " + ctx),
@@ -113,8 +115,29 @@ class TaskSpec(BaseModel):
     preprocess: Literal["hellaswag", "winogrande", "next_line"] | None = None
     until: list[str] = ["\n\n"]
     max_gen_tokens: int = Field(32, gt=0)
-    metrics: list[Literal["acc", "acc_norm", "perplexity", "exact_match"]] = ["acc"]
+    metrics: list[Literal["acc", "acc_norm", "perplexity", "exact_match"]] | None = None
     base_dir: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _metrics_fit_output_type(self) -> TaskSpec:
+        allowed = {
+            "multiple_choice": {"acc"} if self.partial else {"acc", "acc_norm"},
+            "loglikelihood": {"acc", "perplexity"},
+            "generate": {"exact_match"},
+        }[self.output_type]
+        if self.metrics is None:
+            object.__setattr__(self, "metrics", ["exact_match"] if self.output_type == "generate" else ["acc"])
+        wrong = [m for m in self.metrics if m not in allowed]
+        if wrong:
+            kind = (
+                "partial multiple_choice"
+                if self.partial and self.output_type == "multiple_choice"
+                else self.output_type
+            )
+            raise ValueError(f"metrics {wrong} do not apply to {kind} tasks (use {sorted(allowed)})")
+        if self.output_type == "multiple_choice" and self.doc_to_choice is None:
+            raise ValueError("multiple_choice tasks need doc_to_choice")
+        return self
 
     def data_path(self, data_dir: Path | list[Path] | None) -> Path:
         dirs = data_dir if isinstance(data_dir, list) else [data_dir]
@@ -167,7 +190,10 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Doc]]:
         with open(path, newline="", encoding="utf-8") as f:
             yield from enumerate(csv.DictReader(f), 2)
     elif name.endswith(".json"):
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(rows, list):
             raise InputError(f"{path}: expected a JSON array of objects")
         yield from enumerate(rows, 1)
@@ -184,6 +210,13 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Doc]]:
 def load_docs(spec: TaskSpec, data_dir: Path | list[Path] | None, limit: int | None = None) -> list[Doc]:
     """The task's documents, preprocessed and checked: a bad row names the file and line."""
     path = spec.data_path(data_dir)
+    try:
+        return _load_docs(spec, path, limit)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not valid UTF-8") from None
+
+
+def _load_docs(spec: TaskSpec, path: Path, limit: int | None) -> list[Doc]:
     docs = []
     for line, row in _read_rows(path):
         if limit is not None and len(docs) >= limit:
@@ -199,6 +232,8 @@ def load_docs(spec: TaskSpec, data_dir: Path | list[Path] | None, limit: int | N
         except (KeyError, ValueError, TypeError, SyntaxError, jinja2.TemplateError) as e:
             raise InputError(f"{where}: task {spec.name!r} cannot use this row ({type(e).__name__}: {e})") from None
         if spec.output_type == "multiple_choice":
+            if any(c == "" for c in spec.choices(doc)):
+                raise InputError(f"{where}: task {spec.name!r} has an empty choice")
             n = len(spec.choices(doc))
             gold = spec.text(doc) if spec.partial else spec.target(doc)
             if not 0 <= gold < n:
@@ -210,7 +245,10 @@ def load_docs(spec: TaskSpec, data_dir: Path | list[Path] | None, limit: int | N
 
 
 def _load_file(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not valid UTF-8") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -229,12 +267,14 @@ def load_task_file(path: Path) -> TaskSpec:
     if not path.is_file():
         raise InputError(f"{path}: task file not found")
     raw = _load_file(path)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a task file must be a mapping of settings")
     try:
         return TaskSpec.model_validate({**raw, "base_dir": path.resolve().parent})
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "(task)"
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         raise InputError(f"{path}: {loc}: {msg}") from None
 
 

@@ -52,7 +52,10 @@ def hf_config(cfg: TransformerConfig, bos_id: int, eos_id: int, pad_id: int | No
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
     if hf.get("model_type") != "llama":
         raise ValueError(f"model_type {hf.get('model_type')!r} is not supported (expected 'llama')")
-    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet")
+    rope_theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
     return TransformerConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],

@@ -22,22 +22,50 @@ def load_release(folder: Path) -> tuple[CausalLM, Tokenizer, int | None]:
     for name in ("config.json", "tokenizer.json"):
         if not (folder / name).is_file():
             raise InputError(f"{folder / name}: not found (expected a clearlm release or Llama model folder)")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{folder / 'config.json'}: expected a JSON object")
     try:
         model = load_hf(folder) if config.get("model_type") == "llama" else load_transformers_model(folder, config)
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, SafetensorError, OSError, ImportError) as e:
         raise InputError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from None
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise InputError(f"{folder / 'tokenizer.json'}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     eos = config.get("eos_token_id")
     return model, tok, eos if isinstance(eos, int) else None
 
 
+def _special_token(folder: Path, name: str) -> str | None:
+    """A special token's text from tokenizer_config.json or special_tokens_map.json, as transformers reads it."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            value = json.loads((folder / file).read_text()).get(name)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def bos_token_id(folder: Path, eos_id: int | None) -> int:
-    """lm-eval's prefix token for log-likelihoods: the model's BOS token, else its EOS token."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    bos = config.get("bos_token_id")
-    if isinstance(bos, int):
-        return bos
+    """lm-eval's prefix token for log-likelihoods: the tokenizer's BOS token, else its EOS token."""
+    folder = Path(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for name in ("bos_token", "eos_token"):
+        text = _special_token(folder, name)
+        if text is not None and tok.token_to_id(text) is not None:
+            return tok.token_to_id(text)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(config.get(key), int):
+            return config[key]
     if eos_id is None:
-        raise InputError(f"{folder}: config.json names neither bos_token_id nor eos_token_id")
+        raise InputError(f"{folder}: names no BOS or EOS token (tokenizer_config.json or config.json)")
     return eos_id
