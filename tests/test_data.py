@@ -165,3 +165,47 @@ def test_sampler_visits_every_window_once_per_epoch_in_a_seeded_order():
     assert np.array_equal(s.batch(3, 4).numpy(), epoch0[3:7].numpy()), "any position can be resumed"
     assert np.array_equal(WindowSampler(tokens, 10, seed=1).batch(0, 10).numpy(), epoch0.numpy())
     assert not np.array_equal(WindowSampler(tokens, 10, seed=2).batch(0, 10).numpy(), epoch0.numpy())
+
+
+def test_zstd_and_parquet_sources_and_a_truncated_zstd_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    payload = b'{"id": "z1", "text": "zstd text"}\n{"id": "z2", "text": "more"}\n'
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
+    assert [d["id"] for d in read_source(SourceConfig(path="a.jsonl.zst"), tmp_path)] == ["z1", "z2"]
+    (tmp_path / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload * 50)[:-20])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.zst: cannot read"):
+        list(read_source(SourceConfig(path="cut.jsonl.zst"), tmp_path))
+    pq.write_table(pa.Table.from_pylist([{"id": "p1", "text": "from parquet"}, {"id": "p2", "text": None}]),
+                   tmp_path / "b.parquet")  # fmt: skip
+    docs = read_source(SourceConfig(path="b.parquet", license="MIT"), tmp_path)
+    assert next(docs)["text"] == "from parquet"
+    with pytest.raises(InputError, match=r"b\.parquet:2: field 'text' is missing or not a string"):
+        next(docs)
+
+
+def test_mixing_weights_sample_and_repeat_deterministically(tmp_path):
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"a{i}", "text": f"alpha {i}"}) + "\n" for i in range(400))
+    )
+    (tmp_path / "b.jsonl").write_text(
+        "".join(json.dumps({"id": f"b{i}", "text": f"beta {i}"}) + "\n" for i in range(50))
+    )
+    cfg = DataConfig(
+        sources=[SourceConfig(path="a.jsonl", weight=0.25), SourceConfig(path="b.jsonl", weight=2.5)],
+        validation_fraction=0.1,
+    )
+    out1, out2 = tmp_path / "o1", tmp_path / "o2"
+    out1.mkdir()
+    out2.mkdir()
+    metrics = build_corpus(cfg, tmp_path, out1)
+    build_corpus(cfg, tmp_path, out2)
+    assert (out1 / "train.jsonl").read_bytes() == (out2 / "train.jsonl").read_bytes()
+    mix = metrics["mixing"]
+    assert 70 < mix["a"]["documents_out"] < 130 and mix["a"]["documents_in"] == 400
+    assert 100 <= mix["b"]["documents_out"] <= 150 and mix["b"]["weight"] == 2.5
+    ids = [d["id"] for split in ("train", "validation") for d in read_jsonl(out1 / f"{split}.jsonl")]
+    assert len(ids) == len(set(ids)) and any(i.endswith("#2") for i in ids)
+    assert "## Mix" in (out1 / "data_card.md").read_text()

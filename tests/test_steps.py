@@ -127,3 +127,39 @@ def test_filter_decisions_equal_datatrove():
                 assert isinstance(mine, Removed) and mine.reason == reason, (name, i, mine, reason)
                 decisions["removed"] += 1
         assert decisions["kept"] and decisions["removed"], (name, decisions)
+
+
+def test_pii_is_masked_with_dolma_tokens_and_counted(tmp_path):
+    rows = [{"id": "p", "text": "Write to jane.doe@example.org or 10.0.0.12, phone 555-123-4567. Version 1.2.3 stays."}]
+    (tmp_path / "p.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"id": "q", "text": "x"})
+    )
+    cfg = DataConfig(sources=[SourceConfig(path="p.jsonl")], validation_fraction=0.4, steps=[{"type": "pii"}])
+    metrics = build_corpus(cfg, tmp_path, tmp_path)
+    texts = [d["text"] for s in ("train", "validation") for d in read_jsonl(tmp_path / f"{s}.jsonl")]
+    masked = next(t for t in texts if "Write" in t)
+    assert masked == "Write to |||EMAIL_ADDRESS||| or |||IP_ADDRESS|||, phone |||PHONE_NUMBER|||. Version 1.2.3 stays."
+    assert metrics["steps"]["pii"]["counts"] == {"email": 1, "ip": 1, "phone": 1}
+    assert "email masked: 1" in (tmp_path / "data_card.md").read_text()
+
+
+def test_decontamination_removes_a_planted_benchmark_passage(tmp_path):
+    task = tmp_path / "qa.jsonl"
+    question = "Which gas do plants absorb from the air to make their food during photosynthesis in sunlight"
+    task.write_text(json.dumps({"q": question, "choices": ["carbon dioxide", "oxygen"], "gold": 0}) + "\n")
+    (tmp_path / "qa.toml").write_text(
+        'name = "qa"\ndata_file = "qa.jsonl"\ndoc_to_text = "Question: {{q}}\\nAnswer:"\n'
+        'doc_to_choice = "{{choices}}"\ndoc_to_target = "{{gold}}"\n'
+    )
+    planted = f"Homework help. {question.upper()}? Answer: Carbon dioxide, of course."
+    rows = [{"id": "leak", "text": planted}] + [{"id": f"ok{i}", "text": f"{PROSE} {i}"} for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(
+        sources=[SourceConfig(path="c.jsonl")],
+        validation_fraction=0.3,
+        steps=[{"type": "decontaminate", "task_files": ["qa.toml"]}],
+    )
+    metrics = build_corpus(cfg, tmp_path, tmp_path)
+    removed = list(read_jsonl(tmp_path / "removed.jsonl"))
+    assert [(r["id"], r["reason"]) for r in removed] == [("leak", "overlaps qa")]
+    assert metrics["steps"]["decontaminate"]["counts"] == {"qa": 1}

@@ -29,6 +29,7 @@ class SourceConfig(_Section):
     path: str
     source: str | None = Field(None, description="domain name; defaults to the file's stem")
     license: str = Field("NOASSERTION", description="SPDX identifier of the source's licence")
+    weight: float = Field(1.0, ge=0, description="mixing weight: 0.5 keeps half the documents, 2.0 repeats them")
 
 
 class NormalizeStep(_Section):
@@ -87,14 +88,41 @@ class ExactDedupStep(_Section):
     type: Literal["exact_dedup"]
 
 
+class PIIStep(_Section):
+    """Mask e-mail addresses, IP addresses and phone numbers with Dolma's replacement tokens."""
+
+    type: Literal["pii"]
+    email: bool = True
+    ip: bool = True
+    phone: bool = True
+
+
+class DecontaminateStep(_Section):
+    """Drop documents sharing an n-gram (words, lower-cased) with the named evaluation sets."""
+
+    type: Literal["decontaminate"]
+    tasks: list[str] = Field([], description="built-in evaluation tasks (clearlm eval --list)")
+    task_files: list[str] = Field([], description="task definition files, relative to the recipe")
+    files: list[str] = Field([], description="other jsonl/txt evaluation sets, relative to the recipe")
+    data_dir: str | None = Field(None, description="where the tasks' data files are")
+    ngram: int = Field(13, ge=3)
+
+
 StepConfig = Annotated[
-    NormalizeStep | GopherQualityStep | GopherRepetitionStep | C4QualityStep | ExactDedupStep,
+    NormalizeStep
+    | GopherQualityStep
+    | GopherRepetitionStep
+    | C4QualityStep
+    | ExactDedupStep
+    | PIIStep
+    | DecontaminateStep,
     Field(discriminator="type"),
 ]
 
 
 class DataConfig(_Section):
     builtin: Literal["cpython-stdlib"] | None = Field(None, description="a built-in corpus to include")
+    builtin_weight: float = Field(1.0, ge=0, description="mixing weight of the built-in corpus")
     sources: list[SourceConfig] = []
     validation_fraction: float = Field(0.05, gt=0, lt=1)
     max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")

@@ -26,9 +26,20 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     else:
         lines += [_row(["step", "documents in", "removed", "bytes in", "bytes out", "reasons"]), _row(["---"] * 6)]
         for name, s in steps.items():
-            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]))
+            found = {**s["reasons"], **{f"{k} masked": v for k, v in s.get("counts", {}).items()}}
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(found.items(), key=lambda kv: -kv[1]))
             lines.append(_row([name, s["documents_in"], s["removed"], s["bytes_in"], s["bytes_out"], reasons or "-"]))
         lines += ["", "Every removed document is listed with its step and reason in `removed.jsonl`."]
+    mixing = metrics.get("mixing", {})
+    if any(m["weight"] != 1.0 for m in mixing.values()):
+        lines += [
+            "",
+            "## Mix",
+            "",
+            _row(["source", "weight", "documents kept", "documents in the mix"]),
+            _row(["---"] * 4),
+        ]
+        lines += [_row([src, m["weight"], m["documents_in"], m["documents_out"]]) for src, m in mixing.items()]
     lines += [
         "",
         "## Split",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -33,11 +34,28 @@ def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
     return identity
 
 
-def iter_documents(cfg: DataConfig, base_dir: Path) -> Iterator[Document]:
-    streams = [builtin.stdlib_documents()] if cfg.builtin else []
-    streams += [read_source(src, base_dir) for src in cfg.sources]
+def _weighted(docs: Iterator[Document], weight: float) -> Iterator[tuple[Document, float]]:
+    return ((doc, weight) for doc in docs)
+
+
+def iter_documents(cfg: DataConfig, base_dir: Path) -> Iterator[tuple[Document, float]]:
+    """Every source's documents with the source's mixing weight, in recipe order."""
+    streams = [_weighted(builtin.stdlib_documents(), cfg.builtin_weight)] if cfg.builtin else []
+    streams += [_weighted(read_source(src, base_dir), src.weight) for src in cfg.sources]
     docs = chain.from_iterable(streams)
     return islice(docs, cfg.max_documents) if cfg.max_documents else docs
+
+
+def _repeat(doc: Document, k: int) -> Document:
+    return {**doc, "id": f"{doc['id']}#{k}", "metadata": {**doc["metadata"], "repeat": k}}
+
+
+def copies(doc_id: str, weight: float) -> int:
+    """How many times a document enters the mix: floor(weight), plus one with the fractional part's
+    probability, decided by a hash of its id (deterministic, independent of order and workers)."""
+    whole = int(weight)
+    draw = int.from_bytes(hashlib.sha256(f"mix:{doc_id}".encode()).digest()[:8], "big") / 2**64
+    return whole + (1 if draw < weight - whole else 0)
 
 
 def _location(doc: Document) -> str:
@@ -73,7 +91,8 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
     """
     stats: dict[str, dict[str, dict[str, int]]] = {s: defaultdict(lambda: {"documents": 0, "bytes": 0}) for s in SPLITS}
     before: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0})
-    steps = build_steps(cfg.steps)
+    steps = build_steps(cfg.steps, base_dir)
+    mixing: dict[str, dict[str, float]] = defaultdict(lambda: {"weight": 1.0, "documents_in": 0, "documents_out": 0})
     step_stats: dict[str, dict[str, Any]] = {
         name: {"documents_in": 0, "removed": 0, "bytes_in": 0, "bytes_out": 0, "reasons": Counter(),
                "removed_by_source": Counter()}
@@ -84,7 +103,7 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
         removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
-        for doc in iter_documents(cfg, base_dir):
+        for doc, weight in iter_documents(cfg, base_dir):
             where = _location(doc)
             if doc["id"] in seen:
                 raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {seen[doc['id']]})")
@@ -101,10 +120,26 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
                 continue
             is_val = in_validation(kept["metadata"]["split_key"], cfg.validation_fraction)
             split = "validation" if is_val else "train"
-            files[split].write(json.dumps(kept, ensure_ascii=False) + "\n")
-            entry = stats[split][kept["source"]]
-            entry["documents"] += 1
-            entry["bytes"] += len(kept["text"].encode("utf-8"))
+            n = copies(kept["id"], weight)
+            mix = mixing[kept["source"]]
+            mix["weight"], mix["documents_in"], mix["documents_out"] = (
+                weight,
+                mix["documents_in"] + 1,
+                mix["documents_out"] + n,
+            )
+            for k in range(n):
+                copy = (
+                    kept
+                    if k == 0
+                    else {**kept, "id": f"{kept['id']}#{k + 1}", "metadata": {**kept["metadata"], "repeat": k + 1}}
+                )
+                files[split].write(json.dumps(copy, ensure_ascii=False) + "\n")
+                entry = stats[split][kept["source"]]
+                entry["documents"] += 1
+                entry["bytes"] += len(kept["text"].encode("utf-8"))
+    for name, step in steps:
+        if hasattr(step, "counts"):
+            step_stats[name]["counts"] = dict(step.counts)
     for split in SPLITS:
         if not stats[split]:
             raise InputError(
@@ -119,6 +154,7 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
             for name, v in step_stats.items()
         },
         "licenses": dict(sorted(licenses.items())),
+        "mixing": dict(sorted(mixing.items())),
         "documents": {s: sum(v["documents"] for v in stats[s].values()) for s in SPLITS},
         "bytes": {s: sum(v["bytes"] for v in stats[s].values()) for s in SPLITS},
     }

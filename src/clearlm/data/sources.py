@@ -15,7 +15,8 @@ from clearlm.data.documents import Document
 from clearlm.errors import InputError
 from clearlm.recipe import SourceConfig
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".md")
 _STAMP = "1970-01-01T00:00:00"
 
@@ -24,6 +25,8 @@ def _kind(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
     if name.endswith(TEXT_SUFFIXES):
         return "text"
     return None
@@ -44,7 +47,7 @@ def source_files(cfg: SourceConfig, base_dir: Path) -> list[Path]:
         raise InputError(f"{pattern}: data source not found (data.sources path {cfg.path!r})")
     files = sorted(p for p in matches if p.is_file() and _kind(p))
     if not files:
-        raise InputError(f"{pattern}: no .jsonl, .jsonl.gz, .txt or .md files found")
+        raise InputError(f"{pattern}: no .jsonl(.gz/.zst), .parquet, .txt or .md files found")
     return files
 
 
@@ -60,13 +63,52 @@ def files_digest(files: list[Path], root: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _zstd_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a zstd file, streamed; a file that ends inside a frame is reported as truncated
+    (zstandard's stream reader would silently stop there)."""
+    import zstandard
+
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    pending = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                pending += decompressor.decompress(chunk)
+            except zstandard.ZstdError as e:
+                raise OSError(str(e)) from None
+            *lines, pending = pending.split(b"\n")
+            yield from (line + b"\n" for line in lines)
+    if not decompressor.eof:
+        raise EOFError("compressed data ends before the end of its zstd frame (truncated file)")
+    if pending:
+        yield pending
+
+
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    """Numbered raw lines, streamed; a truncated or corrupt compressed file is a one-line error."""
+    name = path.name.lower()
     try:
-        with opener(path, "rb") as f:
-            yield from enumerate(f, 1)
+        if name.endswith(".zst"):
+            yield from enumerate(_zstd_lines(path), 1)
+        else:
+            with gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb") as f:
+                yield from enumerate(f, 1)
     except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: cannot read parquet ({e})") from None
 
 
 def _optional_str(row: dict[str, Any], field: str, where: str, default: str) -> str:
@@ -78,7 +120,7 @@ def _optional_str(row: dict[str, Any], field: str, where: str, default: str) -> 
     return value
 
 
-def _jsonl_documents(path: Path, source: str, license: str) -> Iterator[Document]:
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     for lineno, raw in _lines(path):
         where = f"{path}:{lineno}"
         try:
@@ -88,9 +130,14 @@ def _jsonl_documents(path: Path, source: str, license: str) -> Iterator[Document
         if not line.strip():
             continue
         try:
-            row: Any = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+
+
+def _row_documents(path: Path, rows: Iterator[tuple[int, Any]], source: str, license: str) -> Iterator[Document]:
+    for lineno, row in rows:
+        where = f"{path}:{lineno}"
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
         text = row.get("text")
@@ -151,7 +198,10 @@ def read_source(cfg: SourceConfig, base_dir: Path) -> Iterator[Document]:
     root = source_root(cfg, base_dir)
     for path in files:
         name = cfg.source or path.name.split(".")[0]
-        if _kind(path) == "jsonl":
-            yield from _jsonl_documents(path, name, cfg.license)
+        kind = _kind(path)
+        if kind == "jsonl":
+            yield from _row_documents(path, _json_rows(path), name, cfg.license)
+        elif kind == "parquet":
+            yield from _row_documents(path, _parquet_rows(path), name, cfg.license)
         else:
             yield _text_document(path, root, name, cfg.license)

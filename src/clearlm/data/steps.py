@@ -13,15 +13,18 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from clearlm.data.documents import Document
 from clearlm.data.text import english
 from clearlm.recipe import (
     C4QualityStep,
+    DecontaminateStep,
     ExactDedupStep,
     GopherQualityStep,
     GopherRepetitionStep,
     NormalizeStep,
+    PIIStep,
     StepConfig,
 )
 
@@ -215,6 +218,20 @@ _BUILDERS: dict[type, Callable[..., Step]] = {
 }
 
 
-def build_steps(configs: list[StepConfig]) -> list[tuple[str, Step]]:
-    """(name, step) pairs in recipe order; dependencies are checked here, before any document is read."""
-    return [(cfg.type, _BUILDERS[type(cfg)](cfg)) for cfg in configs]
+def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[tuple[str, Step]]:
+    """(name, step) pairs in recipe order; dependencies are checked here, before any document is read.
+
+    A step may carry `counts` (what it replaced or matched), which the data card reports.
+    """
+    from clearlm.data.decontaminate import Decontaminate
+    from clearlm.data.pii import MaskPII
+
+    steps: list[tuple[str, Step]] = []
+    for cfg in configs:
+        if isinstance(cfg, PIIStep):
+            steps.append((cfg.type, MaskPII(cfg)))
+        elif isinstance(cfg, DecontaminateStep):
+            steps.append((cfg.type, Decontaminate(cfg, base_dir)))
+        else:
+            steps.append((cfg.type, _BUILDERS[type(cfg)](cfg)))
+    return steps

@@ -1,0 +1,33 @@
+"""PII masking with Dolma's replacement tokens, counted per kind for the data card."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from clearlm.data.documents import Document
+from clearlm.recipe import PIIStep
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+PATTERNS = {
+    "email": (re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+              "|||EMAIL_ADDRESS|||"),
+    "ip": (re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?![\w.])"), "|||IP_ADDRESS|||"),
+    "phone": (re.compile(r"(?<![\w+])(?:\+?1[-. ])?\(?\d{3}\)?[-. ]\d{3}[-. ]\d{4}(?!\w)"), "|||PHONE_NUMBER|||"),
+}  # fmt: skip
+
+
+class MaskPII:
+    """A step that replaces each match and keeps counts of what it replaced."""
+
+    def __init__(self, cfg: PIIStep) -> None:
+        self.kinds = [k for k in PATTERNS if getattr(cfg, k)]
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, doc: Document) -> Document:
+        text = doc["text"]
+        for kind in self.kinds:
+            pattern, token = PATTERNS[kind]
+            text, n = pattern.subn(token, text)
+            self.counts[kind] += n
+        return {**doc, "text": text} if text != doc["text"] else doc
