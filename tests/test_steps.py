@@ -163,3 +163,24 @@ def test_decontamination_removes_a_planted_benchmark_passage(tmp_path):
     removed = list(read_jsonl(tmp_path / "removed.jsonl"))
     assert [(r["id"], r["reason"]) for r in removed] == [("leak", "overlaps qa")]
     assert metrics["steps"]["decontaminate"]["counts"] == {"qa": 1}
+
+
+def test_minhash_removes_planted_near_duplicates_and_keeps_unrelated_documents(tmp_path):
+    pytest.importorskip("datasketch")
+    import random
+
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)) for _ in range(3000)]
+    originals = [" ".join(rng.choice(vocab) for _ in range(200)) for _ in range(40)]
+    rows = [{"id": f"o{i}", "text": t} for i, t in enumerate(originals)]
+    for i in range(5):  # two words, punctuation and case changed: still near-duplicates
+        words = originals[i].split()
+        for j in rng.sample(range(len(words)), 2):  # Jaccard ~0.9: found with probability > 0.999
+            words[j] = "changed"
+        rows.append({"id": f"near{i}", "text": " ".join(words).upper() + "!!"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(sources=[SourceConfig(path="m.jsonl")], validation_fraction=0.2, steps=[{"type": "minhash_dedup"}])
+    metrics = build_corpus(cfg, tmp_path, tmp_path)
+    removed = sorted(r["id"] for r in read_jsonl(tmp_path / "removed.jsonl"))
+    assert removed == [f"near{i}" for i in range(5)]
+    assert metrics["steps"]["minhash_dedup"]["counts"] == {"clusters of 1": 35, "clusters of 2": 5}

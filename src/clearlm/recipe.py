@@ -88,6 +88,16 @@ class ExactDedupStep(_Section):
     type: Literal["exact_dedup"]
 
 
+class MinHashDedupStep(_Section):
+    """Near-duplicate removal with MinHash LSH (FineWeb's settings: word 5-grams, 14 bands x 8 rows)."""
+
+    type: Literal["minhash_dedup"]
+    ngram: int = Field(5, ge=1)
+    bands: int = Field(14, ge=1)
+    rows: int = Field(8, ge=1)
+    seed: int = 1
+
+
 class PIIStep(_Section):
     """Mask e-mail addresses, IP addresses and phone numbers with Dolma's replacement tokens."""
 
@@ -114,6 +124,7 @@ StepConfig = Annotated[
     | GopherRepetitionStep
     | C4QualityStep
     | ExactDedupStep
+    | MinHashDedupStep
     | PIIStep
     | DecontaminateStep,
     Field(discriminator="type"),

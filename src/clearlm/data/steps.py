@@ -23,6 +23,7 @@ from clearlm.recipe import (
     ExactDedupStep,
     GopherQualityStep,
     GopherRepetitionStep,
+    MinHashDedupStep,
     NormalizeStep,
     PIIStep,
     StepConfig,
@@ -224,6 +225,7 @@ def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[t
     A step may carry `counts` (what it replaced or matched), which the data card reports.
     """
     from clearlm.data.decontaminate import Decontaminate
+    from clearlm.data.minhash import MinHashDedup
     from clearlm.data.pii import MaskPII
 
     steps: list[tuple[str, Step]] = []
@@ -232,6 +234,8 @@ def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[t
             steps.append((cfg.type, MaskPII(cfg)))
         elif isinstance(cfg, DecontaminateStep):
             steps.append((cfg.type, Decontaminate(cfg, base_dir)))
+        elif isinstance(cfg, MinHashDedupStep):
+            steps.append((cfg.type, MinHashDedup(cfg)))
         else:
             steps.append((cfg.type, _BUILDERS[type(cfg)](cfg)))
     return steps
