@@ -14,29 +14,33 @@ from clearlm.errors import RecipeError
 
 
 class EnglishSplitter:
-    def __init__(self) -> None:
+    """spaCy's English tokenizer. Its vocabulary keeps every string it has seen, which is what makes
+    it fast (a known word is a lookup); to bound memory, the pipeline is rebuilt once the vocabulary
+    passes `max_vocab` entries. Results do not depend on the vocabulary's state."""
+
+    def __init__(self, max_vocab: int = 500_000) -> None:
         try:
             import spacy
         except ImportError:
             raise RecipeError("the Gopher and C4 filters need spaCy: pip install spacy") from None
-        self._nlp: Any = spacy.blank("en")
-        self._nlp.add_pipe("sentencizer")
+        self._spacy, self.max_vocab = spacy, max_vocab
+        self._nlp: Any = None
 
     def _doc(self, text: str) -> Any:
+        if self._nlp is None or len(self._nlp.vocab) > self.max_vocab:
+            self._nlp = self._spacy.blank("en")
+            self._nlp.add_pipe("sentencizer")
         self._nlp.max_length = len(text) + 10
         return self._nlp(text, disable=["parser", "tagger", "ner"])
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - one splitter per run; filters share the last texts
     def words(self, text: str) -> tuple[str, ...]:
         """Tokens with surrounding whitespace stripped, empty ones dropped."""
-        with self._nlp.memory_zone():
-            tokens = [t.text.strip() for t in self._doc(text)]
-        return tuple(t for t in tokens if t)
+        return tuple(t for t in (tok.text.strip() for tok in self._doc(text)) if t)
 
     def sentence_count(self, text: str) -> int:
         """Number of sentences as datatrove's split_into_sentences returns them (at least one)."""
-        with self._nlp.memory_zone():
-            return max(1, sum(1 for _ in self._doc(text).sents))
+        return max(1, sum(1 for _ in self._doc(text).sents))
 
 
 @functools.cache
