@@ -138,8 +138,12 @@ def test_tokenizer_and_shards(tmp_path):
     offsets = np.load(tmp_path / "train.idx.npy")
     assert offsets[-1] == len(tokens) == metrics["train"]["tokens"]
     assert all(tokens[end - 1] == 0 for end in offsets[1:]), "every document ends with end-of-text"
-    first = next(read_jsonl(tmp_path / "train.jsonl"))["text"]
-    assert tok.decode(tokens[offsets[0] : offsets[1] - 1].tolist()) == first
+    first = next(read_jsonl(tmp_path / "train.jsonl"))
+    assert tok.decode(tokens[offsets[0] : offsets[1] - 1].tolist()) == first["text"]
+    spans = list(read_jsonl(tmp_path / "train.docs.jsonl"))
+    assert spans[0] == {"id": first["id"], "source": first["source"], "license": first["license"], "start": 0,
+                        "end": int(offsets[1])}  # fmt: skip
+    assert [s["end"] for s in spans] == offsets[1:].tolist()
 
 
 def test_tokenizer_training_is_deterministic(tmp_path):

@@ -184,3 +184,23 @@ def test_minhash_removes_planted_near_duplicates_and_keeps_unrelated_documents(t
     removed = sorted(r["id"] for r in read_jsonl(tmp_path / "removed.jsonl"))
     assert removed == [f"near{i}" for i in range(5)]
     assert metrics["steps"]["minhash_dedup"]["counts"] == {"clusters of 1": 35, "clusters of 2": 5}
+
+
+def test_two_workers_give_byte_identical_output(tmp_path):
+    rows = [{"id": f"d{i}", "text": f"{PROSE} Mail me at user{i % 7}@example.com. " * (1 + i % 3)} for i in range(150)]
+    rows += [{"id": "short", "text": "tiny"}, {"id": "again", "text": rows[3]["text"]}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        cfg = DataConfig(
+            sources=[SourceConfig(path="c.jsonl")], validation_fraction=0.2, workers=workers,
+            steps=[{"type": "normalize"}, {"type": "gopher_quality"}, {"type": "pii"}, {"type": "exact_dedup"}],
+        )  # fmt: skip
+        metrics = build_corpus(cfg, tmp_path, out)
+        files = {name: (out / name).read_bytes() for name in ("train.jsonl", "validation.jsonl", "removed.jsonl")}
+        outputs.append((files, metrics))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1]["steps"]["pii"]["counts"]["email"] > 100
+    assert outputs[0][1]["steps"]["exact_dedup"]["removed"] >= 1

@@ -139,6 +139,7 @@ class DataConfig(_Section):
     max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")
     steps: list[StepConfig] = Field([], description="cleaning steps, applied in order before the split")
     keep_removed_text: bool = Field(False, description="store removed documents' text in removed.jsonl")
+    workers: int = Field(1, ge=1, description="processes for the per-document cleaning steps")
 
     @model_validator(mode="after")
     def _has_input(self) -> DataConfig:

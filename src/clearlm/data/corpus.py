@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -11,13 +12,15 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from clearlm.data import builtin
 from clearlm.data.card import data_card
 from clearlm.data.documents import Document, in_validation
 from clearlm.data.sources import files_digest, read_source, source_files, source_root
 from clearlm.data.steps import Removed, Step, build_steps
 from clearlm.errors import InputError
-from clearlm.recipe import DataConfig
+from clearlm.recipe import DataConfig, StepConfig
 
 SPLITS = ("train", "validation")
 
@@ -65,23 +68,113 @@ def _location(doc: Document) -> str:
     return str(meta.get("file") or meta.get("path") or doc["source"])
 
 
-def _apply_steps(
-    doc: Document, steps: list[tuple[str, Step]], step_stats: dict[str, dict[str, Any]]
-) -> tuple[Document | None, str | None, str | None]:
-    """Run the steps in order: (kept document, None, None) or (None, step, reason)."""
+def _new_stats() -> dict[str, Any]:
+    return {"documents_in": 0, "removed": 0, "bytes_in": 0, "bytes_out": 0, "reasons": Counter(),
+            "removed_by_source": Counter()}  # fmt: skip
+
+
+Trace = list[tuple[str, int, int | None, str | None]]  # (step, bytes in, bytes out or None, removal reason)
+
+
+def _apply_steps(doc: Document, steps: list[tuple[str, Step]]) -> tuple[Document | None, Trace]:
+    """Run the steps in order; the trace says what each did, for the statistics."""
+    trace: Trace = []
     for name, step in steps:
-        entry = step_stats[name]
-        entry["documents_in"] += 1
-        entry["bytes_in"] += len(doc["text"].encode("utf-8"))
+        size = len(doc["text"].encode("utf-8"))
         result = step(doc)
         if isinstance(result, Removed):
-            entry["removed"] += 1
-            entry["reasons"][result.reason] += 1
-            entry["removed_by_source"][doc["source"]] += 1
-            return None, name, result.reason
+            trace.append((name, size, None, result.reason))
+            return None, trace
         doc = result
-        entry["bytes_out"] += len(doc["text"].encode("utf-8"))
-    return doc, None, None
+        trace.append((name, size, len(doc["text"].encode("utf-8")), None))
+    return doc, trace
+
+
+def _record(step_stats: dict[str, dict[str, Any]], source: str, trace: Trace) -> tuple[str | None, str | None]:
+    for name, size_in, size_out, reason in trace:
+        entry = step_stats[name]
+        entry["documents_in"] += 1
+        entry["bytes_in"] += size_in
+        if reason is not None:
+            entry["removed"] += 1
+            entry["reasons"][reason] += 1
+            entry["removed_by_source"][source] += 1
+            return name, reason
+        entry["bytes_out"] += size_out
+    return None, None
+
+
+# Steps that look at one document at a time (no state shared between documents) run in worker
+# processes; dedup and decontamination run in the main process, in corpus order.
+PARALLEL_STEPS = {"normalize", "gopher_quality", "gopher_repetition", "c4_quality", "pii"}
+_worker_steps: list[tuple[str, Step]] = []
+
+
+def _init_worker(configs: list[dict[str, Any]], base_dir: Path) -> None:
+    global _worker_steps
+    _worker_steps = build_steps(TypeAdapter(list[StepConfig]).validate_python(configs), base_dir)
+
+
+def _worker_chunk(docs: list[Document]) -> tuple[list[tuple[Document | None, Trace]], dict[str, dict[str, int]]]:
+    """Run the parallel steps on a chunk; also return what stateful counters (PII masks) gained."""
+    before = {name: dict(getattr(step, "counts", {})) for name, step in _worker_steps}
+    results = [_apply_steps(doc, _worker_steps) for doc in docs]
+    gained = {
+        name: {k: v - before[name].get(k, 0) for k, v in dict(getattr(step, "counts", {})).items()}
+        for name, step in _worker_steps
+    }
+    return results, gained
+
+
+def _chunks(docs: Iterator[tuple[Document, float]], size: int) -> Iterator[list[tuple[Document, float]]]:
+    while chunk := list(islice(docs, size)):
+        yield chunk
+
+
+def _cleaned(
+    cfg: DataConfig,
+    base_dir: Path,
+    docs: Iterator[tuple[Document, float]],
+    steps: list[tuple[str, Step]],
+    counts: dict[str, Counter[str]],
+) -> Iterator[tuple[Document, float, Document | None, Trace]]:
+    """(original, weight, cleaned document or None, trace) in corpus order, with `workers` processes
+    for the leading per-document steps; the output is the same for any number of workers."""
+    n_parallel = 0
+    while n_parallel < len(cfg.steps) and cfg.steps[n_parallel].type in PARALLEL_STEPS:
+        n_parallel += 1
+    if cfg.workers <= 1 or n_parallel == 0:
+        for doc, weight in docs:
+            kept, trace = _apply_steps(doc, steps)
+            yield doc, weight, kept, trace
+        return
+    serial = steps[n_parallel:]
+    configs = [c.model_dump(mode="json") for c in cfg.steps[:n_parallel]]
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(configs, base_dir)) as pool:
+        chunks = _chunks(docs, 64)
+        pending = ((chunk, [d for d, _ in chunk]) for chunk in chunks)
+        batches = ((chunk, pool.apply_async(_worker_chunk, (plain,))) for chunk, plain in pending)
+        window: list = []
+        for item in batches:  # keep a few chunks in flight, collect in order
+            window.append(item)
+            if len(window) < 2 * cfg.workers:
+                continue
+            yield from _drain(window.pop(0), serial, counts)
+        for item in window:
+            yield from _drain(item, serial, counts)
+
+
+def _drain(item, serial, counts):
+    chunk, future = item
+    results, gained = future.get()
+    for name, extra in gained.items():
+        counts[name].update(extra)
+    for (doc, weight), (kept, trace) in zip(chunk, results, strict=True):
+        if kept is not None and serial:
+            kept, more = _apply_steps(kept, serial)
+            trace = trace + more
+        yield doc, weight, kept, trace
 
 
 def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
@@ -93,16 +186,12 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
     before: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0})
     steps = build_steps(cfg.steps, base_dir)
     mixing: dict[str, dict[str, float]] = defaultdict(lambda: {"weight": 1.0, "documents_in": 0, "documents_out": 0})
-    step_stats: dict[str, dict[str, Any]] = {
-        name: {"documents_in": 0, "removed": 0, "bytes_in": 0, "bytes_out": 0, "reasons": Counter(),
-               "removed_by_source": Counter()}
-        for name, _ in steps
-    }  # fmt: skip
+    step_stats: dict[str, dict[str, Any]] = {name: _new_stats() for name, _ in steps}
+    worker_counts: dict[str, Counter[str]] = defaultdict(Counter)
     licenses: dict[str, str] = {}
     seen: dict[str, str] = {}
-    with ExitStack() as stack:
-        files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
-        removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
+
+    def checked() -> Iterator[tuple[Document, float]]:
         for doc, weight in iter_documents(cfg, base_dir):
             where = _location(doc)
             if doc["id"] in seen:
@@ -111,35 +200,34 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
             licenses.setdefault(doc["source"], doc["license"])
             before[doc["source"]]["documents"] += 1
             before[doc["source"]]["bytes"] += len(doc["text"].encode("utf-8"))
-            kept, step_name, reason = _apply_steps(doc, steps, step_stats)
+            yield doc, weight
+
+    with ExitStack() as stack:
+        files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
+        removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
+        for doc, weight, kept, trace in _cleaned(cfg, base_dir, checked(), steps, worker_counts):
+            step_name, reason = _record(step_stats, doc["source"], trace)
             if kept is None:
-                record = {"id": doc["id"], "source": doc["source"], "where": where, "step": step_name, "reason": reason}
+                record = {"id": doc["id"], "source": doc["source"], "where": _location(doc), "step": step_name,
+                          "reason": reason}  # fmt: skip
                 if cfg.keep_removed_text:
                     record["text"] = doc["text"]
                 removed_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 continue
-            is_val = in_validation(kept["metadata"]["split_key"], cfg.validation_fraction)
-            split = "validation" if is_val else "train"
+            split = "validation" if in_validation(kept["metadata"]["split_key"], cfg.validation_fraction) else "train"
             n = copies(kept["id"], weight)
             mix = mixing[kept["source"]]
-            mix["weight"], mix["documents_in"], mix["documents_out"] = (
-                weight,
-                mix["documents_in"] + 1,
-                mix["documents_out"] + n,
-            )
+            mix["weight"] = weight
+            mix["documents_in"] += 1
+            mix["documents_out"] += n
             for k in range(n):
-                copy = (
-                    kept
-                    if k == 0
-                    else {**kept, "id": f"{kept['id']}#{k + 1}", "metadata": {**kept["metadata"], "repeat": k + 1}}
-                )
-                files[split].write(json.dumps(copy, ensure_ascii=False) + "\n")
+                files[split].write(json.dumps(kept if k == 0 else _repeat(kept, k + 1), ensure_ascii=False) + "\n")
                 entry = stats[split][kept["source"]]
                 entry["documents"] += 1
                 entry["bytes"] += len(kept["text"].encode("utf-8"))
     for name, step in steps:
         if hasattr(step, "counts"):
-            step_stats[name]["counts"] = dict(step.counts)
+            step_stats[name]["counts"] = dict(Counter(dict(step.counts)) + worker_counts[name])
     for split in SPLITS:
         if not stats[split]:
             raise InputError(

@@ -7,6 +7,7 @@ stream (a single integer) is the whole data-loader state, whatever the number of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -26,24 +27,30 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _batches(path: Path) -> Iterator[list[str]]:
-    texts = (doc["text"] for doc in read_jsonl(path))
-    while batch := list(islice(texts, _BATCH_DOCS)):
+def _batches(path: Path) -> Iterator[list[dict[str, Any]]]:
+    docs = read_jsonl(path)
+    while batch := list(islice(docs, _BATCH_DOCS)):
         yield batch
 
 
 def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict[str, Any]:
-    """Write `<split>.bin` (token ids) and `<split>.idx.npy` (document start offsets, plus the end)."""
+    """Write `<split>.bin` (token ids), `<split>.idx.npy` (document start offsets, plus the end) and
+    `<split>.docs.jsonl` (each document's id, source, licence and token span), so any training token
+    can be traced back to the document, source and licence it came from."""
     dtype = token_dtype(tok.get_vocab_size())
     metrics: dict[str, Any] = {"dtype": dtype.name, "eos_id": eos_id}
     for split in SPLITS:
         offsets, total, n_bytes = [0], 0, 0
-        with open(out / f"{split}.bin", "wb") as f:
-            for texts in _batches(data_dir / f"{split}.jsonl"):
+        with open(out / f"{split}.bin", "wb") as f, open(out / f"{split}.docs.jsonl", "w", encoding="utf-8") as index:
+            for docs in _batches(data_dir / f"{split}.jsonl"):
+                texts = [d["text"] for d in docs]
                 n_bytes += sum(len(t.encode("utf-8")) for t in texts)
-                for enc in tok.encode_batch(texts, add_special_tokens=False):
+                for doc, enc in zip(docs, tok.encode_batch(texts, add_special_tokens=False), strict=True):
                     ids = np.asarray([*enc.ids, eos_id], dtype=dtype)
                     f.write(ids.tobytes())
+                    span = {"id": doc["id"], "source": doc["source"], "license": doc["license"],
+                            "start": total, "end": total + len(ids)}  # fmt: skip
+                    index.write(json.dumps(span, ensure_ascii=False) + "\n")
                     total += len(ids)
                     offsets.append(total)
         np.save(out / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
