@@ -213,3 +213,14 @@ def test_mixing_weights_sample_and_repeat_deterministically(tmp_path):
     ids = [d["id"] for split in ("train", "validation") for d in read_jsonl(out1 / f"{split}.jsonl")]
     assert len(ids) == len(set(ids)) and any(i.endswith("#2") for i in ids)
     assert "## Mix" in (out1 / "data_card.md").read_text()
+
+
+def test_bad_records_go_to_rejects_when_a_collector_is_given(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_bytes(b'{"text": "good"}\n{"text": "caf\xe9"}\n{"text": "   "}\n[1]\n{"text": "also good"}\n')
+    rejects = []
+    docs = list(read_source(SourceConfig(path=str(f)), tmp_path, on_reject=rejects.append))
+    assert [d["text"] for d in docs] == ["good", "also good"]
+    assert [(r.where.rsplit(":", 1)[1], r.reason) for r in rejects] == [
+        ("2", "not valid UTF-8"), ("3", "field 'text' is empty"), ("4", "expected a JSON object, got list"),
+    ]  # fmt: skip

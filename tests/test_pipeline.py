@@ -120,12 +120,32 @@ def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_cli_bad_data_file_leaves_no_artifact(tmp_path, tiny_recipe):
-    (tiny_recipe.parent / "corpus.jsonl").write_text('{"text": "ok"}\n{"text": 5}\n')
+def test_cli_bad_records_are_rejected_and_a_corrupt_file_is_a_one_line_error(tmp_path, tiny_recipe):
+    corpus = tiny_recipe.parent / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + '{"text": 5}\n{not json\n')
     result = runner.invoke(app, ["data", str(tiny_recipe), "--workdir", str(tmp_path / "w")])
-    assert result.exit_code == 2
-    assert "corpus.jsonl:2: field 'text' is missing or not a string" in result.output
-    assert not [p for p in (tmp_path / "w" / "artifacts").iterdir() if not p.name.endswith(".partial")]
+    assert result.exit_code == 0, result.output
+    data_dir = next((tmp_path / "w" / "artifacts").glob("data-*"))
+    rejects = [json.loads(line) for line in (data_dir / "rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["field 'text' is missing or not a string", "invalid JSON (Expecting "
+                                              "property name enclosed in double quotes)"]  # fmt: skip
+    assert rejects[0]["where"].endswith("corpus.jsonl:61")
+    broken = tiny_recipe.parent / "extra.jsonl.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    recipe = tiny_recipe.read_text().replace(
+        'sources = [{ path = "corpus.jsonl", license = "CC0-1.0" }]',
+        'sources = [{ path = "corpus.jsonl", license = "CC0-1.0" }, { path = "extra.jsonl.gz" }]',
+    )
+    tiny_recipe.write_text(recipe)
+    failed = runner.invoke(app, ["data", str(tiny_recipe), "--workdir", str(tmp_path / "w2")])
+    assert failed.exit_code == 2 and "extra.jsonl.gz: cannot read" in failed.output
+    assert not [p for p in (tmp_path / "w2" / "artifacts").iterdir()], "nothing half-written is left"
+    skipped = runner.invoke(
+        app, ["data", str(tiny_recipe), "--workdir", str(tmp_path / "w3"), "--set", "data.on_error=skip"]
+    )
+    assert skipped.exit_code == 0, skipped.output
+    data_dir = next((tmp_path / "w3" / "artifacts").glob("data-*"))
+    assert "skipped file" in (data_dir / "data_card.md").read_text()
 
 
 def test_generate_on_a_folder_without_model_is_a_clear_error(tmp_path, tiny_run):

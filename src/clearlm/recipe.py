@@ -140,6 +140,9 @@ class DataConfig(_Section):
     steps: list[StepConfig] = Field([], description="cleaning steps, applied in order before the split")
     keep_removed_text: bool = Field(False, description="store removed documents' text in removed.jsonl")
     workers: int = Field(1, ge=1, description="processes for the per-document cleaning steps")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="an unreadable file (corrupt, truncated): stop with an error, or skip it and warn"
+    )
 
     @model_validator(mode="after")
     def _has_input(self) -> DataConfig:

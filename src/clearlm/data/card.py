@@ -30,6 +30,11 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(found.items(), key=lambda kv: -kv[1]))
             lines.append(_row([name, s["documents_in"], s["removed"], s["bytes_in"], s["bytes_out"], reasons or "-"]))
         lines += ["", "Every removed document is listed with its step and reason in `removed.jsonl`."]
+    if metrics.get("rejects") or metrics.get("skipped_files"):
+        lines += ["", "## Rejected input", ""]
+        lines += [f"- {reason}: {n} records (listed in `rejects.jsonl` with file and line)"
+                  for reason, n in metrics.get("rejects", {}).items()]  # fmt: skip
+        lines += [f"- skipped file: {f}" for f in metrics.get("skipped_files", [])]
     mixing = metrics.get("mixing", {})
     if any(m["weight"] != 1.0 for m in mixing.values()):
         lines += [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from itertools import chain, islice
 from pathlib import Path
@@ -17,12 +18,13 @@ from pydantic import TypeAdapter
 from clearlm.data import builtin
 from clearlm.data.card import data_card
 from clearlm.data.documents import Document, in_validation
-from clearlm.data.sources import files_digest, read_source, source_files, source_root
+from clearlm.data.sources import BadRecord, files_digest, read_source, source_files, source_root
 from clearlm.data.steps import Removed, Step, build_steps
 from clearlm.errors import InputError
 from clearlm.recipe import DataConfig, StepConfig
 
 SPLITS = ("train", "validation")
+logger = logging.getLogger(__name__)
 
 
 def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
@@ -41,10 +43,16 @@ def _weighted(docs: Iterator[Document], weight: float) -> Iterator[tuple[Documen
     return ((doc, weight) for doc in docs)
 
 
-def iter_documents(cfg: DataConfig, base_dir: Path) -> Iterator[tuple[Document, float]]:
+def iter_documents(
+    cfg: DataConfig,
+    base_dir: Path,
+    on_reject: Callable[[BadRecord], None] | None = None,
+    on_file_error: Callable[[InputError], None] | None = None,
+) -> Iterator[tuple[Document, float]]:
     """Every source's documents with the source's mixing weight, in recipe order."""
+    handlers = {k: v for k, v in (("on_reject", on_reject), ("on_file_error", on_file_error)) if v is not None}
     streams = [_weighted(builtin.stdlib_documents(), cfg.builtin_weight)] if cfg.builtin else []
-    streams += [_weighted(read_source(src, base_dir), src.weight) for src in cfg.sources]
+    streams += [_weighted(read_source(src, base_dir, **handlers), src.weight) for src in cfg.sources]
     docs = chain.from_iterable(streams)
     return islice(docs, cfg.max_documents) if cfg.max_documents else docs
 
@@ -190,9 +198,22 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
     worker_counts: dict[str, Counter[str]] = defaultdict(Counter)
     licenses: dict[str, str] = {}
     seen: dict[str, str] = {}
+    rejects: Counter[str] = Counter()
+    skipped_files: list[str] = []
+    rejects_file = open(out / "rejects.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+
+    def reject(bad: BadRecord) -> None:
+        rejects[bad.reason.split(" (")[0]] += 1
+        rejects_file.write(json.dumps({"where": bad.where, "reason": bad.reason}, ensure_ascii=False) + "\n")
+
+    def file_error(error: InputError) -> None:
+        if cfg.on_error != "skip":
+            raise error
+        skipped_files.append(str(error))
+        logger.warning("skipped: %s", error)
 
     def checked() -> Iterator[tuple[Document, float]]:
-        for doc, weight in iter_documents(cfg, base_dir):
+        for doc, weight in iter_documents(cfg, base_dir, reject, file_error):
             where = _location(doc)
             if doc["id"] in seen:
                 raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {seen[doc['id']]})")
@@ -203,6 +224,7 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
             yield doc, weight
 
     with ExitStack() as stack:
+        stack.enter_context(rejects_file)
         files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
         removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
         for doc, weight, kept, trace in _cleaned(cfg, base_dir, checked(), steps, worker_counts):
@@ -243,6 +265,8 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
         },
         "licenses": dict(sorted(licenses.items())),
         "mixing": dict(sorted(mixing.items())),
+        "rejects": dict(sorted(rejects.items())),
+        "skipped_files": skipped_files,
         "documents": {s: sum(v["documents"] for v in stats[s].values()) for s in SPLITS},
         "bytes": {s: sum(v["bytes"] for v in stats[s].values()) for s in SPLITS},
     }

@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,64 +111,81 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise InputError(f"{path}: cannot read parquet ({e})") from None
 
 
+class BadRecord(InputError):
+    """One unusable record: where it is and why. The data stage writes it to rejects.jsonl."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
 def _optional_str(row: dict[str, Any], field: str, where: str, default: str) -> str:
     value = row.get(field)
     if value is None:
         return default
     if not isinstance(value, str):
-        raise InputError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+        raise BadRecord(where, f"field {field!r} must be a string, got {type(value).__name__}")
     return value
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or the BadRecord that stands for an unreadable line)."""
     for lineno, raw in _lines(path):
         where = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise InputError(f"{where}: not valid UTF-8") from None
+            yield lineno, BadRecord(where, "not valid UTF-8")
+            continue
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg})") from None
+            yield lineno, BadRecord(where, f"invalid JSON ({e.msg})")
 
 
-def _row_documents(path: Path, rows: Iterator[tuple[int, Any]], source: str, license: str) -> Iterator[Document]:
-    for lineno, row in rows:
-        where = f"{path}:{lineno}"
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        text = row.get("text")
-        if not isinstance(text, str):
-            raise InputError(f"{where}: field 'text' is missing or not a string")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError(f"{where}: field 'text' holds an unpaired surrogate (not valid Unicode)") from None
-        metadata = row.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise InputError(f"{where}: field 'metadata' must be an object")
-        doc_id = row.get("id", f"{path.name}:{lineno}")
-        if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
-            raise InputError(f"{where}: field 'id' must be a string or an integer, got {type(doc_id).__name__}")
-        yield Document(
-            id=str(doc_id),
-            text=text,
-            source=_optional_str(row, "source", where, source),
-            added=_optional_str(row, "added", where, _STAMP),
-            created=_optional_str(row, "created", where, _STAMP),
-            license=_optional_str(row, "license", where, license),
-            metadata={**metadata, "file": str(path), "line": lineno, "split_key": str(doc_id)},
-        )
+def _row_document(path: Path, lineno: int, row: Any, source: str, license: str) -> Document:
+    where = f"{path}:{lineno}"
+    if isinstance(row, BadRecord):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRecord(where, f"expected a JSON object, got {type(row).__name__}")
+    text = row.get("text")
+    if not isinstance(text, str):
+        raise BadRecord(where, "field 'text' is missing or not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord(where, "field 'text' holds an unpaired surrogate (not valid Unicode)") from None
+    if not text.strip():
+        raise BadRecord(where, "field 'text' is empty")
+    metadata = row.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise BadRecord(where, "field 'metadata' must be an object")
+    doc_id = row.get("id", f"{path.name}:{lineno}")
+    if not isinstance(doc_id, str | int) or isinstance(doc_id, bool):
+        raise BadRecord(where, f"field 'id' must be a string or an integer, got {type(doc_id).__name__}")
+    return Document(
+        id=str(doc_id),
+        text=text,
+        source=_optional_str(row, "source", where, source),
+        added=_optional_str(row, "added", where, _STAMP),
+        created=_optional_str(row, "created", where, _STAMP),
+        license=_optional_str(row, "license", where, license),
+        metadata={**metadata, "file": str(path), "line": lineno, "split_key": str(doc_id)},
+    )
+
+
+def _raise(record: BadRecord) -> None:
+    raise record
 
 
 def _text_document(path: Path, root: Path, source: str, license: str) -> Document:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not valid UTF-8 text") from None
+        raise BadRecord(str(path), "not valid UTF-8 text") from None
     rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
     return Document(
         id=f"{source}/{rel}",
@@ -192,16 +209,33 @@ def source_root(cfg: SourceConfig, base_dir: Path) -> Path:
     return path
 
 
-def read_source(cfg: SourceConfig, base_dir: Path) -> Iterator[Document]:
-    """Yield every document of a source, checking each row and naming the file and line on error."""
+def read_source(
+    cfg: SourceConfig,
+    base_dir: Path,
+    on_reject: Callable[[BadRecord], None] = _raise,
+    on_file_error: Callable[[InputError], None] = _raise,
+) -> Iterator[Document]:
+    """Yield every document of a source. A bad record goes to `on_reject` (by default raised as a
+    one-line error naming file, line and field); an unreadable file (corrupt or truncated
+    compression) to `on_file_error`, after which reading goes on with the next file."""
     files = source_files(cfg, base_dir)
     root = source_root(cfg, base_dir)
     for path in files:
         name = cfg.source or path.name.split(".")[0]
         kind = _kind(path)
-        if kind == "jsonl":
-            yield from _row_documents(path, _json_rows(path), name, cfg.license)
-        elif kind == "parquet":
-            yield from _row_documents(path, _parquet_rows(path), name, cfg.license)
-        else:
-            yield _text_document(path, root, name, cfg.license)
+        try:
+            if kind == "text":
+                try:
+                    yield _text_document(path, root, name, cfg.license)
+                except BadRecord as bad:
+                    on_reject(bad)
+                continue
+            for lineno, row in _json_rows(path) if kind == "jsonl" else _parquet_rows(path):
+                try:
+                    yield _row_document(path, lineno, row, name, cfg.license)
+                except BadRecord as bad:
+                    on_reject(bad)
+        except BadRecord:
+            raise
+        except InputError as e:
+            on_file_error(e)
