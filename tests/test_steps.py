@@ -204,3 +204,12 @@ def test_two_workers_give_byte_identical_output(tmp_path):
     assert outputs[0] == outputs[1]
     assert outputs[0][1]["steps"]["pii"]["counts"]["email"] > 100
     assert outputs[0][1]["steps"]["exact_dedup"]["removed"] >= 1
+
+
+def test_language_identification_keeps_english_and_records_the_score():
+    pytest.importorskip("py3langid")
+    english = _run("language", PROSE)
+    assert english["metadata"]["language"] == "en" and english["metadata"]["language_score"] > 0.9
+    german = "Der schnelle braune Fuchs springt über den faulen Hund und läuft dann schnell nach Hause."
+    assert _run("language", german) == Removed("language_de")
+    assert _run("language", german, languages=["de"])["metadata"]["language"] == "de"

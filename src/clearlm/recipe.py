@@ -98,6 +98,15 @@ class MinHashDedupStep(_Section):
     seed: int = 1
 
 
+class LanguageStep(_Section):
+    """Language identification with py3langid's offline model (langid.py, 97 languages); the language
+    and its probability go into the document's metadata."""
+
+    type: Literal["language"]
+    languages: list[str] = Field(["en"], description="ISO 639-1 codes to keep; empty keeps every language")
+    min_score: float = Field(0.65, ge=0, le=1, description="datatrove's LanguageFilter default threshold")
+
+
 class PIIStep(_Section):
     """Mask e-mail addresses, IP addresses and phone numbers with Dolma's replacement tokens."""
 
@@ -125,6 +134,7 @@ StepConfig = Annotated[
     | C4QualityStep
     | ExactDedupStep
     | MinHashDedupStep
+    | LanguageStep
     | PIIStep
     | DecontaminateStep,
     Field(discriminator="type"),

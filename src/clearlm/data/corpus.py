@@ -114,7 +114,7 @@ def _record(step_stats: dict[str, dict[str, Any]], source: str, trace: Trace) ->
 
 # Steps that look at one document at a time (no state shared between documents) run in worker
 # processes; dedup and decontamination run in the main process, in corpus order.
-PARALLEL_STEPS = {"normalize", "gopher_quality", "gopher_repetition", "c4_quality", "pii"}
+PARALLEL_STEPS = {"normalize", "language", "gopher_quality", "gopher_repetition", "c4_quality", "pii"}
 _worker_steps: list[tuple[str, Step]] = []
 
 

@@ -23,6 +23,7 @@ from clearlm.recipe import (
     ExactDedupStep,
     GopherQualityStep,
     GopherRepetitionStep,
+    LanguageStep,
     MinHashDedupStep,
     NormalizeStep,
     PIIStep,
@@ -225,6 +226,7 @@ def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[t
     A step may carry `counts` (what it replaced or matched), which the data card reports.
     """
     from clearlm.data.decontaminate import Decontaminate
+    from clearlm.data.language import IdentifyLanguage
     from clearlm.data.minhash import MinHashDedup
     from clearlm.data.pii import MaskPII
 
@@ -234,6 +236,8 @@ def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[t
             steps.append((cfg.type, MaskPII(cfg)))
         elif isinstance(cfg, DecontaminateStep):
             steps.append((cfg.type, Decontaminate(cfg, base_dir)))
+        elif isinstance(cfg, LanguageStep):
+            steps.append((cfg.type, IdentifyLanguage(cfg)))
         elif isinstance(cfg, MinHashDedupStep):
             steps.append((cfg.type, MinHashDedup(cfg)))
         else:
