@@ -109,6 +109,9 @@ def test_corpus_splits_and_counts(tmp_path):
     assert metrics["documents"] == {"train": len(train), "validation": len(val)}
     assert metrics["licenses"] == {"code": "CC0-1.0", "prose": "CC0-1.0"}
     assert {d["id"] for d in train}.isdisjoint(d["id"] for d in val)
+    histogram = metrics["length_histogram"]
+    assert sum(map(sum, histogram.values())) == 60 and set(histogram) == {"code", "prose"}
+    assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_duplicate_ids_are_rejected(tmp_path):

@@ -36,7 +36,7 @@ def test_release_folder_is_complete_and_traceable(tiny_run):
     expected = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
                 "recipe.toml", "training/log.jsonl", "eval/results.json", "lineage.json", "manifest.json",
                 "checkpoints/step-0000004/model.safetensors", "data/stats.json", "data/data_card.md",
-                "generation_config.json"]  # fmt: skip
+                "data/lengths.png", "generation_config.json"]  # fmt: skip
     for name in expected:
         assert (rel / name).is_file(), name
     manifest = json.loads((rel / "manifest.json").read_text())

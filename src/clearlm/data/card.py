@@ -45,6 +45,7 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
             _row(["---"] * 4),
         ]
         lines += [_row([src, m["weight"], m["documents_in"], m["documents_out"]]) for src, m in mixing.items()]
+    lines += ["", "## Lengths", "", "![Kept documents by length](lengths.png)"]
     lines += [
         "",
         "## Split",

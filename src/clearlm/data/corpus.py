@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 from clearlm.data import builtin
 from clearlm.data.card import data_card
 from clearlm.data.documents import Document, in_validation
+from clearlm.data.plots import length_histogram
 from clearlm.data.sources import BadRecord, files_digest, read_source, source_files, source_root
 from clearlm.data.steps import Removed, Step, build_steps
 from clearlm.errors import InputError
@@ -270,5 +271,6 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
         "documents": {s: sum(v["documents"] for v in stats[s].values()) for s in SPLITS},
         "bytes": {s: sum(v["bytes"] for v in stats[s].values()) for s in SPLITS},
     }
+    metrics["length_histogram"] = length_histogram([out / f"{s}.jsonl" for s in SPLITS], out / "lengths.png")
     (out / "data_card.md").write_text(data_card(metrics, cfg.model_dump(mode="json")))
     return metrics

@@ -80,6 +80,7 @@ def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifac
         shutil.copy2(evaluation.path / "samples.jsonl", out / "eval" / "samples.jsonl")
     _dump(out / "data" / "stats.json", data.metrics)
     shutil.copy2(data.path / "data_card.md", out / "data" / "data_card.md")
+    shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
     _dump(
         out / "lineage.json",
         {name: {**art.ref(), **{k: art.manifest[k] for k in ("config", "inputs", "outputs", "environment", "created")}}
