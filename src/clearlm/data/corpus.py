@@ -88,14 +88,15 @@ Trace = list[tuple[str, int, int | None, str | None]]  # (step, bytes in, bytes 
 def _apply_steps(doc: Document, steps: list[tuple[str, Step]]) -> tuple[Document | None, Trace]:
     """Run the steps in order; the trace says what each did, for the statistics."""
     trace: Trace = []
+    size = len(doc["text"].encode("utf-8"))
     for name, step in steps:
-        size = len(doc["text"].encode("utf-8"))
         result = step(doc)
         if isinstance(result, Removed):
             trace.append((name, size, None, result.reason))
             return None, trace
-        doc = result
-        trace.append((name, size, len(doc["text"].encode("utf-8")), None))
+        size_out = size if result is doc else len(result["text"].encode("utf-8"))
+        trace.append((name, size, size_out, None))
+        doc, size = result, size_out
     return doc, trace
 
 
@@ -201,31 +202,30 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
     seen: dict[str, str] = {}
     rejects: Counter[str] = Counter()
     skipped_files: list[str] = []
-    rejects_file = open(out / "rejects.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - closed below
-
-    def reject(bad: BadRecord) -> None:
-        rejects[bad.reason.split(" (")[0]] += 1
-        rejects_file.write(json.dumps({"where": bad.where, "reason": bad.reason}, ensure_ascii=False) + "\n")
-
-    def file_error(error: InputError) -> None:
-        if cfg.on_error != "skip":
-            raise error
-        skipped_files.append(str(error))
-        logger.warning("skipped: %s", error)
-
-    def checked() -> Iterator[tuple[Document, float]]:
-        for doc, weight in iter_documents(cfg, base_dir, reject, file_error):
-            where = _location(doc)
-            if doc["id"] in seen:
-                raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {seen[doc['id']]})")
-            seen[doc["id"]] = where
-            licenses.setdefault(doc["source"], doc["license"])
-            before[doc["source"]]["documents"] += 1
-            before[doc["source"]]["bytes"] += len(doc["text"].encode("utf-8"))
-            yield doc, weight
-
     with ExitStack() as stack:
-        stack.enter_context(rejects_file)
+        rejects_file = stack.enter_context(open(out / "rejects.jsonl", "w", encoding="utf-8"))
+
+        def reject(bad: BadRecord) -> None:
+            rejects[bad.reason.split(" (")[0]] += 1
+            rejects_file.write(json.dumps({"where": bad.where, "reason": bad.reason}, ensure_ascii=False) + "\n")
+
+        def file_error(error: InputError) -> None:
+            if cfg.on_error != "skip":
+                raise error
+            skipped_files.append(str(error))
+            logger.warning("skipped: %s", error)
+
+        def checked() -> Iterator[tuple[Document, float]]:
+            for doc, weight in iter_documents(cfg, base_dir, reject, file_error):
+                where = _location(doc)
+                if doc["id"] in seen:
+                    raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {seen[doc['id']]})")
+                seen[doc["id"]] = where
+                licenses.setdefault(doc["source"], doc["license"])
+                before[doc["source"]]["documents"] += 1
+                before[doc["source"]]["bytes"] += len(doc["text"].encode("utf-8"))
+                yield doc, weight
+
         files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
         removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
         for doc, weight, kept, trace in _cleaned(cfg, base_dir, checked(), steps, worker_counts):
@@ -245,9 +245,10 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
             mix["documents_out"] += n
             for k in range(n):
                 files[split].write(json.dumps(kept if k == 0 else _repeat(kept, k + 1), ensure_ascii=False) + "\n")
+            if n:
                 entry = stats[split][kept["source"]]
-                entry["documents"] += 1
-                entry["bytes"] += len(kept["text"].encode("utf-8"))
+                entry["documents"] += n
+                entry["bytes"] += n * len(kept["text"].encode("utf-8"))
     for name, step in steps:
         if hasattr(step, "counts"):
             step_stats[name]["counts"] = dict(Counter(dict(step.counts)) + worker_counts[name])

@@ -14,10 +14,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from clearlm.eval.scoring import score_windows
 from clearlm.model.auto import CausalLM
 
 Window = tuple[list[int], list[int]]
@@ -36,28 +35,6 @@ def rolling_windows(tokens: list[int], prefix_id: int, max_len: int) -> list[Win
         windows.append((tokens[end - max_len - 1 : end - 1], tokens[end - n : end]))
         predicted += n
     return windows
-
-
-@torch.no_grad()
-def windows_logprob(model: CausalLM, windows: list[Window], batch_size: int) -> list[float]:
-    """Sum of target log-probabilities (nats) for each window, batched by length."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
-    scores = [0.0] * len(windows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = len(windows[chunk[0]][0])
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            inp = windows[i][0]
-            ids[row, : len(inp)] = torch.tensor(inp)
-        logprobs = F.log_softmax(model(ids.to(device)).float(), dim=-1).cpu()
-        for row, i in enumerate(chunk):
-            inp, targets = windows[i]
-            n = len(targets)
-            positions = torch.arange(len(inp) - n, len(inp))
-            scores[i] = logprobs[row, positions, torch.tensor(targets)].sum().item()
-    return scores
 
 
 def domain_bits_per_byte(
@@ -81,7 +58,7 @@ def domain_bits_per_byte(
     for domain, domain_texts in sorted(texts.items()):
         encodings = tok.encode_batch(domain_texts, add_special_tokens=False)
         windows = [w for enc in encodings for w in rolling_windows(enc.ids, prefix_id, model.cfg.context)]
-        nll = -sum(windows_logprob(model, windows, batch_size))
+        nll = -sum(score.logprob for score in score_windows(model, windows, batch_size))
         totals[domain] = {
             "nll": nll,
             "bytes": sum(len(t.encode("utf-8")) for t in domain_texts),

@@ -59,29 +59,22 @@ def _logits_at(model: nn.Module, ids: torch.Tensor, rows: list[int], cols: list[
 
 
 @torch.no_grad()
-def score_requests(
-    model: nn.Module, encoder: Encoder, requests: list[tuple[str, str]], batch_size: int = 16
-) -> list[Score]:
-    """Log-probability of each continuation given its context, and whether it is the greedy one."""
-    max_len = model.cfg.context
+def score_windows(model: nn.Module, windows: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[Score]:
+    """Score (input, targets) windows, where the last len(targets) positions of input predict targets.
+
+    Windows are sorted by length and batched with right padding; only the target positions go
+    through the output layer.
+    """
     device = next(model.parameters()).device
-    encoded = []
-    for context, continuation in requests:
-        ctx, cont = encoder.pair(context, continuation)
-        if not cont:
-            raise InputError(f"continuation {continuation!r} (context ...{context[-40:]!r}) encodes to no tokens")
-        inp = (ctx + cont)[-(max_len + 1) :][:-1]
-        encoded.append((inp, cont[-max_len:] if len(cont) > max_len else cont))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    scores: list[Score | None] = [None] * len(encoded)
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    scores: list[Score | None] = [None] * len(windows)
     model.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = len(encoded[chunk[0]][0])
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        ids = torch.zeros(len(chunk), len(windows[chunk[0]][0]), dtype=torch.long)
         rows, cols, targets = [], [], []
         for row, i in enumerate(chunk):
-            inp, cont = encoded[i]
+            inp, cont = windows[i]
             ids[row, : len(inp)] = torch.tensor(inp)
             rows += [row] * len(cont)
             cols += range(len(inp) - len(cont), len(inp))
@@ -92,7 +85,21 @@ def score_requests(
         greedy = logprobs.argmax(-1) == target_t
         offset = 0
         for i in chunk:
-            n = len(encoded[i][1])
+            n = len(windows[i][1])
             scores[i] = Score(picked[offset : offset + n].sum().item(), bool(greedy[offset : offset + n].all()), n)
             offset += n
     return scores  # type: ignore[return-value]
+
+
+def score_requests(
+    model: nn.Module, encoder: Encoder, requests: list[tuple[str, str]], batch_size: int = 16
+) -> list[Score]:
+    """Log-probability of each continuation given its context, and whether it is the greedy one."""
+    max_len = model.cfg.context
+    windows = []
+    for context, continuation in requests:
+        ctx, cont = encoder.pair(context, continuation)
+        if not cont:
+            raise InputError(f"continuation {continuation!r} (context ...{context[-40:]!r}) encodes to no tokens")
+        windows.append(((ctx + cont)[-(max_len + 1) :][:-1], cont[-max_len:]))
+    return score_windows(model, windows, batch_size)
