@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from clearlm import __version__
-from clearlm.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 _ENV_PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pydantic")
@@ -185,11 +184,3 @@ def check_outputs(artifact: Artifact) -> list[str]:
         if not file.is_file() or sha256_file(file) != digest:
             bad.append(rel)
     return bad
-
-
-def open_artifact(path: Path) -> Artifact:
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-        return Artifact(manifest["kind"], manifest["digest"], Path(path), manifest)
-    except (OSError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{path}: not a clearlm artifact ({e})") from None
