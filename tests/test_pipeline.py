@@ -80,8 +80,8 @@ def test_rerun_skips_everything_and_a_changed_setting_reruns_downstream(tmp_path
     Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run()
     assert rec.events == [("built", k) for k in ("data", "tokenizer", "shards", "train", "eval", "release")]
     rec.events.clear()
-    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run()
-    assert {e[0] for e in rec.events} == {"skip"}
+    Pipeline(load_recipe(tiny_recipe, ["data.workers=2"]), tmp_path, rec).run()
+    assert {e[0] for e in rec.events} == {"skip"}, "how many workers clean the data does not change it"
     rec.events.clear()
     Pipeline(load_recipe(tiny_recipe, ["train.max_steps=6"]), tmp_path, rec).run()
     built = [k for e, k in rec.events if e == "built"]
@@ -139,7 +139,10 @@ def test_cli_bad_records_are_rejected_and_a_corrupt_file_is_a_one_line_error(tmp
     tiny_recipe.write_text(recipe)
     failed = runner.invoke(app, ["data", str(tiny_recipe), "--workdir", str(tmp_path / "w2")])
     assert failed.exit_code == 2 and "extra.jsonl.gz: cannot read" in failed.output
-    assert not [p for p in (tmp_path / "w2" / "artifacts").iterdir()], "nothing half-written is left"
+    left = list((tmp_path / "w2" / "artifacts").iterdir())
+    assert all(p.name.endswith(".partial") and not (p / "manifest.json").exists() for p in left), (
+        "only a resumable .partial folder is left, never a complete-looking artifact"
+    )
     skipped = runner.invoke(
         app, ["data", str(tiny_recipe), "--workdir", str(tmp_path / "w3"), "--set", "data.on_error=skip"]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +63,20 @@ class RichReporter(Reporter):
 
     def note(self, message: str) -> None:
         console.print(message)
+
+    def data_progress(self, steps: dict[str, tuple[int, int]]) -> None:
+        if self.progress is None:
+            self.progress = Progress(TextColumn("  {task.description:<18}"), TextColumn("{task.fields[info]}"),
+                                     console=console)  # fmt: skip
+            self.progress.start()
+            self.tasks: dict[str, Any] = {}
+            self.started = time.perf_counter()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        for name, (docs, n_bytes) in steps.items():
+            if name not in self.tasks:
+                self.tasks[name] = self.progress.add_task(name, info="")
+            info = f"{docs:>9,} docs  {docs / elapsed:8,.0f} docs/s  {n_bytes / elapsed / 1e6:7.2f} MB/s"
+            self.progress.update(self.tasks[name], info=info)
 
     def train_step(self, record: dict[str, Any]) -> None:
         if self.progress is None:

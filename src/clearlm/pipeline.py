@@ -16,7 +16,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
-from clearlm.data.corpus import build_corpus, data_identity
+from clearlm.data.corpus import build_corpus, data_config, data_identity
 from clearlm.data.documents import read_jsonl
 from clearlm.data.shards import write_shards
 from clearlm.data.sources import files_digest
@@ -34,6 +34,7 @@ from clearlm.train.checkpoint import latest_checkpoint
 from clearlm.train.loop import pretrain
 
 STAGES = ("data", "tokenizer", "shards", "train", "eval", "release")
+RESUMABLE = ("data", "train")
 
 
 class Reporter:
@@ -46,6 +47,9 @@ class Reporter:
     def stage_finished(self, kind: str, artifact: Artifact) -> None: ...
 
     def train_step(self, record: dict[str, Any]) -> None: ...
+
+    def data_progress(self, steps: dict[str, tuple[int, int]]) -> None:
+        """Documents and bytes that have entered each cleaning step so far."""
 
     def note(self, message: str) -> None: ...
 
@@ -84,7 +88,7 @@ class Pipeline:
         try:
             metrics = build(work)
         except BaseException:
-            if kind != "train":  # a failed stage leaves nothing half-written; training keeps checkpoints
+            if kind not in RESUMABLE:  # a failed stage leaves nothing half-written; data and train keep their work
                 shutil.rmtree(work, ignore_errors=True)
             raise
         if metrics is None:
@@ -99,10 +103,11 @@ class Pipeline:
             cfg, base = self.recipe.data, self.loaded.base_dir
             self._done["data"] = self._stage(
                 "data",
-                cfg.model_dump(mode="json"),
+                data_config(cfg),
                 {},
-                lambda out: build_corpus(cfg, base, out),
+                lambda out: build_corpus(cfg, base, out, self.reporter.data_progress),
                 extra=data_identity(cfg, base),
+                keep_partial=True,
             )
         return self._done["data"]
 

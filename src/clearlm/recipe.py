@@ -149,7 +149,9 @@ class DataConfig(_Section):
     max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")
     steps: list[StepConfig] = Field([], description="cleaning steps, applied in order before the split")
     keep_removed_text: bool = Field(False, description="store removed documents' text in removed.jsonl")
-    workers: int = Field(1, ge=1, description="processes for the per-document cleaning steps")
+    workers: int = Field(1, ge=1, description="processes (or Ray actors) for the per-document cleaning steps")
+    executor: Literal["local", "ray"] = Field("local", description="run the cleaning steps here or on Ray")
+    ray_address: str | None = Field(None, description="a Ray cluster to join; default: start a local Ray instance")
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="an unreadable file (corrupt, truncated): stop with an error, or skip it and warn"
     )
@@ -158,6 +160,8 @@ class DataConfig(_Section):
     def _has_input(self) -> DataConfig:
         if self.builtin is None and not self.sources:
             raise ValueError("needs a builtin corpus or at least one entry in sources")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError('ray_address needs executor = "ray"')
         return self
 
 

@@ -1,11 +1,24 @@
-"""The data stage: gather documents from every source, split them and record per-source statistics."""
+"""The data stage: gather documents from every source, clean them, deduplicate, mix and split.
+
+It runs in three passes so that it can be parallel, resumable and still deterministic:
+1. clean: documents are read in corpus order and cut into parts of `PART_DOCUMENTS`; each part's
+   documents go through every step on the executor (here, worker processes or Ray) and the part is
+   written to `work/part-NNNNN.jsonl` under a temporary name, then renamed. An interrupted run
+   finds its finished parts (checked against the documents they should hold) and skips them.
+2. dedup: the keys that the dedup steps recorded are gathered and each dedup step decides, over
+   the whole corpus, which documents go (`dedup.resolve`).
+3. write: the parts are read again in order; kept documents are mixed and split into `train.jsonl`
+   and `validation.jsonl`, removed ones listed in `removed.jsonl`, and the statistics gathered.
+The output is byte-identical whatever the number of workers, the executor or the interruptions.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import multiprocessing
+import os
+import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -13,19 +26,26 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter
+import numpy as np
 
 from clearlm.data import builtin
 from clearlm.data.card import data_card
+from clearlm.data.clean import Record
+from clearlm.data.dedup import ExactDedup, MinHashDedup
 from clearlm.data.documents import Document, in_validation
+from clearlm.data.executor import Executor
 from clearlm.data.plots import length_histogram
 from clearlm.data.sources import BadRecord, files_digest, read_source, source_files, source_root
-from clearlm.data.steps import Removed, Step, build_steps
+from clearlm.data.steps import build_steps
 from clearlm.errors import InputError
-from clearlm.recipe import DataConfig, StepConfig
+from clearlm.recipe import DataConfig
 
 SPLITS = ("train", "validation")
+PART_DOCUMENTS = 1000  # documents per part file: the unit of resuming
+CHUNK_DOCUMENTS = 50  # documents per task sent to a worker
 logger = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, tuple[int, int]]], None]  # step -> (documents, bytes) so far
 
 
 def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
@@ -38,6 +58,11 @@ def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
         for src in cfg.sources
     ]
     return identity
+
+
+def data_config(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that decide the output: how many workers run it, and where, do not."""
+    return cfg.model_dump(mode="json", exclude={"workers", "executor", "ray_address"})
 
 
 def _weighted(docs: Iterator[Document], weight: float) -> Iterator[tuple[Document, float]]:
@@ -77,31 +102,151 @@ def _location(doc: Document) -> str:
     return str(meta.get("file") or meta.get("path") or doc["source"])
 
 
+class _Reader:
+    """The documents in corpus order, checked (unique ids) and counted as they are read."""
+
+    def __init__(self, cfg: DataConfig, base_dir: Path, rejects_file: Any) -> None:
+        self.cfg, self.base_dir, self.rejects_file = cfg, base_dir, rejects_file
+        self.seen: dict[str, str] = {}
+        self.before: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0})
+        self.licenses: dict[str, str] = {}
+        self.rejects: Counter[str] = Counter()
+        self.skipped_files: list[str] = []
+
+    def _reject(self, bad: BadRecord) -> None:
+        self.rejects[bad.reason.split(" (")[0]] += 1
+        self.rejects_file.write(json.dumps({"where": bad.where, "reason": bad.reason}, ensure_ascii=False) + "\n")
+
+    def _file_error(self, error: InputError) -> None:
+        if self.cfg.on_error != "skip":
+            raise error
+        self.skipped_files.append(str(error))
+        logger.warning("skipped: %s", error)
+
+    def documents(self) -> Iterator[tuple[Document, float]]:
+        for doc, weight in iter_documents(self.cfg, self.base_dir, self._reject, self._file_error):
+            where = _location(doc)
+            if doc["id"] in self.seen:
+                raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {self.seen[doc['id']]})")
+            self.seen[doc["id"]] = where
+            self.licenses.setdefault(doc["source"], doc["license"])
+            self.before[doc["source"]]["documents"] += 1
+            self.before[doc["source"]]["bytes"] += len(doc["text"].encode("utf-8"))
+            yield doc, weight
+
+
+def _part_path(work: Path, k: int) -> Path:
+    return work / f"part-{k:05d}.jsonl"
+
+
+def _finished(path: Path, header: dict[str, Any]) -> bool:
+    """A part counts as done only if it was renamed into place and holds the expected documents."""
+    if not path.exists():
+        return False
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.loads(f.readline()) == header
+        except ValueError:
+            return False
+
+
+def _write_part(path: Path, header: dict[str, Any], records: list[Record]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def _part_records(work: Path, k: int) -> Iterator[Record]:
+    with open(_part_path(work, k), encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            yield json.loads(line)
+
+
+def _clean_parts(
+    docs: Iterator[tuple[Document, float]], work: Path, executor: Executor, progress: Progress | None
+) -> tuple[int, int]:
+    """Pass 1: clean every part not already finished; returns (parts, parts found finished)."""
+    n_parts, n_resumed = 0, 0
+    seen: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def chunks() -> Iterator[tuple[tuple[int, dict[str, Any], list[float], bool], list[Document]]]:
+        nonlocal n_parts, n_resumed
+        while part := list(islice(docs, PART_DOCUMENTS)):
+            k, n_parts = n_parts, n_parts + 1
+            header = {"part": k, "documents": len(part), "first": part[0][0]["id"], "last": part[-1][0]["id"]}
+            if _finished(_part_path(work, k), header):
+                n_resumed += 1
+                continue
+            for i in range(0, len(part), CHUNK_DOCUMENTS):
+                piece = part[i : i + CHUNK_DOCUMENTS]
+                last = i + CHUNK_DOCUMENTS >= len(part)
+                yield (k, header, [w for _, w in piece], last), [d for d, _ in piece]
+
+    records: list[Record] = []
+    for (k, header, weights, last), cleaned in executor.map(chunks()):
+        for record, weight in zip(cleaned, weights, strict=True):
+            record["weight"] = weight
+            trace = record["trace"]
+            seen["read"][0] += 1
+            seen["read"][1] += trace[0][1] if trace else len(record["doc"]["text"].encode("utf-8"))
+            for name, size_in, *_ in trace:
+                seen[name][0] += 1
+                seen[name][1] += size_in
+        records += cleaned
+        if progress is not None:
+            progress({name: (n, b) for name, (n, b) in seen.items()})
+        if last:
+            _write_part(_part_path(work, k), header, records)
+            records = []
+    return n_parts, n_resumed
+
+
+def _deduplicate(
+    steps: list[tuple[str, Any]], work: Path, n_parts: int
+) -> tuple[dict[int, tuple[int, str]], dict[str, dict[str, int]]]:
+    """Pass 2: each dedup step, in recipe order, over the documents that reached it.
+
+    Returns {corpus index: (step position, reason)} for the documents removed, and per-step counts."""
+    dedup = [(pos, name, step) for pos, (name, step) in enumerate(steps) if isinstance(step, ExactDedup | MinHashDedup)]
+    if not dedup:
+        return {}, {}
+    found: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {pos: ([], []) for pos, _, _ in dedup}
+    index = 0
+    for k in range(n_parts):
+        part: dict[int, tuple[list[int], list[Any]]] = {pos: ([], []) for pos, _, _ in dedup}
+        for record in _part_records(work, k):
+            trace = record["trace"]
+            for pos, _, _ in dedup:
+                if pos < len(trace) and trace[pos][4] is not None:
+                    part[pos][0].append(index)
+                    part[pos][1].append(trace[pos][4])
+            index += 1
+        for pos, (indices, keys) in part.items():
+            found[pos][0].append(np.asarray(indices, dtype=np.int64))
+            found[pos][1].append(np.asarray(keys, dtype=np.uint64))
+    removed: dict[int, tuple[int, str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for pos, name, step in dedup:
+        indices, keys = np.concatenate(found[pos][0]), np.concatenate(found[pos][1])
+        alive = np.fromiter((i not in removed for i in indices.tolist()), dtype=bool, count=len(indices))
+        gone, step_counts = step.resolve(indices[alive], keys[alive])
+        removed.update(dict.fromkeys(gone, (pos, step.reason)))
+        counts[name] = dict(step_counts)
+    return removed, counts
+
+
 def _new_stats() -> dict[str, Any]:
     return {"documents_in": 0, "removed": 0, "bytes_in": 0, "bytes_out": 0, "reasons": Counter(),
-            "removed_by_source": Counter()}  # fmt: skip
+            "removed_by_source": Counter(), "counts": Counter()}  # fmt: skip
 
 
-Trace = list[tuple[str, int, int | None, str | None]]  # (step, bytes in, bytes out or None, removal reason)
-
-
-def _apply_steps(doc: Document, steps: list[tuple[str, Step]]) -> tuple[Document | None, Trace]:
-    """Run the steps in order; the trace says what each did, for the statistics."""
-    trace: Trace = []
-    size = len(doc["text"].encode("utf-8"))
-    for name, step in steps:
-        result = step(doc)
-        if isinstance(result, Removed):
-            trace.append((name, size, None, result.reason))
-            return None, trace
-        size_out = size if result is doc else len(result["text"].encode("utf-8"))
-        trace.append((name, size, size_out, None))
-        doc, size = result, size_out
-    return doc, trace
-
-
-def _record(step_stats: dict[str, dict[str, Any]], source: str, trace: Trace) -> tuple[str | None, str | None]:
-    for name, size_in, size_out, reason in trace:
+def _record(
+    step_stats: dict[str, dict[str, Any]], source: str, trace: list[list[Any]], dedup: set[str]
+) -> tuple[str | None, str | None]:
+    for name, size_in, size_out, reason, extra in trace:
         entry = step_stats[name]
         entry["documents_in"] += 1
         entry["bytes_in"] += size_in
@@ -111,147 +256,64 @@ def _record(step_stats: dict[str, dict[str, Any]], source: str, trace: Trace) ->
             entry["removed_by_source"][source] += 1
             return name, reason
         entry["bytes_out"] += size_out
+        if extra and name not in dedup:
+            entry["counts"].update(extra)
     return None, None
 
 
-# Steps that look at one document at a time (no state shared between documents) run in worker
-# processes; dedup and decontamination run in the main process, in corpus order.
-PARALLEL_STEPS = {"normalize", "language", "gopher_quality", "gopher_repetition", "c4_quality", "pii"}
-_worker_steps: list[tuple[str, Step]] = []
-
-
-def _init_worker(configs: list[dict[str, Any]], base_dir: Path) -> None:
-    global _worker_steps
-    _worker_steps = build_steps(TypeAdapter(list[StepConfig]).validate_python(configs), base_dir)
-
-
-def _worker_chunk(docs: list[Document]) -> tuple[list[tuple[Document | None, Trace]], dict[str, dict[str, int]]]:
-    """Run the parallel steps on a chunk; also return what stateful counters (PII masks) gained."""
-    before = {name: dict(getattr(step, "counts", {})) for name, step in _worker_steps}
-    results = [_apply_steps(doc, _worker_steps) for doc in docs]
-    gained = {
-        name: {k: v - before[name].get(k, 0) for k, v in dict(getattr(step, "counts", {})).items()}
-        for name, step in _worker_steps
-    }
-    return results, gained
-
-
-def _chunks(docs: Iterator[tuple[Document, float]], size: int) -> Iterator[list[tuple[Document, float]]]:
-    while chunk := list(islice(docs, size)):
-        yield chunk
-
-
-def _cleaned(
-    cfg: DataConfig,
-    base_dir: Path,
-    docs: Iterator[tuple[Document, float]],
-    steps: list[tuple[str, Step]],
-    counts: dict[str, Counter[str]],
-) -> Iterator[tuple[Document, float, Document | None, Trace]]:
-    """(original, weight, cleaned document or None, trace) in corpus order, with `workers` processes
-    for the leading per-document steps; the output is the same for any number of workers."""
-    n_parallel = 0
-    while n_parallel < len(cfg.steps) and cfg.steps[n_parallel].type in PARALLEL_STEPS:
-        n_parallel += 1
-    if cfg.workers <= 1 or n_parallel == 0:
-        for doc, weight in docs:
-            kept, trace = _apply_steps(doc, steps)
-            yield doc, weight, kept, trace
-        return
-    serial = steps[n_parallel:]
-    configs = [c.model_dump(mode="json") for c in cfg.steps[:n_parallel]]
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(configs, base_dir)) as pool:
-        chunks = _chunks(docs, 64)
-        pending = ((chunk, [d for d, _ in chunk]) for chunk in chunks)
-        batches = ((chunk, pool.apply_async(_worker_chunk, (plain,))) for chunk, plain in pending)
-        window: list = []
-        for item in batches:  # keep a few chunks in flight, collect in order
-            window.append(item)
-            if len(window) < 2 * cfg.workers:
-                continue
-            yield from _drain(window.pop(0), serial, counts)
-        for item in window:
-            yield from _drain(item, serial, counts)
-
-
-def _drain(item, serial, counts):
-    chunk, future = item
-    results, gained = future.get()
-    for name, extra in gained.items():
-        counts[name].update(extra)
-    for (doc, weight), (kept, trace) in zip(chunk, results, strict=True):
-        if kept is not None and serial:
-            kept, more = _apply_steps(kept, serial)
-            trace = trace + more
-        yield doc, weight, kept, trace
-
-
-def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
-    """Clean, split and write `train.jsonl`, `validation.jsonl` and `removed.jsonl` in one pass.
+def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Clean, deduplicate, mix and split into `train.jsonl` and `validation.jsonl`, listing removed
+    documents in `removed.jsonl` and bad records in `rejects.jsonl`. Resumes from `out/work` parts.
 
     Returns per-split, per-source counts, per-step statistics and the licence of each source.
     """
+    steps = build_steps(cfg.steps, base_dir)  # fails on a missing dependency before anything is read
+    dedup_names = {name for name, step in steps if isinstance(step, ExactDedup | MinHashDedup)}
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file, Executor(cfg, base_dir) as executor:
+        reader = _Reader(cfg, base_dir, rejects_file)
+        n_parts, n_resumed = _clean_parts(reader.documents(), work, executor, progress)
+    if n_resumed:
+        logger.info("resumed: %d of %d parts were already cleaned", n_resumed, n_parts)
+    removed_at, dedup_counts = _deduplicate(steps, work, n_parts)
+
     stats: dict[str, dict[str, dict[str, int]]] = {s: defaultdict(lambda: {"documents": 0, "bytes": 0}) for s in SPLITS}
-    before: dict[str, dict[str, int]] = defaultdict(lambda: {"documents": 0, "bytes": 0})
-    steps = build_steps(cfg.steps, base_dir)
     mixing: dict[str, dict[str, float]] = defaultdict(lambda: {"weight": 1.0, "documents_in": 0, "documents_out": 0})
     step_stats: dict[str, dict[str, Any]] = {name: _new_stats() for name, _ in steps}
-    worker_counts: dict[str, Counter[str]] = defaultdict(Counter)
-    licenses: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    rejects: Counter[str] = Counter()
-    skipped_files: list[str] = []
     with ExitStack() as stack:
-        rejects_file = stack.enter_context(open(out / "rejects.jsonl", "w", encoding="utf-8"))
-
-        def reject(bad: BadRecord) -> None:
-            rejects[bad.reason.split(" (")[0]] += 1
-            rejects_file.write(json.dumps({"where": bad.where, "reason": bad.reason}, ensure_ascii=False) + "\n")
-
-        def file_error(error: InputError) -> None:
-            if cfg.on_error != "skip":
-                raise error
-            skipped_files.append(str(error))
-            logger.warning("skipped: %s", error)
-
-        def checked() -> Iterator[tuple[Document, float]]:
-            for doc, weight in iter_documents(cfg, base_dir, reject, file_error):
-                where = _location(doc)
-                if doc["id"] in seen:
-                    raise InputError(f"{where}: duplicate document id {doc['id']!r} (first seen at {seen[doc['id']]})")
-                seen[doc["id"]] = where
-                licenses.setdefault(doc["source"], doc["license"])
-                before[doc["source"]]["documents"] += 1
-                before[doc["source"]]["bytes"] += len(doc["text"].encode("utf-8"))
-                yield doc, weight
-
         files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
         removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
-        for doc, weight, kept, trace in _cleaned(cfg, base_dir, checked(), steps, worker_counts):
-            step_name, reason = _record(step_stats, doc["source"], trace)
-            if kept is None:
-                record = {"id": doc["id"], "source": doc["source"], "where": _location(doc), "step": step_name,
-                          "reason": reason}  # fmt: skip
+        records = chain.from_iterable(_part_records(work, k) for k in range(n_parts))
+        for index, record in enumerate(records):
+            doc, trace = record["doc"], record["trace"]
+            if index in removed_at:
+                pos, reason = removed_at[index]
+                trace = [*trace[:pos], [trace[pos][0], trace[pos][1], None, reason, None]]
+            step_name, reason = _record(step_stats, doc["source"], trace, dedup_names)
+            if step_name is not None:
+                entry = {"id": doc["id"], "source": doc["source"], "where": _location(doc), "step": step_name,
+                         "reason": reason}  # fmt: skip
                 if cfg.keep_removed_text:
-                    record["text"] = doc["text"]
-                removed_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    entry["text"] = record["original"]
+                removed_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 continue
-            split = "validation" if in_validation(kept["metadata"]["split_key"], cfg.validation_fraction) else "train"
-            n = copies(kept["id"], weight)
-            mix = mixing[kept["source"]]
+            split = "validation" if in_validation(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
+            weight = record["weight"]
+            n = copies(doc["id"], weight)
+            mix = mixing[doc["source"]]
             mix["weight"] = weight
             mix["documents_in"] += 1
             mix["documents_out"] += n
             for k in range(n):
-                files[split].write(json.dumps(kept if k == 0 else _repeat(kept, k + 1), ensure_ascii=False) + "\n")
+                files[split].write(json.dumps(doc if k == 0 else _repeat(doc, k + 1), ensure_ascii=False) + "\n")
             if n:
-                entry = stats[split][kept["source"]]
+                entry = stats[split][doc["source"]]
                 entry["documents"] += n
-                entry["bytes"] += n * len(kept["text"].encode("utf-8"))
-    for name, step in steps:
-        if hasattr(step, "counts"):
-            step_stats[name]["counts"] = dict(Counter(dict(step.counts)) + worker_counts[name])
+                entry["bytes"] += n * len(doc["text"].encode("utf-8"))
+    shutil.rmtree(work)
+    for name, counts in dedup_counts.items():
+        step_stats[name]["counts"].update(counts)
     for split in SPLITS:
         if not stats[split]:
             raise InputError(
@@ -260,15 +322,15 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path) -> dict[str, Any]:
             )
     metrics = {
         "splits": {s: dict(sorted(stats[s].items())) for s in SPLITS},
-        "before_steps": dict(sorted(before.items())),
+        "before_steps": dict(sorted(reader.before.items())),
         "steps": {
-            name: {**v, "reasons": dict(v["reasons"]), "removed_by_source": dict(v["removed_by_source"])}
+            name: {**v, **{k: dict(v[k]) for k in ("reasons", "removed_by_source", "counts")}}
             for name, v in step_stats.items()
         },
-        "licenses": dict(sorted(licenses.items())),
+        "licenses": dict(sorted(reader.licenses.items())),
         "mixing": dict(sorted(mixing.items())),
-        "rejects": dict(sorted(rejects.items())),
-        "skipped_files": skipped_files,
+        "rejects": dict(sorted(reader.rejects.items())),
+        "skipped_files": reader.skipped_files,
         "documents": {s: sum(v["documents"] for v in stats[s].values()) for s in SPLITS},
         "bytes": {s: sum(v["bytes"] for v in stats[s].values()) for s in SPLITS},
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
 from pathlib import Path
 
 from clearlm.data.documents import Document
@@ -48,7 +47,7 @@ def _task_texts(cfg: DecontaminateStep, base_dir: Path) -> dict[str, list[str]]:
 
 
 class Decontaminate:
-    """A step that removes documents overlapping any evaluation set; counts hits per set."""
+    """A step that removes documents overlapping any evaluation set (the reason names the set)."""
 
     def __init__(self, cfg: DecontaminateStep, base_dir: Path) -> None:
         self.n = cfg.ngram
@@ -57,11 +56,9 @@ class Decontaminate:
             for text in items:
                 for gram in ngrams(text, self.n):
                     self.index.setdefault(gram, name)
-        self.counts: Counter[str] = Counter()
 
     def __call__(self, doc: Document) -> Result:
         for gram in ngrams(doc["text"], self.n):
             if gram in self.index:
-                self.counts[self.index[gram]] += 1
                 return Removed(f"overlaps {self.index[gram]}")
         return doc

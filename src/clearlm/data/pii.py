@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from clearlm.data.documents import Document
+from clearlm.data.steps import Counted, Result
 from clearlm.recipe import PIIStep
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -18,16 +18,16 @@ PATTERNS = {
 
 
 class MaskPII:
-    """A step that replaces each match and keeps counts of what it replaced."""
+    """A step that replaces each match and says how many of each kind it replaced."""
 
     def __init__(self, cfg: PIIStep) -> None:
         self.kinds = [k for k in PATTERNS if getattr(cfg, k)]
-        self.counts: Counter[str] = Counter()
 
-    def __call__(self, doc: Document) -> Document:
-        text = doc["text"]
+    def __call__(self, doc: Document) -> Result:
+        text, counts = doc["text"], {}
         for kind in self.kinds:
             pattern, token = PATTERNS[kind]
             text, n = pattern.subn(token, text)
-            self.counts[kind] += n
-        return {**doc, "text": text} if text != doc["text"] else doc
+            if n:
+                counts[kind] = n
+        return Counted({**doc, "text": text}, counts) if counts else doc

@@ -7,15 +7,18 @@ keeps and drops exactly the same documents in both tools (tests check this again
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clearlm.data.documents import Document
+
+if TYPE_CHECKING:
+    from clearlm.data.dedup import DedupStep
 from clearlm.data.text import english
 from clearlm.recipe import (
     C4QualityStep,
@@ -42,7 +45,15 @@ class Removed:
     reason: str
 
 
-Result = Document | Removed
+@dataclass(frozen=True)
+class Counted:
+    """A kept document with what the step found in it (masks per kind), for the data card."""
+
+    doc: Document
+    counts: dict[str, int]
+
+
+Result = Document | Removed | Counted
 Step = Callable[[Document], Result]
 
 
@@ -198,41 +209,26 @@ def c4_quality(cfg: C4QualityStep) -> Step:
     return step
 
 
-def exact_dedup(cfg: ExactDedupStep) -> Step:
-    seen: set[bytes] = set()
-
-    def step(doc: Document) -> Result:
-        key = hashlib.blake2b(" ".join(doc["text"].lower().split()).encode(), digest_size=16).digest()
-        if key in seen:
-            return Removed("exact_duplicate")
-        seen.add(key)
-        return doc
-
-    return step
-
-
 _BUILDERS: dict[type, Callable[..., Step]] = {
     NormalizeStep: normalize,
     GopherQualityStep: gopher_quality,
     GopherRepetitionStep: gopher_repetition,
     C4QualityStep: c4_quality,
-    ExactDedupStep: exact_dedup,
 }
 
 
-def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[tuple[str, Step]]:
-    """(name, step) pairs in recipe order; dependencies are checked here, before any document is read.
-
-    A step may carry `counts` (what it replaced or matched), which the data card reports.
-    """
+def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[tuple[str, Step | DedupStep]]:
+    """(name, step) pairs in recipe order; dependencies are checked here, before any document is read."""
     from clearlm.data.decontaminate import Decontaminate
+    from clearlm.data.dedup import ExactDedup, MinHashDedup
     from clearlm.data.language import IdentifyLanguage
-    from clearlm.data.minhash import MinHashDedup
     from clearlm.data.pii import MaskPII
 
-    steps: list[tuple[str, Step]] = []
+    steps: list[tuple[str, Step | DedupStep]] = []
     for cfg in configs:
-        if isinstance(cfg, PIIStep):
+        if isinstance(cfg, ExactDedupStep):
+            steps.append((cfg.type, ExactDedup(cfg)))
+        elif isinstance(cfg, PIIStep):
             steps.append((cfg.type, MaskPII(cfg)))
         elif isinstance(cfg, DecontaminateStep):
             steps.append((cfg.type, Decontaminate(cfg, base_dir)))
