@@ -25,8 +25,28 @@ STEPS = [{"type": "normalize"}, {"type": "gopher_quality"}, {"type": "pii"}, {"t
 
 def _corpus(path: Path, n: int = 120) -> None:
     rng = random.Random(1)
-    words = ("the cat sat on a mat and the dog barked at the mailman while a warm sun shone over quiet green "
-             "hills near the river town where people walked").split()  # fmt: skip
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "and",
+        "a",
+        "dog",
+        "barked",
+        "at",
+        "the",
+        "mailman",
+        "while",
+        "the",
+        "sun",
+        "shone",
+        "over",
+        "green",
+        "hills",
+    ]
     rows = []
     for i in range(n):
         text = " ".join(rng.choice(words) for _ in range(90)) + f". Write to user{i}@example.org today."

@@ -55,7 +55,7 @@ def test_normalize_and_exact_dedup():
     ((_, dedup),) = build_steps(DataConfig(builtin="cpython-stdlib", steps=[{"type": "exact_dedup"}]).steps)
     keys = np.asarray([dedup.key(_doc(t)) for t in ("Hello   World", "hello there", "hello world")], dtype=np.uint64)
     removed, _ = dedup.resolve(np.asarray([4, 7, 9]), keys)
-    assert removed == {9}, "the later copy goes, whatever the spacing and case"
+    assert removed == {9: 4}, "the later copy goes, whatever the spacing and case"
 
 
 def test_corpus_records_removed_documents_and_step_statistics(tmp_path):
@@ -182,8 +182,8 @@ def test_minhash_removes_planted_near_duplicates_and_keeps_unrelated_documents(t
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(sources=[SourceConfig(path="m.jsonl")], validation_fraction=0.2, steps=[{"type": "minhash_dedup"}])
     metrics = build_corpus(cfg, tmp_path, tmp_path)
-    removed = sorted(r["id"] for r in read_jsonl(tmp_path / "removed.jsonl"))
-    assert removed == [f"near{i}" for i in range(5)]
+    removed = sorted((r["id"], r["duplicate_of"]) for r in read_jsonl(tmp_path / "removed.jsonl"))
+    assert removed == [(f"near{i}", f"o{i}") for i in range(5)]
     assert metrics["steps"]["minhash_dedup"]["counts"] == {"clusters of 1": 35, "clusters of 2": 5}
 
 

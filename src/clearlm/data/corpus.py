@@ -206,10 +206,11 @@ def _clean_parts(
 
 def _deduplicate(
     steps: list[tuple[str, Any]], work: Path, n_parts: int
-) -> tuple[dict[int, tuple[int, str]], dict[str, dict[str, int]]]:
+) -> tuple[dict[int, tuple[int, str, int]], dict[str, dict[str, int]]]:
     """Pass 2: each dedup step, in recipe order, over the documents that reached it.
 
-    Returns {corpus index: (step position, reason)} for the documents removed, and per-step counts."""
+    Returns {corpus index: (step position, reason, index of the document kept in its place)} for the
+    documents removed, and per-step counts."""
     dedup = [(pos, name, step) for pos, (name, step) in enumerate(steps) if isinstance(step, ExactDedup | MinHashDedup)]
     if not dedup:
         return {}, {}
@@ -227,13 +228,13 @@ def _deduplicate(
         for pos, (indices, keys) in part.items():
             found[pos][0].append(np.asarray(indices, dtype=np.int64))
             found[pos][1].append(np.asarray(keys, dtype=np.uint64))
-    removed: dict[int, tuple[int, str]] = {}
+    removed: dict[int, tuple[int, str, int]] = {}
     counts: dict[str, dict[str, int]] = {}
     for pos, name, step in dedup:
         indices, keys = np.concatenate(found[pos][0]), np.concatenate(found[pos][1])
         alive = np.fromiter((i not in removed for i in indices.tolist()), dtype=bool, count=len(indices))
         gone, step_counts = step.resolve(indices[alive], keys[alive])
-        removed.update(dict.fromkeys(gone, (pos, step.reason)))
+        removed.update({index: (pos, step.reason, original) for index, original in gone.items()})
         counts[name] = dict(step_counts)
     return removed, counts
 
@@ -285,15 +286,22 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
         files = {s: stack.enter_context(open(out / f"{s}.jsonl", "w", encoding="utf-8")) for s in SPLITS}
         removed_file = stack.enter_context(open(out / "removed.jsonl", "w", encoding="utf-8"))
         records = chain.from_iterable(_part_records(work, k) for k in range(n_parts))
+        originals = {original for _, _, original in removed_at.values()}
+        ids: dict[int, str] = {}  # the kept documents that removed ones duplicate
         for index, record in enumerate(records):
             doc, trace = record["doc"], record["trace"]
+            if index in originals:
+                ids[index] = doc["id"]
+            duplicate_of = None
             if index in removed_at:
-                pos, reason = removed_at[index]
+                pos, reason, duplicate_of = removed_at[index]
                 trace = [*trace[:pos], [trace[pos][0], trace[pos][1], None, reason, None]]
             step_name, reason = _record(step_stats, doc["source"], trace, dedup_names)
             if step_name is not None:
                 entry = {"id": doc["id"], "source": doc["source"], "where": _location(doc), "step": step_name,
                          "reason": reason}  # fmt: skip
+                if duplicate_of is not None:
+                    entry["duplicate_of"] = ids[duplicate_of]
                 if cfg.keep_removed_text:
                     entry["text"] = record["original"]
                 removed_file.write(json.dumps(entry, ensure_ascii=False) + "\n")

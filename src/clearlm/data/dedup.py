@@ -61,12 +61,12 @@ class ExactDedup:
     def key(self, doc: Document) -> int:
         return _digest(" ".join(doc["text"].lower().split()).encode())
 
-    def resolve(self, indices: np.ndarray, keys: np.ndarray) -> tuple[set[int], Counter[str]]:
-        """Documents (by corpus index, ascending) whose key an earlier document already has."""
-        _, first = np.unique(keys, return_index=True)
-        keep = np.zeros(len(indices), dtype=bool)
-        keep[first] = True
-        return set(indices[~keep].tolist()), Counter()
+    def resolve(self, indices: np.ndarray, keys: np.ndarray) -> tuple[dict[int, int], Counter[str]]:
+        """{document: the earlier document it duplicates}, by corpus index (`indices` ascending)."""
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        original = indices[first[inverse.ravel()]]
+        duplicate = original != indices
+        return dict(zip(indices[duplicate].tolist(), original[duplicate].tolist(), strict=True)), Counter()
 
 
 class MinHashDedup:
@@ -126,9 +126,10 @@ class MinHashDedup:
             groups[root(x)].append(x)
         return sorted(groups.values())
 
-    def resolve(self, indices: np.ndarray, keys: np.ndarray) -> tuple[set[int], Counter[str]]:
+    def resolve(self, indices: np.ndarray, keys: np.ndarray) -> tuple[dict[int, int], Counter[str]]:
+        """{document: the first document of its cluster}, by corpus index, and clusters by size."""
         groups = self.clusters(indices, keys)
-        removed = {index for group in groups for index in group[1:]}
+        removed = {index: group[0] for group in groups for index in group[1:]}
         sizes = Counter(len(group) for group in groups)
         sizes[1] = len(indices) - sum(len(group) for group in groups)
         return removed, Counter({f"clusters of {size}": n for size, n in sorted(sizes.items()) if n})
