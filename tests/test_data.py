@@ -6,7 +6,7 @@ import pytest
 
 from clearlm.data import builtin
 from clearlm.data.corpus import build_corpus
-from clearlm.data.documents import in_validation, read_jsonl
+from clearlm.data.documents import in_fraction, read_jsonl
 from clearlm.data.shards import WindowSampler, write_shards
 from clearlm.data.sources import read_source
 from clearlm.data.tokenizer import load_tokenizer, special_tokens, train_tokenizer
@@ -29,8 +29,8 @@ def test_builtin_corpus_has_code_and_docs_with_dolma_fields_and_licence():
 
 def test_split_is_deterministic_and_roughly_the_fraction():
     keys = [f"module{i}" for i in range(4000)]
-    chosen = [k for k in keys if in_validation(k, 0.1)]
-    assert chosen == [k for k in keys if in_validation(k, 0.1)]
+    chosen = [k for k in keys if in_fraction(k, 0.1)]
+    assert chosen == [k for k in keys if in_fraction(k, 0.1)]
     assert 300 < len(chosen) < 500
 
 

@@ -75,6 +75,24 @@ def test_corpus_records_removed_documents_and_step_statistics(tmp_path):
     assert metrics["before_steps"]["c"]["documents"] == 14 and sum(metrics["documents"].values()) == 12
 
 
+def test_removed_documents_can_be_sampled_and_counts_stay_complete(tmp_path):
+    rows = [{"id": f"k{i}", "text": PROSE.replace("cat", f"cat{i}")} for i in range(12)]
+    rows += [{"id": f"short{i}", "text": f"tiny {i}"} for i in range(200)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    listed = {}
+    for sample in (1.0, 0.25):
+        out = tmp_path / str(sample)
+        out.mkdir()
+        cfg = DataConfig(sources=[SourceConfig(path="c.jsonl")], validation_fraction=0.2, removed_sample=sample,
+                         steps=[{"type": "gopher_quality"}])  # fmt: skip
+        metrics = build_corpus(cfg, tmp_path, out)
+        assert metrics["steps"]["gopher_quality"]["removed"] == 200
+        listed[sample] = [r["id"] for r in read_jsonl(out / "removed.jsonl")]
+    assert len(listed[1.0]) == 200 and 25 < len(listed[0.25]) < 75
+    assert set(listed[0.25]) < set(listed[1.0])
+    assert "25% sample of removed documents" in (tmp_path / "0.25" / "data_card.md").read_text()
+
+
 def _parity_corpus() -> list[str]:
     """Real text of several kinds plus documents built to trip each rule."""
     texts = []

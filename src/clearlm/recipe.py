@@ -149,6 +149,9 @@ class DataConfig(_Section):
     max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")
     steps: list[StepConfig] = Field([], description="cleaning steps, applied in order before the split")
     keep_removed_text: bool = Field(False, description="store removed documents' text in removed.jsonl")
+    removed_sample: float = Field(
+        1.0, gt=0, le=1, description="fraction of removed documents listed in removed.jsonl (by a hash of the id)"
+    )
     workers: int = Field(1, ge=1, description="processes (or Ray actors) for the per-document cleaning steps")
     executor: Literal["local", "ray"] = Field("local", description="run the cleaning steps here or on Ray")
     ray_address: str | None = Field(None, description="a Ray cluster to join; default: start a local Ray instance")

@@ -26,10 +26,14 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     else:
         lines += [_row(["step", "documents in", "removed", "bytes in", "bytes out", "reasons"]), _row(["---"] * 6)]
         for name, s in steps.items():
-            found = {**s["reasons"], **{f"{k} masked": v for k, v in s.get("counts", {}).items()}}
+            label = "{} masked" if name == "pii" else "{}"
+            found = {**s["reasons"], **{label.format(k): v for k, v in s.get("counts", {}).items()}}
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(found.items(), key=lambda kv: -kv[1]))
             lines.append(_row([name, s["documents_in"], s["removed"], s["bytes_in"], s["bytes_out"], reasons or "-"]))
-        lines += ["", "Every removed document is listed with its step and reason in `removed.jsonl`."]
+        sample = config.get("removed_sample", 1.0)
+        listed = "Every removed document is" if sample == 1 else f"A {sample:.0%} sample of removed documents is"
+        lines += ["", f"{listed} listed with its step and reason in `removed.jsonl` (duplicates name the "
+                  "document kept in their place)."]  # fmt: skip
     if metrics.get("rejects") or metrics.get("skipped_files"):
         lines += ["", "## Rejected input", ""]
         lines += [f"- {reason}: {n} records (listed in `rejects.jsonl` with file and line)"

@@ -32,7 +32,7 @@ from clearlm.data import builtin
 from clearlm.data.card import data_card
 from clearlm.data.clean import Record
 from clearlm.data.dedup import ExactDedup, MinHashDedup
-from clearlm.data.documents import Document, in_validation
+from clearlm.data.documents import Document, in_fraction
 from clearlm.data.executor import Executor
 from clearlm.data.plots import length_histogram
 from clearlm.data.sources import BadRecord, files_digest, read_source, source_files, source_root
@@ -298,6 +298,8 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
                 trace = [*trace[:pos], [trace[pos][0], trace[pos][1], None, reason, None]]
             step_name, reason = _record(step_stats, doc["source"], trace, dedup_names)
             if step_name is not None:
+                if not in_fraction(f"removed:{doc['id']}", cfg.removed_sample):
+                    continue
                 entry = {"id": doc["id"], "source": doc["source"], "where": _location(doc), "step": step_name,
                          "reason": reason}  # fmt: skip
                 if duplicate_of is not None:
@@ -306,7 +308,7 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
                     entry["text"] = record["original"]
                 removed_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 continue
-            split = "validation" if in_validation(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
+            split = "validation" if in_fraction(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
             weight = record["weight"]
             n = copies(doc["id"], weight)
             mix = mixing[doc["source"]]

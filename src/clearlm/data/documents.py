@@ -19,9 +19,10 @@ class Document(TypedDict):
     metadata: dict[str, Any]
 
 
-def in_validation(split_key: str, fraction: float) -> bool:
-    """A stable split: the same key lands in the same split on every machine and Python version."""
-    bucket = int.from_bytes(hashlib.sha256(split_key.encode()).digest()[:8], "big")
+def in_fraction(key: str, fraction: float) -> bool:
+    """A stable draw (the validation split, the removed-document sample): the same key gives the same
+    answer on every machine and Python version."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return bucket < fraction * 2**64
 
 
