@@ -35,7 +35,7 @@ def test_release_folder_is_complete_and_traceable(tiny_run):
     rel = tiny_run.artifacts["release"].path
     expected = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
                 "recipe.toml", "training/log.jsonl", "eval/results.json", "lineage.json", "manifest.json",
-                "checkpoints/step-0000004/model.safetensors", "data/stats.json", "data/data_card.md",
+                "checkpoints/step-0000004/model.safetensors", "data/data_card.json", "data/data_card.md",
                 "data/lengths.png", "generation_config.json"]  # fmt: skip
     for name in expected:
         assert (rel / name).is_file(), name
@@ -46,6 +46,10 @@ def test_release_folder_is_complete_and_traceable(tiny_run):
     assert check_outputs(tiny_run.artifacts["release"]) == []
     card = (rel / "README.md").read_text()
     assert card.startswith('---\nlicense: "apache-2.0"') and "bits_per_byte" in card
+    data_card = json.loads((rel / "data" / "data_card.json").read_text())
+    shards = tiny_run.artifacts["shards"].metrics
+    assert sum(n["tokens"] for n in data_card["tokens"]["train"].values()) == shards["train"]["tokens"] > 0
+    assert "## Tokens" in (rel / "data" / "data_card.md").read_text()
     link = tiny_run.workdir / "tiny" / "release"
     assert link.is_symlink() and link.resolve() == rel.resolve()
     assert load_recipe(rel / "recipe.toml").recipe.model_dump(exclude={"data"}) == tiny_run.recipe.model_dump(

@@ -61,3 +61,13 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def tokens_section(shards: dict[str, Any]) -> str:
+    """Tokens per source and split (known once the tokenizer exists), appended to the release's card."""
+    lines = ["", "## Tokens", "", _row(["source", "split", "documents", "tokens (end-of-text included)"]),
+             _row(["---"] * 4)]  # fmt: skip
+    for split in ("train", "validation"):
+        for source, n in shards[split].get("sources", {}).items():
+            lines.append(_row([source, split, n["documents"], f"{n['tokens']:,}"]))
+    return "\n".join([*lines, ""])

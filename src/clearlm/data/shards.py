@@ -41,6 +41,7 @@ def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict
     metrics: dict[str, Any] = {"dtype": dtype.name, "eos_id": eos_id}
     for split in SPLITS:
         offsets, total, n_bytes = [0], 0, 0
+        sources: dict[str, dict[str, int]] = {}
         with open(out / f"{split}.bin", "wb") as f, open(out / f"{split}.docs.jsonl", "w", encoding="utf-8") as index:
             for docs in _batches(data_dir / f"{split}.jsonl"):
                 texts = [d["text"] for d in docs]
@@ -51,6 +52,9 @@ def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict
                     span = {"id": doc["id"], "source": doc["source"], "license": doc["license"],
                             "start": total, "end": total + len(ids)}  # fmt: skip
                     index.write(json.dumps(span, ensure_ascii=False) + "\n")
+                    per_source = sources.setdefault(doc["source"], {"documents": 0, "tokens": 0})
+                    per_source["documents"] += 1
+                    per_source["tokens"] += len(ids)
                     total += len(ids)
                     offsets.append(total)
         np.save(out / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
@@ -58,6 +62,7 @@ def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict
             "tokens": total,
             "documents": len(offsets) - 1,
             "bytes_per_token": n_bytes / max(total, 1),
+            "sources": dict(sorted(sources.items())),
         }
     return metrics
 

@@ -8,7 +8,7 @@ Layout (transformers reads the top level and ignores the rest):
   training/log.jsonl the per-step training log
   checkpoints/       intermediate weights (safetensors)
   eval/results.json  evaluation results
-  data/stats.json    documents and bytes per source and split, with licences
+  data/data_card.json  the data card's figures: sources, licences, steps, mix, tokens per source
   lineage.json       every upstream artifact: digest, config, environment, output hashes
   manifest.json      written by the artifact store: this folder's digest and file hashes
 """
@@ -24,6 +24,7 @@ import tomli_w
 
 from clearlm import __version__
 from clearlm.artifacts import Artifact
+from clearlm.data.card import tokens_section
 from clearlm.data.tokenizer import load_tokenizer
 from clearlm.model.hf import save_hf
 from clearlm.model.weights import WEIGHTS, load_model
@@ -78,8 +79,11 @@ def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifac
     _dump(out / "eval" / "results.json", evaluation.metrics)
     if (evaluation.path / "samples.jsonl").is_file():
         shutil.copy2(evaluation.path / "samples.jsonl", out / "eval" / "samples.jsonl")
-    _dump(out / "data" / "stats.json", data.metrics)
-    shutil.copy2(data.path / "data_card.md", out / "data" / "data_card.md")
+    shards = artifacts["shards"].metrics
+    tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
+    _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
+    card = (data.path / "data_card.md").read_text()
+    (out / "data" / "data_card.md").write_text(card + tokens_section(shards))
     shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
     _dump(
         out / "lineage.json",
