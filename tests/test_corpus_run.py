@@ -18,7 +18,7 @@ from clearlm.data.dedup import MinHashDedup
 from clearlm.data.executor import StepWorker
 from clearlm.recipe import DataConfig, MinHashDedupStep, SourceConfig
 
-OUTPUTS = ("train.jsonl", "validation.jsonl", "removed.jsonl", "rejects.jsonl", "data_card.md")
+OUTPUTS = ("train.jsonl", "validation.jsonl", "removed.jsonl", "rejects.jsonl", "data_card.md", "data_card.json")
 STEPS = [{"type": "normalize"}, {"type": "gopher_quality"}, {"type": "pii"}, {"type": "exact_dedup"},
          {"type": "minhash_dedup"}]  # fmt: skip
 

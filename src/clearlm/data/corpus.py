@@ -346,4 +346,5 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
     }
     metrics["length_histogram"] = length_histogram([out / f"{s}.jsonl" for s in SPLITS], out / "lengths.png")
     (out / "data_card.md").write_text(data_card(metrics, cfg.model_dump(mode="json")))
+    (out / "data_card.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
