@@ -20,7 +20,7 @@ def test_builtin_corpus_has_code_and_docs_with_dolma_fields_and_licence():
     docs = list(builtin.stdlib_documents())
     sources = {d["source"] for d in docs}
     assert sources == {builtin.CODE, builtin.DOCS}
-    assert all(set(d) == DOLMA and d["license"] == "PSF-2.0" for d in docs)
+    assert all(set(d) == DOLMA and d["license"] == "Python-2.0" for d in docs)
     assert any(d["id"] == "cpython-stdlib/code/json/decoder.py" for d in docs)
     assert not any("/test/" in d["id"] or "site-packages" in d["id"] for d in docs)
     assert len({d["id"] for d in docs}) == len(docs)

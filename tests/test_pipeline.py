@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
+import clearlm
 from clearlm.artifacts import check_outputs
 from clearlm.cli import app
+from clearlm.openness.mof import evaluate, from_mot
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
 from clearlm.release.load import load_release
@@ -45,7 +48,32 @@ def test_release_folder_is_complete_and_traceable(tiny_run):
     assert {k: v["digest"] for k, v in lineage.items()} == {k: v["digest"] for k, v in manifest["inputs"].items()}
     assert check_outputs(tiny_run.artifacts["release"]) == []
     card = (rel / "README.md").read_text()
-    assert card.startswith('---\nlicense: "apache-2.0"') and "bits_per_byte" in card
+    assert card.startswith('---\nlicense: "cdla-permissive-2.0"') and "bits_per_byte" in card
+    assert "**Class I - Open Science Model**" in card
+
+
+def test_default_release_is_class_one_and_osaid_complete(tiny_run):
+    rel = tiny_run.artifacts["release"].path
+    report = json.loads((rel / "openness.json").read_text())
+    assert report["mof"]["class"] == 1 and report["mof"]["reasons"] == []
+    assert report["osaid"]["complete"]
+    rows = {r["component"]: r for r in report["components"]}
+    assert all(r["present"] for r in rows.values()), [n for n, r in rows.items() if not r["present"]]
+    assert rows["Model parameters (Final)"]["license"] == "CDLA-Permissive-2.0" and rows["Datasets"]["right_type"]
+    assert rows["Research paper"]["generated"] and not rows["Training code"]["generated"]
+    for row in rows.values():
+        for path in row["paths"]:
+            assert (rel / path).exists(), (row["component"], path)
+    mot = yaml.safe_load((rel / "mot.yml").read_text())
+    assert evaluate(*from_mot(mot)).mof_class == 1, "the exported MOT file gives the same class"
+    code = rel / "code" / "clearlm"
+    assert (code / "model" / "transformer.py").read_bytes() == Path(clearlm.__file__).parent.joinpath(
+        "model", "transformer.py"
+    ).read_bytes()
+    html = (rel / "report.html").read_text()
+    assert html.count("<svg") >= 6 and "Class I - Open Science Model" in html and "http" not in html.split("<body>")[0]
+    generations = [json.loads(line) for line in (rel / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 3 and all(g["completion"] for g in generations)
     data_card = json.loads((rel / "data" / "data_card.json").read_text())
     shards = tiny_run.artifacts["shards"].metrics
     assert sum(n["tokens"] for n in data_card["tokens"]["train"].values()) == shards["train"]["tokens"] > 0
@@ -202,7 +230,7 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     pipe.run()
     data = pipe.artifacts["data"].metrics
     assert set(data["splits"]["validation"]) == {"cpython-stdlib/code", "cpython-stdlib/docs"}
-    assert data["licenses"] == {"cpython-stdlib/code": "PSF-2.0", "cpython-stdlib/docs": "PSF-2.0"}
+    assert data["licenses"] == {"cpython-stdlib/code": "Python-2.0", "cpython-stdlib/docs": "Python-2.0"}
     bpb = pipe.artifacts["eval"].metrics["bits_per_byte"]
     assert set(bpb) == {"cpython-stdlib/code", "cpython-stdlib/docs", "all"}
     next_line = pipe.artifacts["eval"].metrics["tasks"]["stdlib_next_line"]

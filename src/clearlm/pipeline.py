@@ -238,7 +238,7 @@ class Pipeline:
                 "release",
                 config,
                 inputs,
-                lambda out: build_release(self.recipe, self.loaded.text, inputs, out),
+                lambda out: build_release(self.recipe, self.loaded.text, inputs, out, self.loaded.base_dir),
             )
             self._done["release"] = art
             self._link_release(art)

@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clearlm.errors import RecipeError
 
@@ -235,11 +235,26 @@ class EvalConfig(_Section):
 
 
 class ReleaseConfig(_Section):
+    """Licences default to the Model Openness Framework's recommendations, one per content type."""
+
     name: str | None = None
-    license: str = Field("Apache-2.0", description="SPDX licence of the weights and documents")
-    code_license: str = "Apache-2.0"
+    weights_license: str = Field("CDLA-Permissive-2.0", description="SPDX id of the weights and other data")
+    code_license: str = Field("Apache-2.0", description="SPDX id of the code (clearlm's own is Apache-2.0)")
+    docs_license: str = Field("CC-BY-4.0", description="SPDX id of the documents: cards, technical report")
+    paper: str | None = Field(None, description="path in the release or URL of a research paper")
+    include_datasets: bool = Field(True, description="put the cleaned datasets in the release (zstd-compressed)")
     authors: list[str] = []
     description: str = ""
+
+    @field_validator("weights_license", "code_license", "docs_license")
+    @classmethod
+    def _spdx(cls, value: str) -> str:
+        from clearlm.openness.licenses import normalize
+
+        spdx = normalize(value).spdx
+        if spdx is None:
+            raise ValueError(f"{value!r} is not an SPDX licence id (e.g. Apache-2.0, CDLA-Permissive-2.0, CC-BY-4.0)")
+        return spdx
 
 
 class Recipe(_Section):

@@ -1,4 +1,4 @@
-"""The built-in corpus: the CPython standard library of the running interpreter (PSF-2.0).
+"""The built-in corpus: the CPython standard library of the running interpreter (Python-2.0).
 
 Every Python installation carries it, so the quickstart needs no network and the repository ships no
 third-party text. Module sources form the `cpython-stdlib/code` domain (code and docstrings); the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clearlm.data.documents import Document
 
-LICENSE = "PSF-2.0"
+LICENSE = "Python-2.0"
 CODE, DOCS = "cpython-stdlib/code", "cpython-stdlib/docs"
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _TOPICS = "pydoc_data/topics.py"

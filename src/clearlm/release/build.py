@@ -9,6 +9,11 @@ Layout (transformers reads the top level and ignores the rest):
   checkpoints/       intermediate weights (safetensors)
   eval/results.json  evaluation results
   data/data_card.json  the data card's figures: sources, licences, steps, mix, tokens per source
+  data/datasets/     the cleaned train and validation documents (jsonl.zst), unless the recipe says not
+  eval/generations.jsonl  sample generations (fixed prompts and seeds)
+  code/              the exact clearlm source that built this folder, and the library versions
+  report.html        the technical report (self-contained page with charts)
+  openness.json, mot.yml  MOF components, licences and class; OSAID checklist; MOT model file
   lineage.json       every upstream artifact: digest, config, environment, output hashes
   manifest.json      written by the artifact store: this folder's digest and file hashes
 """
@@ -21,15 +26,25 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import zstandard
 
+import clearlm
 from clearlm import __version__
-from clearlm.artifacts import Artifact
+from clearlm.artifacts import Artifact, environment
 from clearlm.data.card import tokens_section
+from clearlm.data.documents import read_jsonl
 from clearlm.data.tokenizer import load_tokenizer
+from clearlm.eval.generate import generate
+from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.hf import save_hf
 from clearlm.model.weights import WEIGHTS, load_model
 from clearlm.recipe import Recipe
 from clearlm.release.card import model_card
+from clearlm.release.openness import card_section, mot_yaml, openness_report, release_components
+from clearlm.release.report import technical_report
+
+_NOT_PACKAGES = {"python", "platform", "machine", "cpu_count"}
+_GENERATED_FILES = frozenset({"README.md", "report.html"})
 
 
 def _dump(path: Path, obj: Any) -> None:
@@ -55,7 +70,49 @@ def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, con
     _dump(out / "special_tokens_map.json", {"bos_token": eos, "eos_token": eos, "pad_token": pad})
 
 
-def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifact], out: Path) -> dict[str, Any]:
+def _code_snapshot(out: Path) -> None:
+    """clearlm's own source (the files its code digest covers) and the versions of the libraries it ran on."""
+    root = Path(clearlm.__file__).parent
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml") and p.is_file()):
+        target = out / "clearlm" / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    env = environment()
+    pins = [f"{pkg}=={env[pkg]}" for pkg in sorted(env) if pkg not in _NOT_PACKAGES and env[pkg]]
+    (out / "requirements.txt").write_text(f"# clearlm {__version__} ran with Python {env['python']}\n"
+                                          + "\n".join(pins) + "\n")  # fmt: skip
+
+
+def _compress(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        zstandard.ZstdCompressor(level=10, threads=0).copy_stream(f, g)
+
+
+def _generations(model: Any, tok: Any, eos_id: int, validation: Path, n: int = 3) -> list[dict[str, Any]]:
+    """Continuations of the first line of the first validation documents (fixed seeds: reproducible)."""
+    prompts = []
+    for doc in read_jsonl(validation):
+        first = doc["text"].strip().split("\n", 1)[0][:80]
+        if first:
+            prompts.append(first + "\n")
+        if len(prompts) == n:
+            break
+    settings = {"max_new_tokens": 60, "temperature": 0.8, "top_k": 50}
+    return [{"prompt": p, "completion": generate(model, tok, p, seed=i, stop_id=eos_id, **settings), "seed": i,
+             **settings} for i, p in enumerate(prompts)]  # fmt: skip
+
+
+def _licences(recipe: Recipe, base_dir: Path, data: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(dataset licences, evaluation data licences): the sources', and the tasks' plus the validation split's."""
+    datasets = set(data["licenses"].values())
+    specs = resolve_tasks(recipe.eval.tasks, [base_dir / f for f in recipe.eval.task_files])
+    return datasets, {s.license for s in specs} | (datasets if recipe.eval.bpb else set())
+
+
+def build_release(
+    recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifact], out: Path, base_dir: Path = Path(".")
+) -> dict[str, Any]:
     data, train, evaluation = artifacts["data"], artifacts["train"], artifacts["eval"]
     tok_cfg = recipe.tokenizer
     tok = load_tokenizer(artifacts["tokenizer"].path)
@@ -101,9 +158,26 @@ def build_release(recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifac
         "vocab_size": model.cfg.vocab_size,
         "clearlm_version": __version__,
     }
-    (out / "README.md").write_text(model_card(ctx))
+    _code_snapshot(out / "code")
+    if recipe.release.include_datasets:
+        for split in ("train", "validation"):
+            _compress(data.path / f"{split}.jsonl", out / "data" / "datasets" / f"{split}.jsonl.zst")
+    generations = _generations(model, tok, eos_id, data.path / "validation.jsonl")
+    with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+    ctx["lineage"] = {k: a.digest for k, a in artifacts.items()}
+    dataset_licences, eval_licences = _licences(recipe, base_dir, data.metrics)
+    components = release_components(recipe, out, dataset_licences, eval_licences, will_write=_GENERATED_FILES)
+    report = openness_report(recipe, components)
+    _dump(out / "openness.json", report)
+    (out / "mot.yml").write_text(mot_yaml(recipe, components, train.manifest["created"][:10]))
+    (out / "README.md").write_text(model_card(ctx) + "\n" + card_section(report))
+    log = list(read_jsonl(out / "training" / "log.jsonl"))
+    (out / "report.html").write_text(technical_report(ctx, log, report, generations))
     return {
         "name": ctx["name"],
         "parameters": ctx["parameters"],
-        "lineage": {k: a.digest for k, a in artifacts.items()},
+        "lineage": ctx["lineage"],
+        "mof_class": report["mof"]["label"],
+        "osaid_complete": report["osaid"]["complete"],
     }

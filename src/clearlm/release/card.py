@@ -51,7 +51,7 @@ def model_card(ctx: dict[str, Any]) -> str:
     rel = recipe["release"]
     bpb = evaluation.get("bits_per_byte", {})
     meta: dict[str, Any] = {
-        **hf_license(rel["license"]),
+        **hf_license(rel["weights_license"]),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["clearlm", "llama", "fully-open"],
@@ -110,8 +110,8 @@ def model_card(ctx: dict[str, Any]) -> str:
         "",
         rel["description"] or "A small language model trained end to end with clearlm; every part of it is open.",
         "",
-        f"Authors: {', '.join(rel['authors']) or 'not given'}. Weights and documents: {rel['license']}; "
-        f"code: {rel['code_license']}. Built with clearlm {ctx['clearlm_version']}.",
+        f"Authors: {', '.join(rel['authors']) or 'not given'}. Weights: {rel['weights_license']}; "
+        f"documents: {rel['docs_license']}; code: {rel['code_license']}. Built with clearlm {ctx['clearlm_version']}.",
         "",
         "## Use",
         "",

@@ -1,0 +1,174 @@
+"""A release's openness: where each MOF component is in the folder, under which licence, the class
+that MOT's rules give it, and the OSI Open Source AI Definition (1.0) checklist.
+
+Written as `openness.json`, as a MOT model file (`mot.yml`) and as a section of the model card.
+Documents that clearlm generated from the run's records (model card, data card, technical report,
+and the report standing in for a research paper) are marked as generated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clearlm.openness.licenses import OPEN_DATA, OSI_APPROVED, fits
+from clearlm.openness.mof import COMPONENTS, evaluate, to_mot
+from clearlm.recipe import Recipe
+
+GENERATED = {"Model card", "Data card", "Technical report", "Research paper"}
+
+
+def _one(licences: set[str]) -> str:
+    """One licence id, or an AND expression (which MOT, matching single ids, treats as not open)."""
+    return " AND ".join(sorted(licences)) if licences else "NOASSERTION"
+
+
+def release_components(
+    recipe: Recipe,
+    folder: Path,
+    dataset_licences: set[str],
+    eval_licences: set[str],
+    will_write: frozenset[str] = frozenset(),
+) -> dict[str, dict[str, Any]]:
+    """MOF component -> {paths, license, generated, note} for the files present in `folder` (or about to be)."""
+    rel = recipe.release
+    code, weights, docs = rel.code_license, rel.weights_license, rel.docs_license
+    paper = (
+        ("report.html", "generated technical report standing in for a research paper")
+        if not rel.paper
+        else (rel.paper, "research paper given by the recipe")
+    )
+    layout: dict[str, tuple[list[str], str, str]] = {
+        "Model architecture": (["code/clearlm/model/", "config.json"], code, ""),
+        "Data preprocessing code": (["code/clearlm/data/"], code, ""),
+        "Training code": (["code/clearlm/train/"], code, ""),
+        "Inference code": (["code/clearlm/model/", "code/clearlm/eval/generate.py"], code, ""),
+        "Evaluation code": (["code/clearlm/eval/"], code, ""),
+        "Supporting libraries and tools": (["code/requirements.txt", "code/clearlm/cli.py"], code, ""),
+        "Model parameters (Final)": (["model.safetensors"], weights, ""),
+        "Model parameters (Intermediate)": (["checkpoints/"], weights, ""),
+        "Datasets": (["data/datasets/"], _one(dataset_licences), "the cleaned training and validation documents"),
+        "Evaluation data": (["data/datasets/validation.jsonl.zst", "eval/samples.jsonl"], _one(eval_licences), ""),
+        "Model metadata": (["config.json", "generation_config.json", "recipe.toml", "lineage.json"], weights, ""),
+        "Sample model outputs": (["eval/generations.jsonl"], docs, ""),
+        "Model card": (["README.md"], docs, ""),
+        "Data card": (["data/data_card.md", "data/data_card.json"], docs, ""),
+        "Technical report": (["report.html"], docs, ""),
+        "Research paper": ([paper[0]], docs, paper[1]),
+        "Evaluation results": (["eval/results.json"], docs, ""),
+    }
+    components = {}
+    for name, (paths, licence, note) in layout.items():
+        found = [p for p in paths if "://" in p or p in will_write or (folder / p).exists()]
+        if not found:
+            continue
+        components[name] = {
+            "license": licence,
+            "component_path": found[0],
+            "paths": found,
+            "generated": name in GENERATED and not (name == "Research paper" and rel.paper),
+            "note": note,
+        }
+    return components
+
+
+def osaid_checklist(components: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The OSAID 1.0 checklist: data information, code, parameters, each with its evidence."""
+
+    def has(name: str) -> bool:
+        return name in components
+
+    code = ["Data preprocessing code", "Training code", "Inference code", "Model architecture", "Evaluation code"]
+    items = {
+        "data information": (
+            has("Data card") and has("Data preprocessing code") and has("Datasets"),
+            "data card, the cleaning code and the cleaned datasets (or the recipe that rebuilds them)",
+        ),
+        "code": (
+            all(has(n) and components[n]["license"] in OSI_APPROVED for n in code),
+            "the complete code used to process data, train, run and evaluate, under OSI-approved licences",
+        ),
+        "parameters": (
+            has("Model parameters (Final)")
+            and components["Model parameters (Final)"]["license"] in OSI_APPROVED | OPEN_DATA,
+            "the weights (final and intermediate) under OSI-approved or open data terms",
+        ),
+    }
+    return {
+        "complete": all(ok for ok, _ in items.values()),
+        "items": {k: {"met": ok, "requires": why} for k, (ok, why) in items.items()},
+    }
+
+
+def openness_report(recipe: Recipe, components: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    evaluation = evaluate({n: {"license": c["license"]} for n, c in components.items()})
+    rows = []
+    for comp in COMPONENTS:
+        entry = components.get(comp.name)
+        rows.append(
+            {
+                "component": comp.name,
+                "mof_class": comp.mof_class,
+                "required": comp.required,
+                "present": bool(entry),
+                "paths": entry["paths"] if entry else [],
+                "license": entry["license"] if entry else None,
+                "status": evaluation.status[comp.name],
+                "right_type": bool(entry) and fits(entry["license"], comp.content),
+                "generated": bool(entry and entry["generated"]),
+                "note": entry["note"] if entry else "",
+            }
+        )
+    framework = "Model Openness Framework 1.0 (classes as computed by LF AI's Model Openness Tool)"
+    osaid = osaid_checklist(components)
+    return {"mof": evaluation.as_dict(), "components": rows, "osaid": osaid, "framework": framework}
+
+
+def mot_yaml(recipe: Recipe, components: dict[str, dict[str, Any]], date: str) -> str:
+    rel = recipe.release
+    release = {
+        "name": rel.name or recipe.name,
+        "version": "1",
+        "date": date,
+        "type": "language",
+        "architecture": "transformer decoder",
+        "origin": recipe.name,
+        "producer": ", ".join(rel.authors) or "clearlm",
+        "contact": "",
+    }
+    entries = {n: {k: c[k] for k in ("license", "component_path")} for n, c in components.items()}
+    return yaml.safe_dump(to_mot(release, entries, {}), sort_keys=False, allow_unicode=True)
+
+
+def card_section(report: dict[str, Any]) -> str:
+    """The model card's openness section: class, reasons, one row per component."""
+    mof = report["mof"]
+    lines = [
+        "## Openness",
+        "",
+        f"**{mof['label']}** under the Model Openness Framework (computed with the Model "
+        "Openness Tool's rules; `openness.json`, `mot.yml`).",
+        "",
+    ]
+    lines += [f"- Holds it back: {r}" for r in mof["reasons"]]
+    osaid = report["osaid"]
+    lines += [
+        "",
+        f"OSI Open Source AI Definition 1.0 checklist: {'complete' if osaid['complete'] else 'incomplete'} ("
+        + ", ".join(f"{k}: {'yes' if v['met'] else 'no'}" for k, v in osaid["items"].items())
+        + ").",
+        "",
+    ]
+    lines += ["| component | class | where | licence | open | right type | generated |", "|---" * 7 + "|"]
+    for row in report["components"]:
+        where = ", ".join(f"`{p}`" for p in row["paths"]) or "missing"
+        lines.append(
+            f"| {row['component']} | {'I' * row['mof_class']} | {where} | {row['license'] or '-'} | "
+            f"{'yes' if row['status'] == 'included' else 'no'} | {'yes' if row['right_type'] else 'no'} | "
+            f"{'yes' if row['generated'] else ''} |"
+        )
+    generated = [r["component"] for r in report["components"] if r["generated"]]
+    lines += ["", f"Generated by clearlm from the run's records: {', '.join(generated)}.", ""]
+    return "\n".join(lines)

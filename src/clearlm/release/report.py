@@ -1,0 +1,300 @@
+"""The technical report: one self-contained HTML page (no script, no network) describing the whole run.
+
+Charts are inline SVG drawn here (a few lines each) rather than with a plotting library, so the page
+has no external files and renders the same in any browser. Every number comes from the run's
+records (data card, training log, evaluation results, openness report).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any
+
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+_W, _H, _PAD = 560, 220, 44
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], x_label: str = "step") -> str:
+    """Lines over a shared x axis, with min/max tick labels and a legend."""
+    points = [p for pts in series.values() for p in pts if math.isfinite(p[1])]
+    if not points:
+        return ""
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def xy(x: float, y: float) -> str:
+        px = _PAD + (x - x0) / (x1 - x0) * (_W - 2 * _PAD)
+        py = _H - _PAD + (y0 - y) / (y1 - y0) * (_H - 2 * _PAD)
+        return f"{px:.1f},{py:.1f}"
+
+    parts = [f'<rect x="{_PAD}" y="{_PAD}" width="{_W - 2 * _PAD}" height="{_H - 2 * _PAD}" class="frame"/>']
+    for i, (name, pts) in enumerate(series.items()):
+        color = _COLORS[i % len(_COLORS)]
+        coords = " ".join(xy(x, y) for x, y in pts if math.isfinite(y))
+        marker = "".join(
+            f'<circle cx="{xy(x, y).split(",")[0]}" cy="{xy(x, y).split(",")[1]}" r="2.5" fill="{color}"/>'
+            for x, y in pts
+            if len(pts) < 40 and math.isfinite(y)
+        )
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.6"/>{marker}')
+        parts.append(
+            f'<text x="{_W - _PAD - 4}" y="{_PAD + 14 + 14 * i}" text-anchor="end" fill="{color}">{_esc(name)}</text>'
+        )
+    parts += [
+        f'<text x="{_PAD - 4}" y="{_PAD + 4}" text-anchor="end">{_fmt(y1)}</text>',
+        f'<text x="{_PAD - 4}" y="{_H - _PAD}" text-anchor="end">{_fmt(y0)}</text>',
+        f'<text x="{_PAD}" y="{_H - _PAD + 16}">{_fmt(x0)}</text>',
+        f'<text x="{_W - _PAD}" y="{_H - _PAD + 16}" text-anchor="end">{_fmt(x1)}</text>',
+        f'<text x="{_W / 2}" y="{_H - 8}" text-anchor="middle">{_esc(x_label)}</text>',
+    ]
+    return _figure(title, parts)
+
+
+def bar_chart(title: str, labels: list[str], series: dict[str, list[float]]) -> str:
+    """Grouped horizontal bars, one group per label, value printed at each bar's end."""
+    if not labels:
+        return ""
+    top = max((v for values in series.values() for v in values), default=1) or 1
+    n = len(series)
+    row = 14 * n + 8
+    height = 2 * _PAD + row * len(labels)
+    parts = []
+    for j, label in enumerate(labels):
+        y = _PAD + j * row
+        parts.append(f'<text x="{_PAD + 96}" y="{y + 7 * n + 4}" text-anchor="end">{_esc(label[:18])}</text>')
+        for i, (name, values) in enumerate(series.items()):
+            width = values[j] / top * (_W - 2 * _PAD - 160)
+            parts.append(
+                f'<rect x="{_PAD + 100}" y="{y + 14 * i}" width="{max(width, 0.5):.1f}" height="12" '
+                f'fill="{_COLORS[i % len(_COLORS)]}"><title>{_esc(name)}</title></rect>'
+            )
+            parts.append(f'<text x="{_PAD + 104 + width:.1f}" y="{y + 14 * i + 10}">{_fmt(values[j])}</text>')
+    for i, name in enumerate(series if n > 1 else []):
+        parts.append(
+            f'<text x="{_W - _PAD}" y="{_PAD - 10 + 14 * i}" text-anchor="end" '
+            f'fill="{_COLORS[i % len(_COLORS)]}">{_esc(name)}</text>'
+        )
+    return _figure(title, parts, height)
+
+
+def _figure(title: str, parts: list[str], height: int = _H) -> str:
+    return (
+        f'<figure><figcaption>{_esc(title)}</figcaption><svg class="chart" viewBox="0 0 {_W} {height}" '
+        f'width="{_W}" height="{height}" role="img" aria-label="{_esc(title)}">{"".join(parts)}</svg></figure>'
+    )
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """body{font:15px/1.5 system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:.6em 0 1.2em}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}th{background:#f3f3f3}
+figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}figcaption{font-weight:600}
+svg.chart text{font-size:11px;fill:#444}svg.chart .frame{fill:none;stroke:#bbb}
+.class{display:inline-block;padding:.3em .8em;border-radius:4px;background:#e6f4ea;font-weight:700}
+.no{color:#b00}.note{color:#666;font-size:13px}pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}"""
+
+
+def technical_report(
+    ctx: dict[str, Any], log: list[dict[str, Any]], openness: dict[str, Any], generations: list[dict[str, Any]]
+) -> str:
+    """The page: summary, data, model, training curves, evaluation, openness, samples, reproduction."""
+    recipe, data, train, evaluation = ctx["recipe"], ctx["data"], ctx["train"], ctx["eval"]
+    mof, name = openness["mof"], ctx["name"]
+    bpb = evaluation.get("bits_per_byte", {})
+    untrained = evaluation.get("untrained_bits_per_byte", {})
+    out = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_esc(name)}: technical report"
+        f"</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_esc(name)}</h1><p class='sub'>Technical report, generated by clearlm {_esc(ctx['clearlm_version'])}"
+        " from the run's own records (data card, training log, evaluation results, artifact manifests).</p>",
+        f"<p><span class='class'>{_esc(mof['label'])}</span> &nbsp; {ctx['parameters']:,} parameters, "
+        f"{train['tokens']:,} training tokens, {train['steps']} steps; validation bits per byte "
+        f"{bpb.get('all', {}).get('bits_per_byte', float('nan')):.4f}.</p>",
+    ]
+
+    splits, before = data["splits"], data.get("before_steps", {})
+    sources = sorted(data["licenses"])
+    out += [
+        "<h2>Data</h2>",
+        _table(
+            ["source", "licence", "documents read", "train documents", "validation documents"],
+            [
+                [
+                    s,
+                    data["licenses"][s],
+                    before.get(s, {}).get("documents", ""),
+                    splits["train"].get(s, {}).get("documents", 0),
+                    splits["validation"].get(s, {}).get("documents", 0),
+                ]
+                for s in sources
+            ],
+        ),
+    ]
+    out.append(
+        bar_chart(
+            "Bytes per source (training split)",
+            sources,
+            {"bytes": [splits["train"].get(s, {}).get("bytes", 0) for s in sources]},
+        )
+    )
+    steps = data.get("steps", {})
+    if steps:
+        out.append(
+            _table(
+                ["step", "documents in", "removed", "bytes in", "bytes out"],
+                [[k, v["documents_in"], v["removed"], v["bytes_in"], v["bytes_out"]] for k, v in steps.items()],
+            )
+        )
+        reasons = {f"{k}: {r}": n for k, v in steps.items() for r, n in v["reasons"].items()}
+        out.append(
+            bar_chart("Documents removed, by step and reason", list(reasons), {"documents": list(reasons.values())})
+        )
+    else:
+        out.append("<p>No cleaning steps: every document read was kept.</p>")
+    lengths = data.get("length_histogram", {})
+    if lengths:  # bin k holds documents of up to 2**(k + 4) bytes; empty bins at either end are left out
+        used = [k for k in range(len(next(iter(lengths.values())))) if any(row[k] for row in lengths.values())]
+        bins = range(used[0], used[-1] + 1) if used else range(0)
+        labels = [f"<= {_size(2 ** (k + 4))}" for k in bins]
+        out.append(
+            bar_chart(
+                "Kept documents by length (bytes)",
+                labels,
+                {s: [float(row[k]) for k in bins] for s, row in lengths.items()},
+            )
+        )
+
+    m = recipe["model"]
+    out += [
+        "<h2>Model</h2>",
+        _table(
+            ["architecture", "parameters", "d_model", "layers", "heads", "context", "vocabulary"],
+            [
+                [
+                    m["architecture"],
+                    f"{ctx['parameters']:,}",
+                    m["d_model"],
+                    m["n_layers"],
+                    m["n_heads"],
+                    m["context"],
+                    ctx["vocab_size"],
+                ]
+            ],
+        ),
+    ]
+
+    t = recipe["train"]
+    out += [
+        "<h2>Training</h2>",
+        f"<p>AdamW, learning rate {t['lr']} with {t['warmup_steps']} warmup steps, "
+        f"micro-batch {t['micro_batch_size']} x {t['grad_accum_steps']} accumulation, seed {recipe['seed']}. "
+        f"{train['tokens']:,} tokens in {train['train_seconds']:.0f} s.</p>",
+    ]
+
+    def curve(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], float(r[key])) for r in log if r.get(key) is not None]
+
+    out += [
+        line_chart("Loss", {"training loss": curve("loss"), "validation loss": curve("val_loss")}),
+        line_chart("Learning rate", {"lr": curve("lr")}),
+        line_chart("Gradient norm", {"grad norm": curve("grad_norm")}),
+        line_chart("Throughput (tokens/s)", {"tokens/s": curve("tokens_per_s")}),
+    ]
+
+    domains = list(bpb)
+    out += [
+        "<h2>Evaluation</h2>",
+        _table(
+            ["domain", "bits/byte", "untrained", "documents", "bytes"],
+            [
+                [
+                    d,
+                    f"{bpb[d]['bits_per_byte']:.4f}",
+                    f"{untrained.get(d, {}).get('bits_per_byte', float('nan')):.4f}",
+                    bpb[d]["documents"],
+                    bpb[d]["bytes"],
+                ]
+                for d in domains
+            ],
+        ),
+    ]
+    out.append(
+        bar_chart(
+            "Validation bits per byte per domain (lower is better)",
+            domains,
+            {
+                "trained": [bpb[d]["bits_per_byte"] for d in domains],
+                "untrained": [untrained.get(d, {}).get("bits_per_byte", 0.0) for d in domains],
+            },
+        )
+    )
+    tasks = evaluation.get("tasks", {})
+    if tasks:
+        rows = [
+            [task, metric, f"{v:.4f}", f"{vals.get(metric + '_stderr', float('nan')):.4f}", vals["samples"]]
+            for task, vals in tasks.items()
+            for metric, v in vals.items()
+            if metric != "samples" and not metric.endswith("_stderr")
+        ]
+        out.append(_table(["task", "metric", "value", "stderr", "items"], rows))
+
+    out += [
+        "<h2>Openness</h2>",
+        f"<p><span class='class'>{_esc(mof['label'])}</span> (Model Openness Framework, "
+        "classes computed with the Model Openness Tool's rules). OSI Open Source AI Definition checklist: "
+        f"{'complete' if openness['osaid']['complete'] else 'incomplete'}.</p>",
+    ]
+    out += [f"<p class='no'>{_esc(r)}</p>" for r in mof["reasons"]]
+    out.append(
+        _table(
+            ["component", "class", "where", "licence", "open", "right type", "generated"],
+            [
+                [
+                    r["component"],
+                    "I" * r["mof_class"],
+                    ", ".join(r["paths"]) or "missing",
+                    r["license"] or "-",
+                    "yes" if r["status"] == "included" else "no",
+                    "yes" if r["right_type"] else "no",
+                    "yes" if r["generated"] else "",
+                ]
+                for r in openness["components"]
+            ],
+        )
+    )
+
+    if generations:
+        out.append("<h2>Sample generations</h2>")
+        for g in generations:
+            out.append(
+                f"<p class='note'>prompt (temperature {g['temperature']}, top-k {g['top_k']}, seed {g['seed']})"
+                f"</p><pre><b>{_esc(g['prompt'])}</b>{_esc(g['completion'])}</pre>"
+            )
+
+    out += [
+        "<h2>Reproduce</h2>",
+        "<pre>pip install clearlm\nclearlm run recipe.toml\nclearlm verify .</pre>",
+        "<p>Artifact digests:</p>",
+        _table(["stage", "digest"], [[k, v] for k, v in ctx["lineage"].items()]),
+        "</body></html>",
+    ]
+    return "\n".join(p for p in out if p)
