@@ -12,8 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 import clearlm
-from clearlm.artifacts import check_outputs
+from clearlm.artifacts import check_outputs, sha256_file
 from clearlm.cli import app
+from clearlm.openness.audit import audit_folder
 from clearlm.openness.mof import evaluate, from_mot
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
@@ -275,3 +276,45 @@ def test_cli_eval_bits_per_byte_and_preferences_on_files(tmp_path, tiny_run):
     assert results["preferences:prefs.jsonl"]["samples"] == 1 and "accuracy_dpo" in results["preferences:prefs.jsonl"]
     nothing = runner.invoke(app, ["eval", rel])
     assert nothing.exit_code == 2 and "nothing to evaluate" in nothing.output
+
+
+def test_verify_reproduces_a_release_and_names_what_was_tampered(tmp_path, tiny_run):
+    rel = tiny_run.artifacts["release"].path
+    base = tiny_run.loaded.base_dir
+    result = runner.invoke(app, ["verify", str(rel), "--base-dir", str(base), "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "reproduced bit-for-bit" in result.output and "train: reproduced bit-for-bit" in result.output
+    copy = tmp_path / "copy"
+    shutil.copytree(rel, copy)
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-3] ^= 0x01  # one bit of the last tensor's data
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    (copy / "data" / "data_card.md").write_text((copy / "data" / "data_card.md").read_text() + "\nedited\n")
+    tampered = runner.invoke(app, ["verify", str(copy), "--base-dir", str(base)])
+    assert tampered.exit_code == 1
+    assert "model.safetensors: content differs" in tampered.output and "data/data_card.md" in tampered.output
+
+
+def test_verify_reports_the_first_stage_that_differs(tmp_path, tiny_run):
+    from clearlm.release.verify import verify_release
+
+    rel = tmp_path / "release"
+    shutil.copytree(tiny_run.artifacts["release"].path, rel)
+    lineage = json.loads((rel / "lineage.json").read_text())
+    lineage["train"]["outputs"]["model.safetensors"] = "sha256:" + "0" * 64  # as if trained elsewhere
+    (rel / "lineage.json").write_text(json.dumps(lineage))
+    manifest = json.loads((rel / "manifest.json").read_text())
+    manifest["outputs"]["lineage.json"] = sha256_file(rel / "lineage.json")
+    (rel / "manifest.json").write_text(json.dumps(manifest))
+    verdict = verify_release(rel, tiny_run.loaded.base_dir, tmp_path)
+    assert not verdict.reproduced and verdict.stage == "train" and verdict.files == ["model.safetensors"]
+    assert verdict.max_weight_diff == 0.0, "the recorded hash differs but the weights re-run equal the release's"
+    assert any("likely cause" in line for line in verdict.lines)
+
+
+def test_audit_of_a_release_finds_every_component_and_nothing_unsafe(tiny_run):
+    report = audit_folder(tiny_run.artifacts["release"].path)
+    assert report["unsafe"] == [] and report["declared_by"] == "mot.yml"
+    assert report["mof"]["class"] == 1, report["mof"]["reasons"]
+    assert all(report["components"][name] for name in report["mof"]["status"]), report["components"]
+    assert report["osaid"]["complete"]

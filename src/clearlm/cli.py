@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -291,6 +292,47 @@ def generate(
             top_k=top_k or None, seed=seed, stop_id=eos_id,
         )  # fmt: skip
         sys.stdout.write(prompt + text + "\n")
+
+
+@app.command()
+def verify(
+    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a clearlm release folder")],
+    base_dir: Annotated[Path | None, typer.Option(help="where the recipe's data paths resolve (default: cwd)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="where the scratch re-run goes (default: the temp dir)")] = None,
+) -> None:
+    """Check RELEASE against its manifest, re-run its recipe and compare every stage bit for bit."""
+    from clearlm.release.verify import verify_release
+
+    with _user_errors():
+        verdict = verify_release(release_dir, base_dir or Path.cwd(), workdir, RichReporter())
+        for line in verdict.lines:
+            console.print(line, highlight=False)
+        if not verdict.reproduced:
+            console.print(f"[red]not reproduced[/]: first difference at {verdict.stage}", highlight=False)
+            raise typer.Exit(1)
+        console.print("[green]reproduced bit-for-bit[/]")
+
+
+@app.command()
+def audit(
+    path: Annotated[Path | None, typer.Argument(help="a model folder or repository checkout")] = None,
+    mot: Annotated[Path | None, typer.Option(help="a Model Openness Tool model YAML file to classify")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON here")] = None,
+) -> None:
+    """How open a model folder is (MOF class, licences, OSAID) and whether it holds unsafe files.
+
+    Nothing in the folder is imported, unpickled or executed."""
+    from clearlm.openness.audit import audit_folder, audit_mot, render
+
+    with _user_errors():
+        if (path is None) == (mot is None):
+            raise InputError("give a folder to audit, or --mot FILE.yml")
+        report = audit_mot(mot) if mot is not None else audit_folder(path)
+        render(report, console)
+        if json_out is not None:
+            json_out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        if report.get("unsafe"):
+            raise typer.Exit(1)
 
 
 def main() -> None:

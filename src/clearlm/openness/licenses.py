@@ -109,8 +109,11 @@ def normalize(raw: str | None) -> License:
         spdx = by_key[key]["spdx_license_key"] if key and key in by_key else None
         kind: Kind = "restrictive" if low != "other" else "unknown"
         return License(text, spdx, kind)
-    info = licensing.validate(_ALIASES.get(low, text))
-    if not info.normalized_expression:
+    try:
+        info = licensing.validate(_ALIASES.get(low, text))
+    except Exception:  # license-expression fails on some malformed strings instead of reporting them
+        info = None
+    if info is None or not info.normalized_expression:
         restrictive = any(w in low for w in _RESTRICTIVE_WORDS)
         return License(text, None, "restrictive" if restrictive else "unknown")
     spdx = info.normalized_expression

@@ -144,7 +144,8 @@ def build_release(
     shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
     _dump(
         out / "lineage.json",
-        {name: {**art.ref(), **{k: art.manifest[k] for k in ("config", "inputs", "outputs", "environment", "created")}}
+        {name: {**art.ref(), **{k: art.manifest.get(k) for k in ("config", "inputs", "outputs", "environment",
+                                                                  "created", "sources")}}
          for name, art in artifacts.items()},
     )  # fmt: skip
 

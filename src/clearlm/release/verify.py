@@ -1,0 +1,146 @@
+"""`clearlm verify`: check a release against its manifest, re-run its recipe, compare every stage.
+
+1. Integrity: every file the release's `manifest.json` lists must have its recorded sha256, and
+   no file may be missing or unlisted; an edited or corrupted file is named.
+2. Inputs: the raw inputs' digests (source files, the built-in corpus) must equal those recorded.
+3. Reproduction: the recipe in `recipe.toml` runs again in a scratch directory, and each stage's
+   outputs (data, tokenizer, shards, training, evaluation) are compared with the sha256s recorded in
+   `lineage.json`. Files that hold wall-clock times (the training log, checkpoint state) are
+   compared without those fields, against the copies in the release where there is one.
+The first stage that differs is reported with its files, the largest weight difference, and the
+library versions that changed, the likely cause.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from clearlm.artifacts import MANIFEST, environment, sha256_file
+from clearlm.data.corpus import data_identity
+from clearlm.errors import InputError
+from clearlm.pipeline import Pipeline, Reporter
+from clearlm.recipe import load_recipe
+
+STAGES = ("data", "tokenizer", "shards", "train", "eval")
+TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json")}  # hold wall-clock times besides their content
+_TIME_KEYS = {"seconds", "tokens_per_s", "mfu", "train_seconds", "elapsed"}
+
+
+@dataclass
+class Verdict:
+    reproduced: bool
+    lines: list[str] = field(default_factory=list)
+    stage: str | None = None
+    files: list[str] = field(default_factory=list)
+    max_weight_diff: float | None = None
+
+
+def integrity(folder: Path) -> list[str]:
+    """Files of the release that do not match its manifest: changed, missing or not listed."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"{folder}: no {MANIFEST}; not a clearlm release")
+    outputs = json.loads(manifest_path.read_text())["outputs"]
+    problems = [f"{rel}: {'missing' if not (folder / rel).is_file() else 'content differs from manifest'}"
+                for rel, digest in outputs.items()
+                if not (folder / rel).is_file() or sha256_file(folder / rel) != digest]  # fmt: skip
+    listed = set(outputs)
+    problems += [f"{p.relative_to(folder).as_posix()}: not in manifest" for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed]  # fmt: skip
+    return problems
+
+
+def _without_times(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if k not in _TIME_KEYS}
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
+
+
+def _jsonl(path: Path) -> list[Any]:
+    return [_without_times(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _weight_diff(release_weights: Path, rerun_weights: Path) -> float:
+    """Largest absolute difference between the release's weights (transformers' names) and the re-run's."""
+    left = {k.removeprefix("model."): v for k, v in load_file(release_weights).items()}
+    right = {k.removeprefix("model."): v for k, v in load_file(rerun_weights).items()}
+    common = [k for k in left.keys() & right.keys() if left[k].shape == right[k].shape]
+    return max(((left[k].float() - right[k].float()).abs().max().item() for k in common), default=float("inf"))
+
+
+def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Path) -> tuple[list[str], list[str]]:
+    """(differing files, files compared without their wall-clock fields) for one stage.
+
+    The training log is compared with the release's copy, fields holding times left out; checkpoint
+    state files hold the elapsed time and have no copy in the release, so they are not compared
+    (the checkpoints' weights and optimizer state are)."""
+    differ, timed = [], []
+    produced = rerun.manifest["outputs"]
+    for rel, digest in recorded["outputs"].items():
+        if produced.get(rel) == digest:
+            continue
+        if any(fnmatch(rel, pattern) for pattern in TIMED.get(stage, ())):
+            timed.append(rel)
+            if rel == "log.jsonl" and _jsonl(release / "training" / "log.jsonl") != _jsonl(rerun.path / rel):
+                differ.append(rel)
+            continue
+        differ.append(rel)
+    return differ + [rel for rel in produced if rel not in recorded["outputs"]], timed
+
+
+def _environment_changes(lineage: dict[str, Any]) -> list[str]:
+    now = environment()
+    then = next(iter(lineage.values()))["environment"]
+    return [f"{k} {then.get(k)} (release) vs {now.get(k)} (here)" for k in sorted(set(then) | set(now))
+            if k not in ("platform", "cpu_count") and then.get(k) != now.get(k)]  # fmt: skip
+
+
+def verify_release(
+    folder: Path, base_dir: Path | None = None, workdir: Path | None = None, reporter: Reporter | None = None
+) -> Verdict:
+    folder = Path(folder).resolve()
+    problems = integrity(folder)
+    if problems:
+        return Verdict(False, [f"tampered: {p}" for p in problems], stage="release",
+                       files=[p.split(":")[0] for p in problems])  # fmt: skip
+    lineage = json.loads((folder / "lineage.json").read_text())
+    loaded = load_recipe(folder / "recipe.toml")
+    if base_dir is not None:
+        loaded = loaded.model_copy(update={"base_dir": Path(base_dir).resolve()})
+    recorded_sources = lineage["data"].get("sources")
+    here = data_identity(loaded.recipe.data, loaded.base_dir)
+    if recorded_sources is not None and recorded_sources != here:
+        return Verdict(False, ["inputs differ from those recorded: the raw data is not the same "
+                               f"(recorded {json.dumps(recorded_sources)[:200]}; here {json.dumps(here)[:200]}); "
+                               "pass --base-dir to point at the recipe's data"], stage="inputs")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as scratch:
+        pipe = Pipeline(loaded, Path(scratch), reporter)
+        rerun = {"data": pipe.data(), "tokenizer": pipe.tokenizer(), "shards": pipe.shards(), "train": pipe.train(),
+                 "eval": pipe.eval()}  # fmt: skip
+        lines = []
+        for stage in STAGES:
+            differ, timed = _compare_stage(stage, lineage[stage], rerun[stage], folder)
+            if not differ:
+                note = f" ({', '.join(timed)} compared without wall-clock times)" if timed else ""
+                lines.append(f"{stage}: reproduced bit-for-bit, {len(lineage[stage]['outputs'])} files{note}")
+                continue
+            verdict = Verdict(False, lines, stage=stage, files=differ)
+            lines.append(f"{stage}: differs: {', '.join(differ[:8])}")
+            if stage == "train" and "model.safetensors" in differ:
+                verdict.max_weight_diff = _weight_diff(folder / "model.safetensors",
+                                                       rerun["train"].path / "model.safetensors")  # fmt: skip
+                lines.append(f"  largest absolute weight difference: {verdict.max_weight_diff:.3g}")
+            changes = _environment_changes(lineage)
+            unchanged = "none of the recorded library versions changed (nondeterminism or a different machine)"
+            lines.append("  likely cause: " + ("; ".join(changes) if changes else unchanged))
+            return verdict
+    return Verdict(True, [*lines, "reproduced bit-for-bit"])
