@@ -177,6 +177,11 @@ def _card_front_matter(root: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _is_licence_file(name: str) -> bool:
+    stem, _, ext = name.partition(".")
+    return stem.split("-")[0] in ("license", "licence", "copying") and ext in ("", "md", "txt", "rst")
+
+
 def _licence_file(path: Path) -> str | None:
     text = path.read_text(errors="replace")[:20000]
     for pattern, spdx in _TEXTS:
@@ -215,7 +220,7 @@ def audit_folder(folder: Path) -> dict[str, Any]:
         if suffix in WEIGHT_SUFFIXES:
             weights.append({"path": rel, "format": suffix.lstrip("."), "bytes": path.stat().st_size,
                             "sha256": sha256_file(path)})  # fmt: skip
-        if name.startswith(("license", "licence", "copying")) and path.stat().st_size < 1 << 20:
+        if _is_licence_file(name) and path.stat().st_size < 1 << 20:
             found = _licence_file(path)
             licences.append({"where": rel, "from": "licence file", **_licence(found or "unrecognised text")})
         elif suffix in (".py", ".md", ".txt", ".toml", ".yml", ".yaml", ".sh") and path.stat().st_size < 1 << 22:
