@@ -318,3 +318,24 @@ def test_audit_of_a_release_finds_every_component_and_nothing_unsafe(tiny_run):
     assert report["mof"]["class"] == 1, report["mof"]["reasons"]
     assert all(report["components"][name] for name in report["mof"]["status"]), report["components"]
     assert report["osaid"]["complete"]
+
+
+def _chromium() -> str | None:
+    return next((c for c in ("/usr/lib/chromium/chromium", shutil.which("chromium") or "") if c and Path(c).exists()),
+                None)  # fmt: skip
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium package (make test installs it as root)")
+def test_report_renders_in_headless_chromium_with_its_charts(tmp_path, tiny_run):
+    import matplotlib.image
+
+    report = tiny_run.artifacts["release"].path / "report.html"
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+             "--v=0", "--virtual-time-budget=2000", "--window-size=1200,2400"]  # fmt: skip
+    dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and "Uncaught" not in dom.stderr and "Page load failed" not in dom.stderr
+    assert dom.stdout.count("<svg") >= 6 and dom.stdout.count("<polyline") >= 4 and "Sample generations" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2400, 1200) and pixels[..., :3].std() > 0.05, "the page is not blank"
