@@ -27,6 +27,7 @@ from clearlm.artifacts import sha256_file
 from clearlm.errors import InputError
 from clearlm.openness.licenses import normalize
 from clearlm.openness.mof import BY_NAME, COMPONENTS, evaluate, from_mot
+from clearlm.openness.osaid import osaid_checklist
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx"}
@@ -293,8 +294,6 @@ def _component_licences(
 
 
 def _osaid(present: dict[str, list[str]], licences: dict[str, str]) -> dict[str, Any]:
-    from clearlm.release.openness import osaid_checklist
-
     return osaid_checklist({n: {"license": licences.get(n, "unlicensed")} for n in present})
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from clearlm.openness.licenses import OPEN_DATA, OSI_APPROVED, fits
+from clearlm.openness.licenses import fits
 from clearlm.openness.mof import COMPONENTS, evaluate, to_mot
+from clearlm.openness.osaid import osaid_checklist
 from clearlm.recipe import Recipe
 
 GENERATED = {"Model card", "Data card", "Technical report", "Research paper"}
@@ -72,34 +73,6 @@ def release_components(
             "note": note,
         }
     return components
-
-
-def osaid_checklist(components: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The OSAID 1.0 checklist: data information, code, parameters, each with its evidence."""
-
-    def has(name: str) -> bool:
-        return name in components
-
-    code = ["Data preprocessing code", "Training code", "Inference code", "Model architecture", "Evaluation code"]
-    items = {
-        "data information": (
-            has("Data card") and has("Data preprocessing code") and has("Datasets"),
-            "data card, the cleaning code and the cleaned datasets (or the recipe that rebuilds them)",
-        ),
-        "code": (
-            all(has(n) and components[n]["license"] in OSI_APPROVED for n in code),
-            "the complete code used to process data, train, run and evaluate, under OSI-approved licences",
-        ),
-        "parameters": (
-            has("Model parameters (Final)")
-            and components["Model parameters (Final)"]["license"] in OSI_APPROVED | OPEN_DATA,
-            "the weights (final and intermediate) under OSI-approved or open data terms",
-        ),
-    }
-    return {
-        "complete": all(ok for ok, _ in items.values()),
-        "items": {k: {"met": ok, "requires": why} for k, (ok, why) in items.items()},
-    }
 
 
 def openness_report(recipe: Recipe, components: dict[str, dict[str, Any]]) -> dict[str, Any]:
