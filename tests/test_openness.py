@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from clearlm.openness.licenses import normalize
-from clearlm.openness.mof import COMPONENTS, evaluate, from_mot, to_mot
+from clearlm.openness.mof import COMPONENTS, evaluate, from_mot, to_mot, validate_mot
 
 ALL = [c.name for c in COMPONENTS]
 CLASS_III = ["Model architecture", "Model parameters (Final)", "Model card", "Data card", "Technical report",
@@ -87,7 +87,11 @@ def test_licences_resolve_as_mot_does():
 
 def test_export_round_trips_in_mof_order():
     components = {n: {"license": "CC-BY-4.0"} if n == "Model card" else {} for n in reversed(CLASS_I)}
-    doc = to_mot({"name": "m", "version": "1"}, components, {"distribution": "Apache-2.0"})
+    doc = to_mot({"name": "m", "version": "1", "date": "2026-11-26", "type": "language"}, components,
+                 {"distribution": "Apache-2.0"})  # fmt: skip
+    assert validate_mot(yaml.safe_load(yaml.safe_dump(doc))) == []
+    broken = {**doc, "release": {**doc["release"], "components": [{"name": "Weights", "description": ""}]}}
+    assert validate_mot(broken) and "release.components.0.name" in validate_mot(broken)[0]
     assert [c["name"] for c in doc["release"]["components"]] == [n for n in ALL if n in CLASS_I]
     assert evaluate(*from_mot(yaml.safe_load(yaml.safe_dump(doc)))).mof_class == 1
 

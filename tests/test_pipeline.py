@@ -15,7 +15,7 @@ import clearlm
 from clearlm.artifacts import check_outputs, sha256_file
 from clearlm.cli import app
 from clearlm.openness.audit import audit_folder
-from clearlm.openness.mof import evaluate, from_mot
+from clearlm.openness.mof import evaluate, from_mot, validate_mot
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
 from clearlm.release.load import load_release
@@ -67,6 +67,7 @@ def test_default_release_is_class_one_and_osaid_complete(tiny_run):
             assert (rel / path).exists(), (row["component"], path)
     mot = yaml.safe_load((rel / "mot.yml").read_text())
     assert evaluate(*from_mot(mot)).mof_class == 1, "the exported MOT file gives the same class"
+    assert validate_mot(mot) == []
     code = rel / "code" / "clearlm"
     assert (code / "model" / "transformer.py").read_bytes() == Path(clearlm.__file__).parent.joinpath(
         "model", "transformer.py"

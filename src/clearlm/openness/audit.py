@@ -26,7 +26,7 @@ import yaml
 from clearlm.artifacts import sha256_file
 from clearlm.errors import InputError
 from clearlm.openness.licenses import normalize
-from clearlm.openness.mof import BY_NAME, COMPONENTS, evaluate, from_mot
+from clearlm.openness.mof import BY_NAME, COMPONENTS, evaluate, from_mot, validate_mot
 from clearlm.openness.osaid import osaid_checklist
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}
@@ -305,7 +305,7 @@ def audit_mot(path: Path) -> dict[str, Any]:
         evaluation = evaluate(components, global_licences)
     except (OSError, yaml.YAMLError, ValueError) as e:
         raise InputError(f"{path}: {e}") from None
-    return {"mot_file": str(path), "mof": evaluation.as_dict(), "unsafe": []}
+    return {"mot_file": str(path), "mof": evaluation.as_dict(), "format_problems": validate_mot(doc), "unsafe": []}
 
 
 def render(report: dict[str, Any], console: Any) -> None:
@@ -332,6 +332,8 @@ def render(report: dict[str, Any], console: Any) -> None:
     if "osaid" in report:
         items = ", ".join(f"{k}: {'yes' if v['met'] else 'no'}" for k, v in report["osaid"]["items"].items())
         console.print(f"OSAID 1.0: {'complete' if report['osaid']['complete'] else 'incomplete'} ({items})")
+    for problem in report.get("format_problems", []):
+        console.print(f"  not in MOT's model-file format: {problem}", highlight=False)
     for finding in report["unsafe"]:
         console.print(f"[red]unsafe[/] {finding['kind']}: {finding['path']}: {finding['detail']}", highlight=False)
     if not report["unsafe"] and "folder" in report:

@@ -17,7 +17,10 @@ MOT's rules, restated:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clearlm.openness.licenses import FSF_LIBRE, OPEN_DATA, OSI_APPROVED, fits
 
@@ -181,3 +184,61 @@ def to_mot(release: dict[str, Any], components: dict[str, dict[str, Any]], globa
             listed.append(entry)
     license_block = {k: {"name": v, "path": ""} for k, v in global_licenses.items()}
     return {"framework": dict(FRAMEWORK), "release": {**release, "license": license_block, "components": listed}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _MotFramework(_Strict):
+    name: Literal["Model Openness Framework"]
+    version: str
+    date: date
+
+
+class _MotLicence(_Strict):
+    name: str
+    path: str = ""
+
+
+class _MotComponent(_Strict):
+    name: Literal[tuple(BY_NAME)]  # type: ignore[valid-type]
+    description: str
+    license: str | None = None
+    license_path: str | None = None
+    component_path: str | None = None
+
+
+_Architecture = Literal["", "transformer", "transformer decoder", "transformer encoder-decoder", "decoder", "encoder",
+                        "diffusion", "RNN", "CNN", "LSTM", "NeRF", "hybrid", "undisclosed", "other"]  # fmt: skip
+
+
+class _MotRelease(_Strict):
+    name: str = Field(min_length=1)
+    version: str
+    date: date
+    type: Literal["", "language", "vision", "image", "audio", "video", "3d", "code", "multimodal", "other"] = ""
+    architecture: _Architecture = ""
+    origin: str = ""
+    producer: str = ""
+    contact: str = ""
+    repository: str = ""
+    huggingface: str = ""
+    license: dict[Literal["distribution", "code", "data", "document"], _MotLicence] = {}
+    components: list[_MotComponent]
+
+
+class _MotModel(_Strict):
+    framework: _MotFramework
+    release: _MotRelease
+
+
+def validate_mot(doc: Any) -> list[str]:
+    """Problems with a MOT model document, checked against MOT's model-file format (the fields and
+    enumerations of its schema, with the per-component `license`, `license_path` and `component_path`
+    its current serializer writes); empty when valid."""
+    try:
+        _MotModel.model_validate(doc)
+    except ValidationError as e:
+        return [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+    return []
