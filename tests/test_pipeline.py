@@ -340,3 +340,11 @@ def test_report_renders_in_headless_chromium_with_its_charts(tmp_path, tiny_run)
     subprocess.run([*flags, f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2400, 1200) and pixels[..., :3].std() > 0.05, "the page is not blank"
+
+
+def test_a_non_commercial_weights_licence_names_what_holds_the_release_back(tmp_path, tiny_recipe):
+    pipe = Pipeline(load_recipe(tiny_recipe, ["release.weights_license=CC-BY-NC-4.0"]), tmp_path)
+    report = json.loads((pipe.run("release").path / "openness.json").read_text())
+    assert report["mof"]["class"] == 0 and not report["osaid"]["complete"]
+    assert any(r.startswith("Class III: Model parameters (Final) has licence 'CC-BY-NC-4.0'")
+               for r in report["mof"]["reasons"])  # fmt: skip

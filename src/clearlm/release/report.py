@@ -75,14 +75,14 @@ def bar_chart(title: str, labels: list[str], series: dict[str, list[float]]) -> 
     parts = []
     for j, label in enumerate(labels):
         y = _PAD + j * row
-        parts.append(f'<text x="{_PAD + 96}" y="{y + 7 * n + 4}" text-anchor="end">{_esc(label[:18])}</text>')
+        parts.append(f'<text x="{_PAD + 126}" y="{y + 7 * n + 4}" text-anchor="end">{_esc(label[:24])}</text>')
         for i, (name, values) in enumerate(series.items()):
-            width = values[j] / top * (_W - 2 * _PAD - 160)
+            width = values[j] / top * (_W - 2 * _PAD - 190)
             parts.append(
-                f'<rect x="{_PAD + 100}" y="{y + 14 * i}" width="{max(width, 0.5):.1f}" height="12" '
+                f'<rect x="{_PAD + 130}" y="{y + 14 * i}" width="{max(width, 0.5):.1f}" height="12" '
                 f'fill="{_COLORS[i % len(_COLORS)]}"><title>{_esc(name)}</title></rect>'
             )
-            parts.append(f'<text x="{_PAD + 104 + width:.1f}" y="{y + 14 * i + 10}">{_fmt(values[j])}</text>')
+            parts.append(f'<text x="{_PAD + 134 + width:.1f}" y="{y + 14 * i + 10}">{_fmt(values[j])}</text>')
     for i, name in enumerate(series if n > 1 else []):
         parts.append(
             f'<text x="{_W - _PAD}" y="{_PAD - 10 + 14 * i}" text-anchor="end" '
