@@ -55,7 +55,7 @@ _EVIDENCE: list[tuple[str, tuple[str, ...]]] = [
     ("Data card", ("*data_card*.md", "*DATA_CARD*", "*datasheet*", "*dataset_card*.md")),
     ("Technical report", ("report.html", "*technical_report*", "*tech_report*", "*report*.pdf")),
     ("Research paper", ("*paper*.pdf", "*paper*.md", "*arxiv*.pdf", "*.tex")),
-    ("Evaluation results", ("eval/results.json", "*results*.json", "*eval*results*")),
+    ("Evaluation results", ("eval/results.json", "*results*.json", "*eval*results*.md")),
 ]  # fmt: skip
 _EXTRA = {"tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken"),
           "logs": ("*.log", "training/*.jsonl", "*log.jsonl", "*events.out.tfevents*", "logs/*")}  # fmt: skip
