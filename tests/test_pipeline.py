@@ -19,6 +19,7 @@ from clearlm.openness.mof import evaluate, from_mot, validate_mot
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
 from clearlm.release.load import load_release
+from clearlm.release.verify import verify_release
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -240,6 +241,9 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     card = (tmp_path / "quickstart" / "release" / "README.md").read_text()
     assert "stdlib_next_line" in card and (tmp_path / "quickstart" / "release" / "eval" / "samples.jsonl").is_file()
     assert (tmp_path / "quickstart" / "release" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "quickstart" / "release" / "openness.json").read_text())["mof"]["class"] == 1
+    verdict = verify_release(tmp_path / "quickstart" / "release", tmp_path, tmp_path)
+    assert verdict.reproduced, verdict.lines
 
 
 def test_cli_eval_a_model_folder_on_a_task_file(tmp_path, tiny_run):
@@ -297,8 +301,6 @@ def test_verify_reproduces_a_release_and_names_what_was_tampered(tmp_path, tiny_
 
 
 def test_verify_reports_the_first_stage_that_differs(tmp_path, tiny_run):
-    from clearlm.release.verify import verify_release
-
     rel = tmp_path / "release"
     shutil.copytree(tiny_run.artifacts["release"].path, rel)
     lineage = json.loads((rel / "lineage.json").read_text())
