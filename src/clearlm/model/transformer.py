@@ -80,7 +80,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
@@ -88,7 +90,10 @@ class Attention(nn.Module):
         if self.kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -111,8 +116,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,24 +149,37 @@ class Transformer(nn.Module):
                     std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else self.cfg.init_std
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [batch, time, d_model] for token ids [batch, time] (time <= context)."""
+    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [batch, time, d_model] for token ids [batch, time] (time <= context).
+
+        `segments` [batch, time] numbers the sequences packed into each row (non-decreasing): positions
+        restart at each sequence and attention stays within it, so packed sequences see exactly what
+        they would see alone."""
         T = idx.shape[1]
         if T > self.cfg.context:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.cfg.context}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None
+        if segments is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            steps = torch.arange(T, device=idx.device).expand_as(segments)
+            starts = torch.where(torch.diff(segments, dim=1, prepend=segments[:, :1] - 1) != 0, steps, 0)
+            positions = steps - torch.cummax(starts, dim=1).values
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (segments.unsqueeze(2) == segments.unsqueeze(1)).logical_and(causal).unsqueeze(1)
         x = self.embed_tokens(idx)
         for block in self.layers:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, time, vocab]."""
-        return self.lm_head(self.hidden_states(idx))
+        return self.lm_head(self.hidden_states(idx, segments))
 
-    def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Summed next-token cross-entropy (targets -100 ignored), without materialising the logits."""
-        h = self.hidden_states(idx)
+        h = self.hidden_states(idx, segments)
         return linear_cross_entropy_sum(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
 
     def num_params(self) -> int:

@@ -1,0 +1,227 @@
+"""Chat data for post-training: the chat template, the readers of SFT formats, and tokenisation with
+the mask of the tokens that are trained.
+
+The template is Tulu 3's (`<|system|>`, `<|user|>`, `<|assistant|>` turns, each assistant turn ended
+by the end-of-text token) with the assistant's text and end-of-turn token inside
+`{% generation %}...{% endgeneration %}`, so transformers' `apply_chat_template(...,
+return_assistant_tokens_mask=True)` and TRL's `assistant_only_loss` see the same trained span.
+Rendering follows transformers: Jinja's sandbox with `trim_blocks` and `lstrip_blocks`, the text
+tokenised whole without added special tokens, and a token trained when it holds a character of a
+generation block (`Encoding.char_to_token` on the block's first and last characters).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% if not loop.last %}{{ '\n' }}{% endif %}"
+    "{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    "{% endfor %}"
+)
+ROLES = ("system", "user", "assistant")
+_OPEN, _CLOSE = "\x02", "\x03"  # marks around generation blocks while rendering; refused in messages
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`: the body, between two marker characters."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller: Any) -> str:
+        return _OPEN + caller() + _CLOSE
+
+
+class BadRow(ValueError):
+    """A post-training row that cannot be used; the reason is counted and reported."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One SFT example: messages (a conversation), or a prompt and completion (strings or messages)."""
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | list[dict[str, str]] | None = None
+    completion: str | list[dict[str, str]] | None = None
+
+
+class ChatTemplate:
+    def __init__(self, template: str = CHAT_TEMPLATE, eos_token: str = "<|endoftext|>") -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols]
+        )
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        self.source, self.eos_token, self._template = template, eos_token, env.from_string(template)
+
+    def render(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of its generation blocks."""
+        marked = self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, eos_token=self.eos_token
+        )
+        text, spans, start = [], [], 0
+        pos = 0
+        for ch in marked:
+            if ch == _OPEN:
+                start = pos
+            elif ch == _CLOSE:
+                spans.append((start, pos))
+            else:
+                text.append(ch)
+                pos += 1
+        return "".join(text), spans
+
+    def encode(
+        self, tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """(token ids, assistant mask) exactly as `apply_chat_template(..., return_assistant_tokens_mask=True)`."""
+        text, spans = self.render(messages, add_generation_prompt)
+        enc = _encode_with_specials(tok, text)
+        mask = [0] * len(enc.ids)
+        for start, end in spans:
+            first = enc.char_to_token(start) if end > start else None
+            if first is None:
+                continue
+            last = enc.char_to_token(end - 1)
+            for i in range(first, (last + 1) if last is not None else len(mask)):
+                mask[i] = 1
+        return enc.ids, mask
+
+
+def _encode_with_specials(tok: Tokenizer, text: str) -> Any:
+    """Encode with special-token strings read as special tokens, as transformers does for chat text
+    (clearlm's corpus tokenizer reads them as plain text)."""
+    saved = tok.encode_special_tokens
+    tok.encode_special_tokens = False
+    try:
+        return tok.encode(text, add_special_tokens=False)
+    finally:
+        tok.encode_special_tokens = saved
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"{where} is not a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRow(f"{where}[{i}]: role must be one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise BadRow(f"{where}[{i}]: content is missing or not a string")
+        if _OPEN in content or _CLOSE in content:
+            raise BadRow(f"{where}[{i}]: content holds control characters \\x02/\\x03")
+        if m["role"] == "assistant" and not content.strip():
+            raise BadRow(f"{where}[{i}]: empty assistant turn")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def parse_sft_row(row: Any) -> Example:
+    """A row of any supported format: `messages` (TRL conversational), `prompt`/`completion`
+    (strings or message lists), or Alpaca's `instruction`/`input`/`output`."""
+    if not isinstance(row, dict):
+        raise BadRow("row is not a JSON object")
+    if "messages" in row:
+        messages = _messages(row["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadRow("messages has no assistant turn")
+        return Example(messages=messages)
+    if "prompt" in row and "completion" in row:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            if not completion.strip():
+                raise BadRow("empty completion")
+            return Example(prompt=prompt, completion=completion)
+        prompt_messages, completion_messages = _messages(prompt, "prompt"), _messages(completion, "completion")
+        if not any(m["role"] == "assistant" for m in completion_messages):
+            raise BadRow("completion has no assistant turn")
+        return Example(prompt=prompt_messages, completion=completion_messages)
+    if "instruction" in row and "output" in row:
+        fields = {k: row.get(k, "") for k in ("instruction", "input", "output")}
+        if not all(isinstance(v, str) for v in fields.values()):
+            raise BadRow("instruction, input and output must be strings")
+        query = "\n".join(v for v in (fields["instruction"], fields["input"]) if v)
+        if not query.strip() or not fields["output"].strip():
+            raise BadRow("empty instruction or output")
+        return Example(
+            messages=[{"role": "user", "content": query}, {"role": "assistant", "content": fields["output"]}]
+        )
+    raise BadRow("no known format: expected messages, prompt/completion or instruction/output")
+
+
+def read_sft(path: Path) -> Iterator[tuple[str, Example | BadRow]]:
+    """(where, example or bad row) for each row of a .jsonl file or a .json array."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield f"{path}", BadRow(f"invalid JSON ({e.msg})")
+            return
+        items = enumerate(rows if isinstance(rows, list) else [rows], start=1)
+        label = "item"
+    else:
+        items = ((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+        label = "line"
+    for n, raw in items:
+        where = f"{path}:{n}" if label == "line" else f"{path} item {n}"
+        try:
+            row = json.loads(raw) if label == "line" else raw
+            yield where, parse_sft_row(row)
+        except json.JSONDecodeError as e:
+            yield where, BadRow(f"invalid JSON ({e.msg})")
+        except BadRow as e:
+            yield where, e
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_sft(tok: Tokenizer, template: ChatTemplate, example: Example) -> tuple[list[int], list[int]]:
+    """(input ids, labels with -100 on tokens not trained), as TRL's SFTTrainer builds them with
+    `assistant_only_loss=True` (and `completion_only_loss` for prompt-completion data)."""
+    if example.messages is not None:
+        ids, mask = template.encode(tok, example.messages)
+        return ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+    if isinstance(example.prompt, str):
+        completion = (
+            example.completion
+            if example.completion.endswith(template.eos_token)
+            else (example.completion + template.eos_token)
+        )
+        prompt_ids = _encode_with_specials(tok, example.prompt).ids
+        ids = _encode_with_specials(tok, example.prompt + completion).ids
+        n = common_prefix(prompt_ids, ids)
+        return ids, [-100] * n + ids[n:]
+    prompt_ids, _ = template.encode(tok, example.prompt, add_generation_prompt=True)
+    ids, mask = template.encode(tok, [*example.prompt, *example.completion])
+    n = common_prefix(prompt_ids, ids)
+    return ids, [t if (m and i >= n) else -100 for i, (t, m) in enumerate(zip(ids, mask, strict=True))]

@@ -1,0 +1,110 @@
+"""Supervised fine-tuning: tokenised conversations into batches (padded or packed) and the loss.
+
+The loss is TRL's SFTTrainer's: next-token cross-entropy summed over the trained tokens (assistant
+turns; completions for prompt-completion data) and divided by the number of trained tokens in the
+whole accumulated batch, so micro-batching never changes it. Packing puts several examples in one
+row with positions restarting and attention kept inside each example, so packed and padded batches
+give the same loss.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from clearlm.data.chat import ChatTemplate, Example, tokenize_sft
+from clearlm.model.loss import IGNORE_INDEX
+from clearlm.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Model input (ids without the last token) and targets (labels shifted by one)."""
+
+    inputs: list[int]
+    targets: list[int]
+
+    @property
+    def trained(self) -> int:
+        return sum(t != IGNORE_INDEX for t in self.targets)
+
+
+@dataclass(frozen=True)
+class Batch:
+    idx: torch.Tensor
+    targets: torch.Tensor
+    segments: torch.Tensor | None = None
+
+    @property
+    def trained(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+
+def prepare(examples: Iterable[Example], tok: Tokenizer, template: ChatTemplate, max_length: int
+            ) -> tuple[list[Tokenized], Counter[str]]:  # fmt: skip
+    """Tokenise and keep the first `max_length` tokens (TRL's keep_start); examples left with no trained
+    token are dropped. The counts say how many were truncated or dropped, so nothing is silent."""
+    out, counts = [], Counter()
+    for example in examples:
+        ids, labels = tokenize_sft(tok, template, example)
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            counts["truncated"] += 1
+        item = Tokenized(ids[:-1], labels[1:])
+        if item.trained == 0:
+            counts["dropped: no trained token within max_length"] += 1
+            continue
+        out.append(item)
+        counts["examples"] += 1
+    return out, counts
+
+
+def pad(items: list[Tokenized], pad_id: int) -> Batch:
+    """Rows padded on the right (targets -100 there), as TRL's collator does."""
+    width = max(len(i.inputs) for i in items)
+    idx = torch.full((len(items), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(items):
+        idx[row, : len(item.inputs)] = torch.tensor(item.inputs)
+        targets[row, : len(item.targets)] = torch.tensor(item.targets)
+    return Batch(idx, targets)
+
+
+def pack(items: list[Tokenized], width: int, pad_id: int) -> Batch:
+    """Examples placed in order into rows of `width` tokens (a new row when the next does not fit)."""
+    rows: list[list[Tokenized]] = [[]]
+    for item in items:
+        if len(item.inputs) > width:
+            raise ValueError(f"an example of {len(item.inputs)} tokens does not fit a row of {width}")
+        if sum(len(i.inputs) for i in rows[-1]) + len(item.inputs) > width:
+            rows.append([])
+        rows[-1].append(item)
+    idx = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, item in enumerate(row):
+            n = len(item.inputs)
+            idx[r, at : at + n] = torch.tensor(item.inputs)
+            targets[r, at : at + n] = torch.tensor(item.targets)
+            segments[r, at : at + n] = s
+            at += n
+        segments[r, at:] = len(row)  # padding: a segment of its own
+    return Batch(idx, targets, segments)
+
+
+def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the batch's trained tokens (divide by the accumulated token count)."""
+    return model.loss_sum(batch.idx, batch.targets, batch.segments)
+
+
+def mean_loss(model: Transformer, micro_batches: list[Batch]) -> float:
+    """The loss TRL logs for one optimizer step: token mean over all micro-batches (no gradient)."""
+    with torch.no_grad():
+        total = sum(loss_sum(model, b).item() for b in micro_batches)
+    return total / max(1, sum(b.trained for b in micro_batches))
