@@ -350,3 +350,53 @@ def test_a_non_commercial_weights_licence_names_what_holds_the_release_back(tmp_
     assert report["mof"]["class"] == 0 and not report["osaid"]["complete"]
     assert any(r.startswith("Class III: Model parameters (Final) has licence 'CC-BY-NC-4.0'")
                for r in report["mof"]["reasons"])  # fmt: skip
+
+
+def _chat_file(folder: Path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Say {w} twice."}, {"role": "assistant", "content": f"{w} {w}"}]}
+            for w in ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta") * 3]  # fmt: skip
+    rows.append({"messages": [{"role": "user", "content": "no answer"}]})
+    path = folder / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_stage_trains_on_chat_data_and_reports_bad_rows(tmp_path, tiny_recipe):
+    _chat_file(tiny_recipe.parent)
+    sft = (
+        '\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\n'
+        "epochs = 3\nlr = 3e-3\nwarmup_ratio = 0.2\nmicro_batch_size = 4\npacking = true\n"
+    )
+    tiny_recipe.write_text(tiny_recipe.read_text() + sft)
+    result = runner.invoke(app, ["sft", str(tiny_recipe), "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    art = next((tmp_path / "artifacts").glob("sft-*"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"data", "tokenizer", "train"} and manifest["sources"]["data"][0]["digest"]
+    metrics = manifest["metrics"]
+    assert metrics["examples"] == 24 and metrics["bad_rows"] == {"messages has no assistant turn": 1}
+    assert metrics["steps"] == 18 and metrics["final_loss"] < metrics["first_loss"]
+    log = [json.loads(line) for line in (art / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 18 and log[0]["lr"] < log[1]["lr"] and log[-1]["lr"] < log[-2]["lr"], "warmup, then decay"
+    assert json.loads((art / "rejects.jsonl").read_text().splitlines()[0])["where"].endswith("chat.jsonl:25")
+    again = runner.invoke(app, ["sft", str(tiny_recipe), "--workdir", str(tmp_path)])
+    assert again.output.count("up to date, skipped") == 5
+
+
+def test_sft_from_a_hugging_face_folder_clearlm_did_not_write(tmp_path, tiny_run):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    rel = tiny_run.artifacts["release"].path
+    hf = tmp_path / "hf-model"
+    AutoModelForCausalLM.from_pretrained(rel).save_pretrained(hf)
+    PreTrainedTokenizerFast.from_pretrained(rel).save_pretrained(hf)
+    folder = tiny_run.loaded.base_dir
+    _chat_file(tmp_path)
+    recipe = (folder / "tiny.toml").read_text().replace('path = "corpus.jsonl"', f'path = "{folder / "corpus.jsonl"}"')
+    (tmp_path / "r.toml").write_text(
+        recipe + f'\n[sft]\nbase = "{hf}"\ndata = [{{ path = "chat.jsonl" }}]\nepochs = 1\n'
+    )
+    pipe = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
+    art = pipe.sft()
+    assert "train" not in art.manifest["inputs"] and art.manifest["sources"]["base"]
+    assert art.metrics["examples"] == 24 and (art.path / "model.safetensors").is_file()

@@ -196,6 +196,18 @@ def train(
         _summary(pipe)
 
 
+@app.command()
+def sft(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+    """Supervised fine-tuning on chat data (the recipe's [sft] section), after pretraining if needed."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        art = pipe.sft()
+        _summary(pipe)
+        m = art.metrics
+        console.print(f"sft: {m['examples']} examples, {m['steps']} steps, loss {m['first_loss']:.4f} -> "
+                      f"{m['final_loss']:.4f}; {m['counts']} {m['bad_rows'] or ''}", highlight=False)  # fmt: skip
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[

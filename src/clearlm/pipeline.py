@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,24 +17,29 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
+from clearlm.data.chat import BadRow, ChatTemplate, read_sft
 from clearlm.data.corpus import build_corpus, data_config, data_identity
 from clearlm.data.documents import read_jsonl
+from clearlm.data.instructions import LICENSE as INSTRUCTIONS_LICENSE
+from clearlm.data.instructions import stdlib_function_examples
 from clearlm.data.shards import write_shards
 from clearlm.data.sources import files_digest
 from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
-from clearlm.errors import ArtifactError
+from clearlm.errors import ArtifactError, RecipeError
 from clearlm.eval.harness import evaluate_tasks
 from clearlm.eval.perplexity import domain_bits_per_byte
 from clearlm.eval.results import write_samples
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.transformer import Transformer
-from clearlm.model.weights import load_model
-from clearlm.recipe import LoadedRecipe
+from clearlm.model.weights import load_model, save_model
+from clearlm.recipe import LoadedRecipe, TokenizerConfig
 from clearlm.release.build import build_release
+from clearlm.release.load import load_release
 from clearlm.train.checkpoint import latest_checkpoint
 from clearlm.train.loop import pretrain
+from clearlm.train.sft import prepare, train_sft
 
-STAGES = ("data", "tokenizer", "shards", "train", "eval", "release")
+STAGES = ("data", "tokenizer", "shards", "train", "sft", "eval", "release")
 RESUMABLE = ("data", "train")
 
 
@@ -52,6 +58,17 @@ class Reporter:
         """Documents and bytes that have entered each cleaning step so far."""
 
     def note(self, message: str) -> None: ...
+
+
+def base_model(folder: Path, tok_cfg: TokenizerConfig) -> tuple[Transformer, Tokenizer]:
+    """A Llama-family model folder to post-train, whose tokenizer has the chat template's tokens."""
+    model, tok, _ = load_release(folder)
+    if not isinstance(model, Transformer):
+        raise RecipeError(f"sft.base: {folder}: only Llama-family model folders can be post-trained")
+    missing = [t for t in (tok_cfg.eos_token, tok_cfg.pad_token, *tok_cfg.special_tokens) if tok.token_to_id(t) is None]
+    if missing:
+        raise RecipeError(f"sft.base: {folder}: the tokenizer lacks the chat tokens {', '.join(missing)}")
+    return model, tok
 
 
 class Pipeline:
@@ -218,6 +235,58 @@ class Pipeline:
             )
         return self._done["eval"]
 
+    def sft(self) -> Artifact:
+        """Supervised fine-tuning of the recipe's model (or of `sft.base`, a model folder) on chat data."""
+        if "sft" not in self._done:
+            cfg, base = self.recipe.sft, self.loaded.base_dir
+            if cfg is None:
+                raise RecipeError("the recipe has no [sft] section")
+            data, tok_art = self.data(), self.tokenizer()
+            inputs: dict[str, Artifact] = {"data": data, "tokenizer": tok_art}
+            files = [base / d.path for d in cfg.data]
+            extra: dict[str, Any] = {
+                "data": [
+                    {"path": d.path, "digest": files_digest([f], base)} for d, f in zip(cfg.data, files, strict=True)
+                ]
+            }
+            folder = base / cfg.base
+            if cfg.base == "pretrain":
+                inputs["train"] = self._require_train(False)
+            else:
+                extra["base"] = files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
+
+            def build(out: Path) -> dict[str, Any]:
+                if cfg.base == "pretrain":
+                    model, tok = load_model(inputs["train"].path), load_tokenizer(tok_art.path)
+                else:
+                    model, tok = base_model(folder, self.recipe.tokenizer)
+                examples, bad = [], Counter()
+                if cfg.builtin:
+                    examples += stdlib_function_examples(data.path / "train.jsonl", cfg.builtin_examples)
+                rejects = []
+                for file in files:
+                    for where, row in read_sft(file):
+                        if isinstance(row, BadRow):
+                            bad[str(row).split(":")[-1].strip()] += 1
+                            rejects.append({"where": where, "reason": str(row)})
+                        else:
+                            examples.append(row)
+                write_samples(out / "rejects.jsonl", rejects)
+                template = ChatTemplate(eos_token=self.recipe.tokenizer.eos_token)
+                max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
+                items, counts = prepare(examples, tok, template, max_length)
+                pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
+                metrics = train_sft(model, items, cfg, self.recipe.seed, pad_id, out, self.reporter.train_step)
+                save_model(model, out)
+                licences = {d.path: d.license for d in cfg.data}
+                if cfg.builtin:
+                    licences[cfg.builtin] = INSTRUCTIONS_LICENSE
+                return {**metrics, "counts": dict(counts), "bad_rows": dict(bad), "licenses": licences}
+
+            config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
+            self._done["sft"] = self._stage("sft", config, inputs, build, extra=extra)
+        return self._done["sft"]
+
     def _require_train(self, resume: bool) -> Artifact:
         art = self.train(resume=resume)
         if art is None:  # pragma: no cover - only stop_after returns None
@@ -261,4 +330,6 @@ class Pipeline:
             return self._require_train(resume)
         if until in ("eval", "release"):
             return getattr(self, until)(resume)
+        if until == "sft":
+            return self.sft()
         return getattr(self, until)()

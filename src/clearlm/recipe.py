@@ -257,6 +257,40 @@ class ReleaseConfig(_Section):
         return spdx
 
 
+class ChatDataConfig(_Section):
+    path: str = Field(description="a .jsonl or .json file: messages, prompt/completion or instruction/output rows")
+    license: str = Field("NOASSERTION", description="SPDX licence of the file")
+
+
+class SFTConfig(_Section):
+    """Supervised fine-tuning. Defaults follow Tulu 3's SFT recipe (open-instruct: linear schedule,
+    warmup ratio 0.03, 2 epochs, AdamW without weight decay) with a learning rate scaled for small models."""
+
+    base: str = Field("pretrain", description='"pretrain" (this recipe\'s model) or a model folder')
+    builtin: Literal["stdlib-functions"] | None = Field(
+        None, description="built-in set: write a standard-library function from its name and docstring"
+    )
+    builtin_examples: int = Field(400, gt=0, description="how many built-in examples to make")
+    data: list[ChatDataConfig] = []
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_length: int | None = Field(None, gt=1, description="tokens per example; default: the model's context")
+    packing: bool = Field(False, description="several examples per row (attention kept within each)")
+
+    @model_validator(mode="after")
+    def _has_data(self) -> SFTConfig:
+        if self.builtin is None and not self.data:
+            raise ValueError('needs builtin = "stdlib-functions" or at least one entry in data')
+        return self
+
+
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
@@ -264,6 +298,7 @@ class Recipe(_Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    sft: SFTConfig | None = None
     eval: EvalConfig = EvalConfig()
     release: ReleaseConfig = ReleaseConfig()
 
