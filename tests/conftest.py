@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny recipe over a tiny corpus, and one pipeline run reused by many tests."""
+"""Shared fixtures: a tiny recipe over a tiny corpus, one pipeline run reused by many tests, and a small
+chat tokenizer and decoder for the post-training tests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from clearlm.data.chat import ChatTemplate
+from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
+from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.pipeline import Pipeline
-from clearlm.recipe import load_recipe
+from clearlm.recipe import TokenizerConfig, load_recipe
 
 WORDS = [
     "def",
@@ -95,3 +99,36 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     pipe = Pipeline(load_recipe(write_tiny_recipe(folder)), folder / "runs")
     pipe.run("release")
     return pipe
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "It is blue."}],
+    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "And grass?"},
+     {"role": "assistant", "content": "Green."}, {"role": "user", "content": "Why?"},
+     {"role": "assistant", "content": "Chlorophyll reflects green light."}],
+    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
+    [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "    return a + b"}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def chat_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    texts = [m["content"] for c in CONVERSATIONS for m in c] * 20 + ["the quick brown fox jumps over it"] * 20
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train_tokenizer(TokenizerConfig(vocab_size=300, min_frequency=1), folder / "train.jsonl", folder)
+    return load_tokenizer(folder)
+
+
+def hf_chat_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    hf.chat_template = ChatTemplate().source
+    return hf
+
+
+def tiny_decoder(vocab: int) -> Transformer:
+    model = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, context=64))
+    model.init_weights(0)
+    return model

@@ -2,63 +2,33 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import CONVERSATIONS, hf_chat_tokenizer, tiny_decoder
 
 from clearlm.data.chat import BadRow, ChatTemplate, Example, parse_sft_row, read_sft, tokenize_sft
-from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
-from clearlm.model.transformer import Transformer, TransformerConfig
-from clearlm.recipe import TokenizerConfig
 from clearlm.train.sft import mean_loss, pack, pad, prepare
 
-CONVERSATIONS = [
-    [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "It is blue."}],
-    [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "And grass?"},
-     {"role": "assistant", "content": "Green."}, {"role": "user", "content": "Why?"},
-     {"role": "assistant", "content": "Chlorophyll reflects green light."}],
-    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
-    [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "    return a + b"}],
-]  # fmt: skip
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tok")
-    texts = [m["content"] for c in CONVERSATIONS for m in c] * 20 + ["the quick brown fox jumps over it"] * 20
-    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    train_tokenizer(TokenizerConfig(vocab_size=300, min_frequency=1), folder / "train.jsonl", folder)
-    return load_tokenizer(folder)
-
-
-def _hf_tokenizer(tok):
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    hf.chat_template = ChatTemplate().source
-    return hf
-
-
-def test_template_ids_and_assistant_mask_equal_apply_chat_template(tok):
-    hf, template = _hf_tokenizer(tok), ChatTemplate()
+def test_template_ids_and_assistant_mask_equal_apply_chat_template(chat_tok):
+    hf, template = hf_chat_tokenizer(chat_tok), ChatTemplate()
     for messages in CONVERSATIONS:
         theirs = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, mask = template.encode(tok, messages)
+        ids, mask = template.encode(chat_tok, messages)
         assert ids == theirs["input_ids"] and mask == theirs["assistant_masks"]
         prompt = hf.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
-        assert template.encode(tok, messages[:-1], add_generation_prompt=True)[0] == list(prompt["input_ids"])
-    ids, mask = template.encode(tok, CONVERSATIONS[0])
-    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
+        assert template.encode(chat_tok, messages[:-1], add_generation_prompt=True)[0] == list(prompt["input_ids"])
+    ids, mask = template.encode(chat_tok, CONVERSATIONS[0])
+    trained = chat_tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special_tokens=False)
     assert trained == "It is blue.<|endoftext|>", "the end-of-turn token is trained"
 
 
-def test_changing_user_or_system_text_changes_inputs_not_labels(tok):
+def test_changing_user_or_system_text_changes_inputs_not_labels(chat_tok):
     template = ChatTemplate()
-    a = tokenize_sft(tok, template, Example(messages=CONVERSATIONS[1]))
+    a = tokenize_sft(chat_tok, template, Example(messages=CONVERSATIONS[1]))
     edited = [dict(m) for m in CONVERSATIONS[1]]
     edited[0]["content"], edited[1]["content"] = "You answer at length.", "And the grass?"
-    b = tokenize_sft(tok, template, Example(messages=edited))
+    b = tokenize_sft(chat_tok, template, Example(messages=edited))
     assert a[0] != b[0]
     assert [t for t in a[1] if t != -100] == [t for t in b[1] if t != -100]
 
@@ -83,16 +53,10 @@ def test_bad_rows_are_reported_with_reasons(tmp_path):
     ]
 
 
-def _model(vocab: int) -> Transformer:
-    model = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, context=64))
-    model.init_weights(0)
-    return model
-
-
-def test_packed_and_padded_batches_give_the_same_loss(tok):
-    items, counts = prepare([Example(messages=c) for c in CONVERSATIONS], tok, ChatTemplate(), 64)
+def test_packed_and_padded_batches_give_the_same_loss(chat_tok):
+    items, counts = prepare([Example(messages=c) for c in CONVERSATIONS], chat_tok, ChatTemplate(), 64)
     assert counts["examples"] == 4
-    model = _model(tok.get_vocab_size())
+    model = tiny_decoder(chat_tok.get_vocab_size())
     padded = mean_loss(model, [pad(items, 1)])
     packed_batch = pack(items, 64, 1)
     assert packed_batch.idx.shape[0] < len(items), "several examples share a row"
@@ -100,23 +64,23 @@ def test_packed_and_padded_batches_give_the_same_loss(tok):
     assert mean_loss(model, [pad(items[:1], 1), pad(items[1:], 1)]) == pytest.approx(padded, abs=1e-5)
 
 
-def test_truncation_is_counted_and_examples_without_trained_tokens_dropped(tok):
+def test_truncation_is_counted_and_examples_without_trained_tokens_dropped(chat_tok):
     long = Example(messages=[{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}])
-    items, counts = prepare([long, Example(messages=CONVERSATIONS[0])], tok, ChatTemplate(), 24)
+    items, counts = prepare([long, Example(messages=CONVERSATIONS[0])], chat_tok, ChatTemplate(), 24)
     assert counts["truncated"] >= 1 and counts["dropped: no trained token within max_length"] == 1
     assert len(items) == 1
 
 
 @pytest.mark.slow
-def test_sft_loss_equals_trl(tok, tmp_path):
+def test_sft_loss_equals_trl(chat_tok, tmp_path):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     from transformers import AutoModelForCausalLM
 
     from clearlm.model.hf import save_hf
 
-    model = _model(tok.get_vocab_size())
-    eos, pad_id = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    model = tiny_decoder(chat_tok.get_vocab_size())
+    eos, pad_id = chat_tok.token_to_id("<|endoftext|>"), chat_tok.token_to_id("<|pad|>")
     save_hf(model, tmp_path / "m", bos_id=eos, eos_id=eos, pad_id=pad_id)
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
 
@@ -126,17 +90,17 @@ def test_sft_loss_equals_trl(tok, tmp_path):
                              per_device_train_batch_size=len(CONVERSATIONS), assistant_only_loss=assistant_only_loss,
                              max_length=64, seed=0, dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
 
-    trainer = trl.SFTTrainer(model=hf_model, args=args(True), processing_class=_hf_tokenizer(tok),
+    trainer = trl.SFTTrainer(model=hf_model, args=args(True), processing_class=hf_chat_tokenizer(chat_tok),
                              train_dataset=datasets.Dataset.from_dict({"messages": CONVERSATIONS}))  # fmt: skip
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, dict(batch)).item()
-    items, _ = prepare([Example(messages=c) for c in CONVERSATIONS], tok, ChatTemplate(), 64)
+    items, _ = prepare([Example(messages=c) for c in CONVERSATIONS], chat_tok, ChatTemplate(), 64)
     assert mean_loss(model, [pad(items, pad_id)]) == pytest.approx(theirs, abs=1e-5)
     completion = [{"prompt": "What color is the sky?", "completion": " It is blue."}]
     trainer = trl.SFTTrainer(model=hf_model, args=args(False),
-                             processing_class=_hf_tokenizer(tok),
+                             processing_class=hf_chat_tokenizer(chat_tok),
                              train_dataset=datasets.Dataset.from_list(completion))  # fmt: skip
     prepared = trainer.train_dataset[0]
-    ids, labels = tokenize_sft(tok, ChatTemplate(), Example(**completion[0]))
+    ids, labels = tokenize_sft(chat_tok, ChatTemplate(), Example(**completion[0]))
     assert ids == prepared["input_ids"] and labels == prepared["labels"]

@@ -291,6 +291,41 @@ class SFTConfig(_Section):
         return self
 
 
+class DPOConfig(_Section):
+    """Preference tuning. Defaults follow Tulu 3's DPO recipe (open-instruct `dpo_norm`, i.e. TRL's
+    `sigmoid_norm`, beta 5, 1 epoch, linear schedule with warmup ratio 0.1) with a learning rate scaled
+    for small models."""
+
+    base: str = Field("sft", description='"sft", "pretrain", or a model folder')
+    reference: str | None = Field(None, description="reference model folder; default: the starting model")
+    builtin: Literal["stdlib-functions"] | None = Field(
+        None, description="built-in pairs: the real stdlib function against a wrong one (another function, "
+        "a truncated or shuffled body)"
+    )  # fmt: skip
+    builtin_pairs: int = Field(200, gt=0)
+    data: list[ChatDataConfig] = []
+    loss: Literal["sigmoid", "ipo", "sigmoid_norm", "simpo"] = "sigmoid_norm"
+    beta: float = Field(5.0, gt=0)
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (TRL's CPO default)")
+    epochs: int = Field(1, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_length: int | None = Field(None, gt=1)
+    held_out_fraction: float = Field(0.1, ge=0, lt=1, description="pairs kept for preference accuracy")
+
+    @model_validator(mode="after")
+    def _has_data(self) -> DPOConfig:
+        if self.builtin is None and not self.data:
+            raise ValueError('needs builtin = "stdlib-functions" or at least one entry in data')
+        return self
+
+
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
@@ -299,6 +334,7 @@ class Recipe(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     sft: SFTConfig | None = None
+    dpo: DPOConfig | None = None
     eval: EvalConfig = EvalConfig()
     release: ReleaseConfig = ReleaseConfig()
 

@@ -225,3 +225,100 @@ def tokenize_sft(tok: Tokenizer, template: ChatTemplate, example: Example) -> tu
     ids, mask = template.encode(tok, [*example.prompt, *example.completion])
     n = common_prefix(prompt_ids, ids)
     return ids, [t if (m and i >= n) else -100 for i, (t, m) in enumerate(zip(ids, mask, strict=True))]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference pair: one prompt, a chosen and a rejected answer (strings, or message lists)."""
+
+    prompt: str | list[dict[str, str]]
+    chosen: str | list[dict[str, str]]
+    rejected: str | list[dict[str, str]]
+
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic HH pairs: the shared dialogue up to the last assistant turn is the prompt."""
+    common = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        common += 1
+    cut = chosen.rfind(ASSISTANT, 0, common + 1)
+    if cut < 0:
+        raise ValueError("the two transcripts share no '\\n\\nAssistant:' turn")
+    cut += len(ASSISTANT)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _shared_prefix(a: list[dict[str, str]], b: list[dict[str, str]]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def parse_preference_row(row: Any) -> Pair:
+    """prompt/chosen/rejected as strings or message lists (TRL's formats, the prompt optional for
+    message lists), or Anthropic HH transcripts (`\\n\\nHuman:` / `\\n\\nAssistant:` turns)."""
+    if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+        raise BadRow("expected chosen and rejected")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is None:
+            try:
+                prompt, chosen, rejected = split_transcripts(chosen, rejected)
+            except ValueError as e:
+                raise BadRow(str(e)) from None
+        if not isinstance(prompt, str):
+            raise BadRow("prompt must be a string when chosen and rejected are")
+        if not chosen.strip() or not rejected.strip():
+            raise BadRow("empty chosen or rejected answer")
+        return Pair(prompt, chosen, rejected)
+    chosen_m, rejected_m = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    if prompt is None:  # implicit prompt: the messages both conversations share
+        n = _shared_prefix(chosen_m, rejected_m)
+        prompt_m, chosen_m, rejected_m = chosen_m[:n], chosen_m[n:], rejected_m[n:]
+        if not prompt_m:
+            raise BadRow("chosen and rejected share no prompt messages")
+    else:
+        prompt_m = _messages(prompt, "prompt")
+    if not chosen_m or not rejected_m or chosen_m[0]["role"] != "assistant" or rejected_m[0]["role"] != "assistant":
+        raise BadRow("chosen and rejected must start with an assistant turn")
+    return Pair(prompt_m, chosen_m, rejected_m)
+
+
+def read_preferences(path: Path) -> Iterator[tuple[str, Pair | BadRow]]:
+    """(where, pair or bad row) for each line of a .jsonl file."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                yield where, parse_preference_row(json.loads(line))
+            except json.JSONDecodeError as e:
+                yield where, BadRow(f"invalid JSON ({e.msg})")
+            except BadRow as e:
+                yield where, e
+
+
+def tokenize_pair(tok: Tokenizer, template: ChatTemplate, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) as TRL's DPOTrainer splits them: prompt, prompt+chosen and
+    prompt+rejected tokenised whole, cut at their common prefix (string answers get an end-of-text)."""
+    if isinstance(pair.prompt, str):
+        eos = template.eos_token
+
+        def full(answer: str) -> list[int]:
+            return _encode_with_specials(tok, pair.prompt + (answer if answer.endswith(eos) else answer + eos)).ids
+
+        prompt_ids = _encode_with_specials(tok, pair.prompt).ids
+        chosen, rejected = full(pair.chosen), full(pair.rejected)
+    else:
+        prompt_ids, _ = template.encode(tok, pair.prompt, add_generation_prompt=True)
+        chosen, _ = template.encode(tok, [*pair.prompt, *pair.chosen])
+        rejected, _ = template.encode(tok, [*pair.prompt, *pair.rejected])
+    n = min(common_prefix(prompt_ids, chosen), common_prefix(prompt_ids, rejected))
+    return prompt_ids[:n], chosen[n:], rejected[n:]

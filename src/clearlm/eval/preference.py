@@ -11,26 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clearlm.data.chat import split_transcripts
 from clearlm.errors import InputError
 from clearlm.eval.metrics import mean_and_stderr
 from clearlm.eval.scoring import Encoder, score_requests
 from clearlm.model.auto import CausalLM
-
-ASSISTANT = "\n\nAssistant:"
-
-
-def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Anthropic HH pairs: the shared dialogue up to the last assistant turn is the prompt."""
-    common = 0
-    for a, b in zip(chosen, rejected, strict=False):
-        if a != b:
-            break
-        common += 1
-    cut = chosen.rfind(ASSISTANT, 0, common + 1)
-    if cut < 0:
-        raise ValueError("the two transcripts share no '\\n\\nAssistant:' turn")
-    cut += len(ASSISTANT)
-    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def read_preferences(path: Path) -> list[tuple[str, str, str]]:

@@ -7,10 +7,12 @@ import math
 import torch
 from torch import nn
 
-from clearlm.recipe import SFTConfig, TrainConfig
+from clearlm.recipe import DPOConfig, SFTConfig, TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig | SFTConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig, device: torch.device
+) -> torch.optim.AdamW:
     """Matrices (embeddings included) decay; norms do not. Fused kernels where the device has them."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]

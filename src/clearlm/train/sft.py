@@ -25,7 +25,7 @@ from clearlm.data.chat import ChatTemplate, Example, tokenize_sft
 from clearlm.errors import TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
-from clearlm.recipe import SFTConfig
+from clearlm.recipe import DPOConfig, SFTConfig
 from clearlm.train.loop import optimizer_step
 from clearlm.train.optim import build_optimizer
 
@@ -119,7 +119,7 @@ def mean_loss(model: Transformer, micro_batches: list[Batch]) -> float:
     return total / max(1, sum(b.trained for b in micro_batches))
 
 
-def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
+def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig) -> float:
     """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (Tulu 3's schedule)."""
     warmup = math.ceil(cfg.warmup_ratio * total)
     if step < warmup:

@@ -1,0 +1,189 @@
+"""Preference tuning: DPO (sigmoid), IPO, length-normalised DPO (Tulu 3's `dpo_norm`, TRL's
+`sigmoid_norm`) and SimPO, with TRL's definitions.
+
+A sequence's log-probability is the sum over its answer tokens of log p(token | everything before).
+The reference model's log-probabilities are computed once, before training, and kept (in the stage's
+artifact); the reference model is not held in memory while training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from clearlm.errors import TrainingError
+from clearlm.model.loss import IGNORE_INDEX
+from clearlm.model.transformer import Transformer
+from clearlm.recipe import DPOConfig
+from clearlm.train.loop import optimizer_step
+from clearlm.train.optim import build_optimizer
+from clearlm.train.sft import lr_at
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def truncate(pairs: list[TokenizedPair], max_length: int) -> tuple[list[TokenizedPair], dict[str, int]]:
+    """TRL's keep_start: prompt+answer cut to `max_length`; pairs whose prompt alone fills it are dropped."""
+    out, counts = [], {"pairs": 0, "truncated": 0, "dropped: prompt fills max_length": 0}
+    for p in pairs:
+        if len(p.prompt) >= max_length:
+            counts["dropped: prompt fills max_length"] += 1
+            continue
+        room = max_length - len(p.prompt)
+        if len(p.chosen) > room or len(p.rejected) > room:
+            counts["truncated"] += 1
+        out.append(TokenizedPair(p.prompt, p.chosen[:room], p.rejected[:room]))
+        counts["pairs"] += 1
+    return out, counts
+
+
+def _rows(pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[chosen rows; rejected rows]: inputs and answer-only targets, right-padded."""
+    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    width = max(len(a) + len(b) for a, b in seqs) - 1
+    idx = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(seqs):
+        ids = prompt + answer
+        idx[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, len(prompt) - 1 : len(ids) - 1] = torch.tensor(answer)
+    return idx, targets
+
+
+def sequence_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed answer log-probabilities, each [pairs]."""
+    idx, targets = _rows(pairs, pad_id)
+    logits = model(idx).float()
+    mask = targets != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sums = (token_logps * mask).sum(-1)
+    return sums[: len(pairs)], sums[len(pairs) :]
+
+
+def answer_lengths(pairs: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([float(len(p.chosen)) for p in pairs]).clamp(min=1),
+            torch.tensor([float(len(p.rejected)) for p in pairs]).clamp(min=1))  # fmt: skip
+
+
+def dpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    lengths: tuple[torch.Tensor, torch.Tensor],
+    cfg: DPOConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean loss over the pairs and TRL's metrics (rewards are beta x the summed log-ratios; SimPO's
+    are beta x the policy's mean log-probability per token)."""
+    beta = cfg.beta
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    len_c, len_r = lengths
+    if cfg.loss == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif cfg.loss == "ipo":
+        losses = (chosen_ratio / len_c - rejected_ratio / len_r - 1 / (2 * beta)) ** 2
+    elif cfg.loss == "sigmoid_norm":
+        losses = -F.logsigmoid(beta * (chosen_ratio / len_c - rejected_ratio / len_r))
+    else:  # simpo: reference-free, length-normalised, with a target margin
+        losses = -F.logsigmoid(beta * (chosen / len_c - rejected / len_r - cfg.simpo_gamma / beta))
+    if cfg.loss == "simpo":
+        reward_c, reward_r = beta * chosen.detach() / len_c, beta * rejected.detach() / len_r
+    else:
+        reward_c, reward_r = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics = {
+        "rewards/chosen": reward_c.mean().item(),
+        "rewards/rejected": reward_r.mean().item(),
+        "rewards/accuracies": (reward_c > reward_r).float().mean().item(),
+        "rewards/margins": (reward_c - reward_r).mean().item(),
+        "logps/chosen": chosen.detach().mean().item(),
+        "logps/rejected": rejected.detach().mean().item(),
+    }
+    return losses.mean(), metrics
+
+
+@torch.no_grad()
+def reference_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int, batch: int = 16
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    model.eval()
+    parts = [sequence_logps(model, pairs[i : i + batch], pad_id) for i in range(0, len(pairs), batch)]
+    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+
+@torch.no_grad()
+def preference_accuracy(model: Transformer, pairs: list[TokenizedPair], pad_id: int) -> dict[str, float]:
+    """Share of pairs whose chosen answer the model scores higher: summed log-probability ("acc") and
+    per token ("acc_norm"), ties counting as wrong, as `clearlm eval --preferences` scores them."""
+    if not pairs:
+        return {}
+    chosen, rejected = reference_logps(model, pairs, pad_id)
+    len_c, len_r = answer_lengths(pairs)
+    return {"acc": (chosen > rejected).float().mean().item(),
+            "acc_norm": (chosen / len_c > rejected / len_r).float().mean().item(), "pairs": len(pairs)}  # fmt: skip
+
+
+def train_dpo(
+    model: Transformer,
+    pairs: list[TokenizedPair],
+    ref: tuple[torch.Tensor, torch.Tensor],
+    cfg: DPOConfig,
+    seed: int,
+    pad_id: int,
+    out: Path,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Tune `model` in place; each step's loss is the mean over its pairs (all micro-batches)."""
+    if not pairs:
+        raise TrainingError("no preference pair is left to train on (see the counts of dropped pairs)")
+    torch.manual_seed(seed)
+    model.train()
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps
+    total = cfg.epochs * math.ceil(len(pairs) / per_step)
+    step, records = 0, []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for first in range(0, len(order), per_step):
+            chosen_idx = order[first : first + per_step]
+            started = time.perf_counter()
+            lr = lr_at(step, total, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            tokens = 0
+            for i in range(0, len(chosen_idx), cfg.micro_batch_size):
+                part = chosen_idx[i : i + cfg.micro_batch_size]
+                batch = [pairs[j] for j in part]
+                chosen, rejected = sequence_logps(model, batch, pad_id)
+                loss, metrics = dpo_loss(chosen, rejected, ref[0][part], ref[1][part], answer_lengths(batch), cfg)
+                (loss * len(part) / len(chosen_idx)).backward()
+                for k, v in {"loss": loss.item(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(part) / len(chosen_idx)
+                tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in batch)
+            grad_norm = optimizer_step(model, opt, cfg.grad_clip)
+            step += 1
+            seconds = time.perf_counter() - started
+            record = {"step": step, "epoch": epoch + 1, **sums, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens / seconds}  # fmt: skip
+            if not math.isfinite(record["loss"]):
+                raise TrainingError(f"DPO loss became {record['loss']} at step {step}; lower dpo.lr")
+            records.append(record)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if on_step:
+                on_step({**record, "max_steps": total})
+    model.eval()
+    return {"steps": step, "pairs": len(pairs), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+            "final_reward_accuracy": records[-1]["rewards/accuracies"]}  # fmt: skip

@@ -1,0 +1,104 @@
+"""Preference data and DPO losses: hand computations, and equality with TRL's DPOTrainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import hf_chat_tokenizer, tiny_decoder
+
+from clearlm.data.chat import BadRow, ChatTemplate, Pair, parse_preference_row, tokenize_pair
+from clearlm.recipe import DPOConfig
+from clearlm.train.dpo import TokenizedPair, answer_lengths, dpo_loss, sequence_logps
+
+PAIRS = [
+    Pair([{"role": "user", "content": "What color is the sky?"}], [{"role": "assistant", "content": "It is blue."}],
+         [{"role": "assistant", "content": "It is green."}]),
+    Pair([{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a prime."}],
+         [{"role": "assistant", "content": "Seven."}], [{"role": "assistant", "content": "Nine, a prime."}]),
+    Pair([{"role": "user", "content": "def add(a, b):"}], [{"role": "assistant", "content": "    return a + b"}],
+         [{"role": "assistant", "content": "    return a - b"}]),
+]  # fmt: skip
+
+
+def _cfg(loss: str, beta: float = 0.1) -> DPOConfig:
+    return DPOConfig(builtin="stdlib-functions", loss=loss, beta=beta)
+
+
+def test_losses_equal_a_hand_computation():
+    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-14.0]), torch.tensor([-11.0]), torch.tensor([-12.0])
+    lengths = (torch.tensor([4.0]), torch.tensor([8.0]))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    cases = {
+        "sigmoid": -math.log(sig(0.1 * ((1.0) - (-2.0)))),
+        "ipo": (1.0 / 4 - (-2.0) / 8 - 1 / (2 * 0.1)) ** 2,
+        "sigmoid_norm": -math.log(sig(0.1 * (1.0 / 4 - (-2.0) / 8))),
+        "simpo": -math.log(sig(0.1 * (-10.0 / 4 - (-14.0) / 8 - 0.5 / 0.1))),
+    }
+    for loss, expected in cases.items():
+        value, metrics = dpo_loss(pc, pr, rc, rr, lengths, _cfg(loss))
+        assert value.item() == pytest.approx(expected, rel=1e-6), loss
+    _, metrics = dpo_loss(pc, pr, rc, rr, lengths, _cfg("sigmoid"))
+    assert metrics["rewards/chosen"] == pytest.approx(0.1) and metrics["rewards/rejected"] == pytest.approx(-0.2)
+    assert metrics["rewards/accuracies"] == 1.0 and metrics["rewards/margins"] == pytest.approx(0.3)
+
+
+def test_preference_rows_in_every_format():
+    hh = parse_preference_row(
+        {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go."}
+    )
+    assert hh == Pair("\n\nHuman: Hi?\n\nAssistant:", " Hello.", " Go.")
+    user = {"role": "user", "content": "q"}
+    implicit = parse_preference_row({"chosen": [user, {"role": "assistant", "content": "a"}],
+                                     "rejected": [user, {"role": "assistant", "content": "b"}]})  # fmt: skip
+    assert implicit.prompt == [{"role": "user", "content": "q"}]
+    with pytest.raises(BadRow, match="empty chosen"):
+        parse_preference_row({"prompt": "q", "chosen": " ", "rejected": "b"})
+    with pytest.raises(BadRow, match="expected chosen and rejected"):
+        parse_preference_row({"prompt": "q", "chosen": "a"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sigmoid", "sigmoid_norm", "ipo"])
+def test_dpo_loss_and_rewards_equal_trl(chat_tok, tmp_path, loss):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+
+    from clearlm.model.hf import save_hf
+
+    policy, ref = tiny_decoder(chat_tok.get_vocab_size()), tiny_decoder(chat_tok.get_vocab_size())
+    ref.init_weights(1)
+    eos, pad_id = chat_tok.token_to_id("<|endoftext|>"), chat_tok.token_to_id("<|pad|>")
+    hf = {}
+    for name, m in (("policy", policy), ("ref", ref)):
+        save_hf(m, tmp_path / name, bos_id=eos, eos_id=eos, pad_id=pad_id)
+        hf[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in PAIRS]
+    args = trl.DPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, fp16=False,
+                         gradient_checkpointing=False, report_to=[], save_strategy="no", max_steps=1, beta=0.1,
+                         loss_type=loss, per_device_train_batch_size=len(PAIRS), max_length=64, seed=0,
+                         dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+    trainer = trl.DPOTrainer(model=hf["policy"], ref_model=hf["ref"], args=args,
+                             processing_class=hf_chat_tokenizer(chat_tok),
+                             train_dataset=datasets.Dataset.from_list(rows))  # fmt: skip
+    prepared = trainer.train_dataset
+    ours = [tokenize_pair(chat_tok, ChatTemplate(), p) for p in PAIRS]
+    assert [list(x) for x in zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"],
+                                 strict=True)] == [list(x) for x in ours]  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    for logged in trainer._metrics.values():
+        logged.clear()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, dict(batch)).item()
+    metrics = {k: v[-1] for logged in trainer._metrics.values() for k, v in logged.items() if v}
+    pairs = [TokenizedPair(*x) for x in ours]
+    with torch.no_grad():
+        chosen, rejected = sequence_logps(policy, pairs, pad_id)
+        ref_c, ref_r = sequence_logps(ref, pairs, pad_id)
+        lengths = answer_lengths(pairs)
+        value, mine = dpo_loss(chosen, rejected, ref_c, ref_r, lengths, _cfg(loss))
+    assert value.item() == pytest.approx(theirs, abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert mine[key] == pytest.approx(metrics[key], abs=1e-5), key
