@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import clearlm
@@ -372,7 +373,7 @@ def test_sft_stage_trains_on_chat_data_and_reports_bad_rows(tmp_path, tiny_recip
     assert result.exit_code == 0, result.output
     art = next((tmp_path / "artifacts").glob("sft-*"))
     manifest = json.loads((art / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"data", "tokenizer", "train"} and manifest["sources"]["data"][0]["digest"]
+    assert set(manifest["inputs"]) == {"data", "tokenizer", "pretrain"} and manifest["sources"]["data"][0]["digest"]
     metrics = manifest["metrics"]
     assert metrics["examples"] == 24 and metrics["bad_rows"] == {"messages has no assistant turn": 1}
     assert metrics["steps"] == 18 and metrics["final_loss"] < metrics["first_loss"]
@@ -398,5 +399,33 @@ def test_sft_from_a_hugging_face_folder_clearlm_did_not_write(tmp_path, tiny_run
     )
     pipe = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
     art = pipe.sft()
-    assert "train" not in art.manifest["inputs"] and art.manifest["sources"]["base"]
+    assert "pretrain" not in art.manifest["inputs"] and art.manifest["sources"]["base"]
     assert art.metrics["examples"] == 24 and (art.path / "model.safetensors").is_file()
+
+
+def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):
+    _chat_file(tiny_recipe.parent)
+    words = ("alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta")
+    pairs = [{"prompt": [{"role": "user", "content": f"Say {w} twice."}], "chosen": [{"role": "assistant", "content":
+              f"{w} {w}"}], "rejected": [{"role": "assistant", "content": f"{w}"}]} for w in words * 3]  # fmt: skip
+    pairs.append({"prompt": "q", "chosen": "", "rejected": "b"})
+    (tiny_recipe.parent / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    sections = ('\n[sft]\ndata = [{ path = "chat.jsonl" }]\nepochs = 2\nlr = 3e-3\n'
+                '\n[dpo]\ndata = [{ path = "pairs.jsonl", license = "CC0-1.0" }]\nbeta = 0.5\nlr = 1e-3\n'
+                "epochs = 2\nheld_out_fraction = 0.25\n")  # fmt: skip
+    tiny_recipe.write_text(tiny_recipe.read_text() + sections)
+    result = runner.invoke(app, ["dpo", str(tiny_recipe), "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    art = next((tmp_path / "artifacts").glob("dpo-*"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert set(manifest["inputs"]) == {"data", "tokenizer", "sft"}
+    metrics = manifest["metrics"]
+    assert metrics["bad_rows"] == {"empty chosen or rejected answer": 1}
+    held = metrics["held_out_before"]["pairs"]
+    assert held > 0 and metrics["pairs"] + held == 24
+    ref = load_file(art / "reference_logps.safetensors")
+    assert ref["chosen"].shape == (metrics["pairs"],) and (ref["chosen"] < 0).all()
+    log = [json.loads(line) for line in (art / "log.jsonl").read_text().splitlines()]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(log[0])
+    assert log[0]["rewards/chosen"] == 0.0, "the policy starts equal to the reference"
+    assert metrics["final_loss"] < metrics["first_loss"]

@@ -208,6 +208,21 @@ def sft(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Pat
                       f"{m['final_loss']:.4f}; {m['counts']} {m['bad_rows'] or ''}", highlight=False)  # fmt: skip
 
 
+@app.command()
+def dpo(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+    """Preference tuning (the recipe's [dpo] section), after SFT and pretraining if needed."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir)
+        m = pipe.dpo().metrics
+        _summary(pipe)
+        before, after = m["held_out_before"], m["held_out_after"]
+        nan = float("nan")
+        line = (f"dpo: {m['pairs']} pairs, {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}; "
+                f"held-out preference accuracy {before.get('acc', nan):.3f} -> {after.get('acc', nan):.3f} "
+                f"({before.get('pairs', 0)} pairs)")  # fmt: skip
+        console.print(line, highlight=False)
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[

@@ -14,14 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
-from clearlm.data.chat import BadRow, ChatTemplate, read_sft
+from clearlm.data.chat import BadRow, ChatTemplate, read_sft, tokenize_pair
+from clearlm.data.chat import read_preferences as read_pair_file
 from clearlm.data.corpus import build_corpus, data_config, data_identity
-from clearlm.data.documents import read_jsonl
+from clearlm.data.documents import in_fraction, read_jsonl
 from clearlm.data.instructions import LICENSE as INSTRUCTIONS_LICENSE
-from clearlm.data.instructions import stdlib_function_examples
+from clearlm.data.instructions import stdlib_function_examples, stdlib_function_pairs
 from clearlm.data.shards import write_shards
 from clearlm.data.sources import files_digest
 from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
@@ -32,14 +34,15 @@ from clearlm.eval.results import write_samples
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model, save_model
-from clearlm.recipe import LoadedRecipe, TokenizerConfig
+from clearlm.recipe import DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
 from clearlm.train.checkpoint import latest_checkpoint
+from clearlm.train.dpo import TokenizedPair, preference_accuracy, reference_logps, train_dpo, truncate
 from clearlm.train.loop import pretrain
 from clearlm.train.sft import prepare, train_sft
 
-STAGES = ("data", "tokenizer", "shards", "train", "sft", "eval", "release")
+STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval", "release")
 RESUMABLE = ("data", "train")
 
 
@@ -58,6 +61,43 @@ class Reporter:
         """Documents and bytes that have entered each cleaning step so far."""
 
     def note(self, message: str) -> None: ...
+
+
+def _folder_digest(folder: Path) -> str:
+    return files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
+
+
+def _post_training_files(cfg: SFTConfig | DPOConfig, base: Path) -> tuple[list[Path], dict[str, Any]]:
+    """The stage's data files and the digests that identify them (and a base or reference folder)."""
+    files = [base / d.path for d in cfg.data]
+    extra: dict[str, Any] = {"data": [{"path": d.path, "digest": files_digest([f], base)}
+                                      for d, f in zip(cfg.data, files, strict=True)]}  # fmt: skip
+    if cfg.base not in ("pretrain", "sft"):
+        extra["base"] = _folder_digest(base / cfg.base)
+    if getattr(cfg, "reference", None):
+        extra["reference"] = _folder_digest(base / cfg.reference)
+    return files, extra
+
+
+def _read_rows(files: list[Path], reader: Callable[[Path], Any], out: Path) -> tuple[list[Any], dict[str, int]]:
+    """Good rows of every file; bad ones go to `out/rejects.jsonl` with file, line and reason, and are counted."""
+    rows, bad, rejects = [], Counter(), []
+    for file in files:
+        for where, row in reader(file):
+            if isinstance(row, BadRow):
+                bad[str(row).split(":")[-1].strip()] += 1
+                rejects.append({"where": where, "reason": str(row)})
+            else:
+                rows.append(row)
+    write_samples(out / "rejects.jsonl", rejects)
+    return rows, dict(bad)
+
+
+def _licences(cfg: SFTConfig | DPOConfig) -> dict[str, str]:
+    licences = {d.path: d.license for d in cfg.data}
+    if cfg.builtin:
+        licences[cfg.builtin] = INSTRUCTIONS_LICENSE
+    return licences
 
 
 def base_model(folder: Path, tok_cfg: TokenizerConfig) -> tuple[Transformer, Tokenizer]:
@@ -243,49 +283,79 @@ class Pipeline:
                 raise RecipeError("the recipe has no [sft] section")
             data, tok_art = self.data(), self.tokenizer()
             inputs: dict[str, Artifact] = {"data": data, "tokenizer": tok_art}
-            files = [base / d.path for d in cfg.data]
-            extra: dict[str, Any] = {
-                "data": [
-                    {"path": d.path, "digest": files_digest([f], base)} for d, f in zip(cfg.data, files, strict=True)
-                ]
-            }
-            folder = base / cfg.base
+            files, extra = _post_training_files(cfg, base)
             if cfg.base == "pretrain":
-                inputs["train"] = self._require_train(False)
-            else:
-                extra["base"] = files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
+                inputs["pretrain"] = self._require_train(False)
 
             def build(out: Path) -> dict[str, Any]:
-                if cfg.base == "pretrain":
-                    model, tok = load_model(inputs["train"].path), load_tokenizer(tok_art.path)
-                else:
-                    model, tok = base_model(folder, self.recipe.tokenizer)
-                examples, bad = [], Counter()
+                model, tok = self._starting_model(cfg, inputs)
+                examples, bad = _read_rows(files, read_sft, out)
                 if cfg.builtin:
-                    examples += stdlib_function_examples(data.path / "train.jsonl", cfg.builtin_examples)
-                rejects = []
-                for file in files:
-                    for where, row in read_sft(file):
-                        if isinstance(row, BadRow):
-                            bad[str(row).split(":")[-1].strip()] += 1
-                            rejects.append({"where": where, "reason": str(row)})
-                        else:
-                            examples.append(row)
-                write_samples(out / "rejects.jsonl", rejects)
+                    examples = stdlib_function_examples(data.path / "train.jsonl", cfg.builtin_examples) + examples
                 template = ChatTemplate(eos_token=self.recipe.tokenizer.eos_token)
                 max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
                 items, counts = prepare(examples, tok, template, max_length)
                 pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
                 metrics = train_sft(model, items, cfg, self.recipe.seed, pad_id, out, self.reporter.train_step)
                 save_model(model, out)
-                licences = {d.path: d.license for d in cfg.data}
-                if cfg.builtin:
-                    licences[cfg.builtin] = INSTRUCTIONS_LICENSE
-                return {**metrics, "counts": dict(counts), "bad_rows": dict(bad), "licenses": licences}
+                return {**metrics, "counts": dict(counts), "bad_rows": bad, "licenses": _licences(cfg)}
 
             config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
             self._done["sft"] = self._stage("sft", config, inputs, build, extra=extra)
         return self._done["sft"]
+
+    def dpo(self) -> Artifact:
+        """Preference tuning of the SFT model (or `dpo.base`) against a reference whose log-probabilities
+        are computed once and stored in the artifact."""
+        if "dpo" not in self._done:
+            cfg, base = self.recipe.dpo, self.loaded.base_dir
+            if cfg is None:
+                raise RecipeError("the recipe has no [dpo] section")
+            data, tok_art = self.data(), self.tokenizer()
+            inputs: dict[str, Artifact] = {"data": data, "tokenizer": tok_art}
+            files, extra = _post_training_files(cfg, base)
+            if cfg.base in ("sft", "pretrain"):
+                inputs[cfg.base] = self.sft() if cfg.base == "sft" else self._require_train(False)
+
+            def build(out: Path) -> dict[str, Any]:
+                model, tok = self._starting_model(cfg, inputs)
+                pairs, bad = _read_rows(files, read_pair_file, out)
+                if cfg.builtin:
+                    pairs = stdlib_function_pairs(data.path / "train.jsonl", cfg.builtin_pairs) + pairs
+                template = ChatTemplate(eos_token=self.recipe.tokenizer.eos_token)
+                tokenized = [TokenizedPair(*tokenize_pair(tok, template, p)) for p in pairs]
+                empty = sum(1 for t in tokenized if not t.prompt)
+                tokenized = [t for t in tokenized if t.prompt]
+                is_held = [in_fraction(f"held-out:{i}", cfg.held_out_fraction) for i in range(len(tokenized))]
+                held = [t for t, h in zip(tokenized, is_held, strict=True) if h]
+                train_pairs = [t for t, h in zip(tokenized, is_held, strict=True) if not h]
+                max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
+                train_pairs, counts = truncate(train_pairs, max_length)
+                held, _ = truncate(held, max_length)
+                counts["dropped: empty prompt"] = empty
+                pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
+                reference = base_model(base / cfg.reference, self.recipe.tokenizer)[0] if cfg.reference else model
+                ref = reference_logps(reference, train_pairs, pad_id)
+                save_file({"chosen": ref[0], "rejected": ref[1]}, out / "reference_logps.safetensors")
+                del reference
+                before = preference_accuracy(model, held, pad_id)
+                metrics = train_dpo(
+                    model, train_pairs, ref, cfg, self.recipe.seed, pad_id, out, self.reporter.train_step
+                )
+                after = preference_accuracy(model, held, pad_id)
+                save_model(model, out)
+                return {**metrics, "counts": counts, "bad_rows": bad, "held_out_before": before,
+                        "held_out_after": after, "licenses": _licences(cfg)}  # fmt: skip
+
+            config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
+            self._done["dpo"] = self._stage("dpo", config, inputs, build, extra=extra)
+        return self._done["dpo"]
+
+    def _starting_model(self, cfg: SFTConfig | DPOConfig, inputs: dict[str, Artifact]) -> tuple[Transformer, Tokenizer]:
+        """Where post-training starts: an earlier stage's model (and the recipe's tokenizer), or a folder's."""
+        if cfg.base in inputs:
+            return load_model(inputs[cfg.base].path), load_tokenizer(inputs["tokenizer"].path)
+        return base_model(self.loaded.base_dir / cfg.base, self.recipe.tokenizer)
 
     def _require_train(self, resume: bool) -> Artifact:
         art = self.train(resume=resume)
@@ -330,6 +400,6 @@ class Pipeline:
             return self._require_train(resume)
         if until in ("eval", "release"):
             return getattr(self, until)(resume)
-        if until == "sft":
-            return self.sft()
+        if until in ("sft", "dpo"):
+            return getattr(self, until)()
         return getattr(self, until)()

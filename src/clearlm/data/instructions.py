@@ -1,24 +1,28 @@
-"""The built-in instruction set: "write this standard-library function" from the quickstart corpus.
+"""The built-in instruction and preference sets: "write this standard-library function".
 
 Each example asks for a top-level function of a training-split module by its signature and the first
-line of its docstring; the answer is the function's source. The corpus is the CPython standard library
-(Python-2.0), so the set is as open as the corpus and needs no download. Examples are chosen by a hash
-of module and function name, so the set is the same on every machine.
+line of its docstring; the answer is the function's source. For preference pairs the rejected answer
+is plausibly wrong: another function's source, the function cut after half its lines, or its body's
+lines in shuffled order. The corpus is the CPython standard library (Python-2.0), so the sets are as
+open as the corpus and need no download. Everything is chosen by hashes of module and function names,
+so the sets are the same on every machine.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import random
 from pathlib import Path
 
-from clearlm.data.chat import Example
+from clearlm.data.chat import Example, Pair
 from clearlm.data.documents import read_jsonl
 
 LICENSE = "Python-2.0"
 
 
-def _functions(module: str, text: str, max_chars: int) -> list[tuple[str, Example]]:
+def _functions(module: str, text: str, max_chars: int) -> list[tuple[str, str, str]]:
+    """(hash key, prompt, source) for each documented public top-level function."""
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
@@ -32,16 +36,49 @@ def _functions(module: str, text: str, max_chars: int) -> list[tuple[str, Exampl
         if not doc or not source or len(source) > max_chars:
             continue
         prompt = f"Write a Python function `{node.name}({ast.unparse(node.args)})`: {doc}"
-        key = hashlib.sha256(f"{module}:{node.name}".encode()).hexdigest()
-        out.append((key, Example(messages=[{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": source}])))  # fmt: skip
+        out.append((hashlib.sha256(f"{module}:{node.name}".encode()).hexdigest(), prompt, source))
     return out
 
 
-def stdlib_function_examples(train_jsonl: Path, n: int, max_chars: int = 700) -> list[Example]:
-    """Up to `n` examples from the code documents of the data stage's training split."""
-    candidates = []
+def _candidates(train_jsonl: Path, max_chars: int) -> list[tuple[str, str, str]]:
+    found = []
     for doc in read_jsonl(train_jsonl):
         if doc["source"] == "cpython-stdlib/code" and "repeat" not in doc["metadata"]:
-            candidates += _functions(doc["id"], doc["text"], max_chars)
-    return [example for _, example in sorted(candidates, key=lambda kv: kv[0])[:n]]
+            found += _functions(doc["id"], doc["text"], max_chars)
+    return sorted(found)
+
+
+def _turns(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def stdlib_function_examples(train_jsonl: Path, n: int, max_chars: int = 700) -> list[Example]:
+    """Up to `n` SFT examples from the code documents of the data stage's training split."""
+    return [Example(messages=_turns(prompt, source)) for _, prompt, source in _candidates(train_jsonl, max_chars)[:n]]
+
+
+def _wrong(key: str, source: str, other: str) -> str:
+    lines = source.split("\n")
+    kind = int(key[:8], 16) % 3
+    if kind == 0 or len(lines) < 4:
+        return other
+    if kind == 1:
+        return "\n".join(lines[: max(2, len(lines) // 2)])
+    body = lines[1:]
+    random.Random(key).shuffle(body)
+    return "\n".join([lines[0], *body]) if body != lines[1:] else other
+
+
+def stdlib_function_pairs(train_jsonl: Path, n: int, max_chars: int = 700) -> list[Pair]:
+    """Up to `n` preference pairs: the real function (chosen) against a plausibly wrong one (rejected).
+    They are taken from the other end of the hash order than the SFT examples, so the two sets share no
+    function unless the corpus has fewer functions than both sets together."""
+    found = _candidates(train_jsonl, max_chars)
+    pairs = []
+    for i, (key, prompt, source) in enumerate(found):
+        other = found[(i + 1) % len(found)][2]
+        rejected = _wrong(key, source, other)
+        if rejected != source:
+            pairs.append(Pair([{"role": "user", "content": prompt}], [{"role": "assistant", "content": source}],
+                              [{"role": "assistant", "content": rejected}]))  # fmt: skip
+    return pairs[::-1][:n]
