@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import clearlm
 from clearlm.artifacts import check_outputs, sha256_file
 from clearlm.cli import app
+from clearlm.data.chat import ChatTemplate
 from clearlm.openness.audit import audit_folder
 from clearlm.openness.mof import evaluate, from_mot, validate_mot
 from clearlm.pipeline import Pipeline, Reporter
@@ -410,7 +411,7 @@ def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):
               f"{w} {w}"}], "rejected": [{"role": "assistant", "content": f"{w}"}]} for w in words * 3]  # fmt: skip
     pairs.append({"prompt": "q", "chosen": "", "rejected": "b"})
     (tiny_recipe.parent / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    sections = ('\n[sft]\ndata = [{ path = "chat.jsonl" }]\nepochs = 2\nlr = 3e-3\n'
+    sections = ('\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\nepochs = 2\nlr = 3e-3\n'
                 '\n[dpo]\ndata = [{ path = "pairs.jsonl", license = "CC0-1.0" }]\nbeta = 0.5\nlr = 1e-3\n'
                 "epochs = 2\nheld_out_fraction = 0.25\n")  # fmt: skip
     tiny_recipe.write_text(tiny_recipe.read_text() + sections)
@@ -429,3 +430,31 @@ def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(log[0])
     assert log[0]["rewards/chosen"] == 0.0, "the policy starts equal to the reference"
     assert metrics["final_loss"] < metrics["first_loss"]
+
+
+def test_pretrain_sft_dpo_release_end_to_end(tmp_path, tiny_recipe):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path / "first", tiny_recipe)  # writes the data files
+    pipe = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs")
+    rel = pipe.run("release").path
+    assert set(pipe.artifacts["release"].manifest["inputs"]) >= {"sft", "dpo"}
+    assert pipe.artifacts["eval"].manifest["inputs"].keys() >= {"dpo"}, "the released model is the one evaluated"
+    released = load_release(rel)[0]
+    dpo_weights = load_file(pipe.artifacts["dpo"].path / "model.safetensors")
+    assert torch.equal(released.state_dict()["layers.0.mlp.up_proj.weight"], dpo_weights["layers.0.mlp.up_proj.weight"])
+    messages = [{"role": "user", "content": "Say alpha twice."}]
+    hf_tok = AutoTokenizer.from_pretrained(rel)
+    ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    text, _ = ChatTemplate().render(messages, add_generation_prompt=True)
+    assert list(ids) == load_release(rel)[1].encode(text, add_special_tokens=False).ids
+    hf_logits = AutoModelForCausalLM.from_pretrained(rel)(torch.tensor([ids])).logits
+    assert (hf_logits - released(torch.tensor([ids]))).abs().max() < 1e-4
+    card = (rel / "README.md").read_text()
+    assert "## Post-training" in card and "Preference accuracy on" in card
+    assert (rel / "post_training" / "sft_log.jsonl").is_file() and (rel / "post_training" / "dpo_log.jsonl").is_file()
+    assert json.loads((rel / "openness.json").read_text())["mof"]["class"] == 1, "post-training data licensed CC0"
+    chat = runner.invoke(app, ["generate", str(rel), "Say alpha twice.", "--chat", "--max-new-tokens", "8"])
+    assert chat.exit_code == 0 and "<|assistant|>" not in chat.output
+    verdict = verify_release(rel, tiny_recipe.parent, tmp_path)
+    assert verdict.reproduced and any(line.startswith("dpo: reproduced") for line in verdict.lines), verdict.lines

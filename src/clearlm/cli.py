@@ -17,6 +17,7 @@ from rich.table import Table
 
 from clearlm import __version__
 from clearlm.artifacts import Artifact
+from clearlm.data.chat import ChatTemplate
 from clearlm.errors import ClearlmError, InputError
 from clearlm.eval.generate import generate as sample
 from clearlm.eval.results import write_results
@@ -310,15 +311,24 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="0 = no top-k filtering")] = 50,
     seed: int = 0,
+    chat: Annotated[bool, typer.Option(help="treat PROMPT as a user turn of the release's chat template")] = False,
 ) -> None:
-    """Sample a continuation of PROMPT from a release."""
+    """Sample a continuation of PROMPT from a release (with --chat: the assistant's answer to it)."""
     with _user_errors():
         model, tok, eos_id = load_release(release_dir)
-        text = sample(
-            model, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+        text = prompt
+        if chat:
+            config_path = release_dir / "tokenizer_config.json"
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            if not config.get("chat_template"):
+                raise InputError(f"{config_path}: no chat_template (is this a post-trained release?)")
+            template = ChatTemplate(config["chat_template"], config.get("eos_token", "<|endoftext|>"))
+            text, _ = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        answer = sample(
+            model, tok, text, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k or None, seed=seed, stop_id=eos_id,
         )  # fmt: skip
-        sys.stdout.write(prompt + text + "\n")
+        sys.stdout.write((answer if chat else prompt + answer) + "\n")
 
 
 @app.command()

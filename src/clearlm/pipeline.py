@@ -232,9 +232,18 @@ class Pipeline:
         elif resume:
             self.reporter.note("train: nothing to resume, starting from step 0")
 
+    def final_model(self, resume: bool = False) -> tuple[str, Artifact]:
+        """The stage whose model the recipe releases: DPO, else SFT, else pretraining."""
+        if self.recipe.dpo is not None:
+            return "dpo", self.dpo()
+        if self.recipe.sft is not None:
+            return "sft", self.sft()
+        return "train", self._require_train(resume)
+
     def eval(self, resume: bool = False) -> Artifact:
         if "eval" not in self._done:
-            data, tok_art, train = self.data(), self.tokenizer(), self._require_train(resume)
+            data, tok_art = self.data(), self.tokenizer()
+            final, train = self.final_model(resume)
             cfg = self.recipe.eval
             base = self.loaded.base_dir
             specs = resolve_tasks(cfg.tasks, [base / f for f in cfg.task_files])
@@ -269,7 +278,7 @@ class Pipeline:
             self._done["eval"] = self._stage(
                 "eval",
                 cfg.model_dump(mode="json"),
-                {"data": data, "tokenizer": tok_art, "train": train},
+                {"data": data, "tokenizer": tok_art, final: train},
                 build,
                 extra={"task_data": task_data},
             )
@@ -372,6 +381,7 @@ class Pipeline:
                 "train": self._require_train(resume),
                 "eval": self.eval(resume),
             }
+            inputs.update({k: getattr(self, k)() for k in ("sft", "dpo") if getattr(self.recipe, k) is not None})
             config = {"name": self.recipe.name, **self.recipe.release.model_dump(mode="json")}
             art = self._stage(
                 "release",
@@ -400,6 +410,4 @@ class Pipeline:
             return self._require_train(resume)
         if until in ("eval", "release"):
             return getattr(self, until)(resume)
-        if until in ("sft", "dpo"):
-            return getattr(self, until)()
         return getattr(self, until)()

@@ -32,6 +32,7 @@ import clearlm
 from clearlm import __version__
 from clearlm.artifacts import Artifact, environment
 from clearlm.data.card import tokens_section
+from clearlm.data.chat import CHAT_TEMPLATE
 from clearlm.data.documents import read_jsonl
 from clearlm.data.tokenizer import load_tokenizer
 from clearlm.eval.generate import generate
@@ -63,6 +64,7 @@ def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, con
             "pad_token": pad,
             "model_max_length": context,
             "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
             "add_bos_token": False,
             "add_eos_token": False,
         },
@@ -103,9 +105,12 @@ def _generations(model: Any, tok: Any, eos_id: int, validation: Path, n: int = 3
              **settings} for i, p in enumerate(prompts)]  # fmt: skip
 
 
-def _licences(recipe: Recipe, base_dir: Path, data: dict[str, Any]) -> tuple[set[str], set[str]]:
-    """(dataset licences, evaluation data licences): the sources', and the tasks' plus the validation split's."""
-    datasets = set(data["licenses"].values())
+def _licences(
+    recipe: Recipe, base_dir: Path, data: dict[str, Any], post_training: list[Artifact]
+) -> tuple[set[str], set[str]]:
+    """(dataset licences, evaluation data licences): the sources' and post-training data's, and the tasks'
+    plus the validation split's."""
+    datasets = set(data["licenses"].values()) | {v for art in post_training for v in art.metrics["licenses"].values()}
     specs = resolve_tasks(recipe.eval.tasks, [base_dir / f for f in recipe.eval.task_files])
     return datasets, {s.license for s in specs} | (datasets if recipe.eval.bpb else set())
 
@@ -117,10 +122,15 @@ def build_release(
     tok_cfg = recipe.tokenizer
     tok = load_tokenizer(artifacts["tokenizer"].path)
     eos_id, pad_id = tok.token_to_id(tok_cfg.eos_token), tok.token_to_id(tok_cfg.pad_token)
-    model = load_model(train.path)
+    final = artifacts.get("dpo") or artifacts.get("sft") or train
+    model = load_model(final.path)
     save_hf(model, out, bos_id=eos_id, eos_id=eos_id, pad_id=pad_id)
     _dump(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id})
     _tokenizer_files(artifacts["tokenizer"], tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context)
+    for stage in ("sft", "dpo"):
+        if stage in artifacts:
+            (out / "post_training").mkdir(exist_ok=True)
+            shutil.copy2(artifacts[stage].path / "log.jsonl", out / "post_training" / f"{stage}_log.jsonl")
 
     (out / "recipe.toml").write_text(
         f"# Recipe as run by clearlm {__version__}; the original text follows at the end.\n"
@@ -158,6 +168,7 @@ def build_release(
         "parameters": model.num_params(),
         "vocab_size": model.cfg.vocab_size,
         "clearlm_version": __version__,
+        "post_training": {k: artifacts[k].metrics for k in ("sft", "dpo") if k in artifacts},
     }
     _code_snapshot(out / "code")
     if recipe.release.include_datasets:
@@ -167,7 +178,8 @@ def build_release(
     with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
     ctx["lineage"] = {k: a.digest for k, a in artifacts.items()}
-    dataset_licences, eval_licences = _licences(recipe, base_dir, data.metrics)
+    post = [artifacts[k] for k in ("sft", "dpo") if k in artifacts]
+    dataset_licences, eval_licences = _licences(recipe, base_dir, data.metrics, post)
     components = release_components(recipe, out, dataset_licences, eval_licences, will_write=_GENERATED_FILES)
     report = openness_report(recipe, components)
     _dump(out / "openness.json", report)

@@ -45,6 +45,31 @@ def _task_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
     return [header, "", _table(["task", "metric", "value", "stderr", "items"], rows), ""]
 
 
+def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any]]) -> list[str]:
+    """Base model, data, hyperparameters and results of SFT and DPO, when the recipe has them."""
+    if not stages:
+        return []
+    lines = ["## Post-training", ""]
+    for stage, m in stages.items():
+        cfg = recipe[stage]
+        data = ", ".join(f"{name} ({lic})" for name, lic in m["licenses"].items())
+        hyper = ", ".join(f"{k} {cfg[k]}" for k in ("epochs", "lr", "warmup_ratio", "micro_batch_size",
+                                                      "grad_accum_steps", "loss", "beta") if k in cfg)  # fmt: skip
+        what = "Supervised fine-tuning" if stage == "sft" else "Preference tuning (DPO)"
+        lines.append(f"{what} of `{cfg['base']}` on {data}: {hyper}. {m['steps']} steps, loss "
+                     f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}; counts {m['counts']}, bad rows "
+                     f"{m['bad_rows'] or 'none'}. Per-step log: `post_training/{stage}_log.jsonl`.")  # fmt: skip
+        if stage == "dpo" and m["held_out_before"]:
+            before, after = m["held_out_before"], m["held_out_after"]
+            lines.append(f"Preference accuracy on {before['pairs']} held-out pairs (chosen answer more likely): "
+                         f"{before['acc']:.3f} before DPO, {after['acc']:.3f} after (per token: "
+                         f"{before['acc_norm']:.3f} -> {after['acc_norm']:.3f}).")  # fmt: skip
+        lines.append("")
+    lines += ["The chat template (Tulu 3 style) is in `tokenizer_config.json`: "
+              "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.", ""]  # fmt: skip
+    return lines
+
+
 def model_card(ctx: dict[str, Any]) -> str:
     """Render the card from the release context (recipe, stage metrics, digests)."""
     recipe, data, train, evaluation = ctx["recipe"], ctx["data"], ctx["train"], ctx["eval"]
@@ -140,6 +165,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         f"validation loss {train['initial_val_loss']:.4f} at initialisation, {train['val_loss']:.4f} at the end. "
         "The per-step log is in `training/log.jsonl`; intermediate weights are in `checkpoints/`.",
         "",
+        *_post_training_lines(recipe, ctx.get("post_training", {})),
         "## Evaluation",
         "",
         "Bits per byte on the held-out validation split, per domain (lower is better):",

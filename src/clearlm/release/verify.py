@@ -28,8 +28,9 @@ from clearlm.errors import InputError
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
 
-STAGES = ("data", "tokenizer", "shards", "train", "eval")
-TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json")}  # hold wall-clock times besides their content
+STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
+TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json"), "sft": ("log.jsonl",), "dpo": ("log.jsonl",)}
+LOG_COPIES = {"train": "training/log.jsonl", "sft": "post_training/sft_log.jsonl", "dpo": "post_training/dpo_log.jsonl"}
 _TIME_KEYS = {"seconds", "tokens_per_s", "mfu", "train_seconds", "elapsed"}
 
 
@@ -91,7 +92,7 @@ def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Pa
         if any(fnmatch(rel, pattern) for pattern in TIMED.get(stage, ())):
             if rel == "log.jsonl":
                 timed.append(rel)
-                if _jsonl(release / "training" / "log.jsonl") != _jsonl(rerun.path / rel):
+                if _jsonl(release / LOG_COPIES[stage]) != _jsonl(rerun.path / rel):
                     differ.append(rel)
             continue
         differ.append(rel)
@@ -125,10 +126,10 @@ def verify_release(
                                "pass --base-dir to point at the recipe's data"], stage="inputs")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as scratch:
         pipe = Pipeline(loaded, Path(scratch), reporter)
-        rerun = {"data": pipe.data(), "tokenizer": pipe.tokenizer(), "shards": pipe.shards(), "train": pipe.train(),
-                 "eval": pipe.eval()}  # fmt: skip
+        stages = [stage for stage in STAGES if stage in lineage]
+        rerun = {stage: pipe.train() if stage == "train" else getattr(pipe, stage)() for stage in stages}
         lines = []
-        for stage in STAGES:
+        for stage in stages:
             differ, timed = _compare_stage(stage, lineage[stage], rerun[stage], folder)
             if not differ:
                 skipped = [r for r in lineage[stage]["outputs"] if r.endswith("state.json")]
