@@ -56,9 +56,10 @@ def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any
         hyper = ", ".join(f"{k} {cfg[k]}" for k in ("epochs", "lr", "warmup_ratio", "micro_batch_size",
                                                       "grad_accum_steps", "loss", "beta") if k in cfg)  # fmt: skip
         what = "Supervised fine-tuning" if stage == "sft" else "Preference tuning (DPO)"
-        lines.append(f"{what} of `{cfg['base']}` on {data}: {hyper}. {m['steps']} steps, loss "
-                     f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}; counts {m['counts']}, bad rows "
-                     f"{m['bad_rows'] or 'none'}. Per-step log: `post_training/{stage}_log.jsonl`.")  # fmt: skip
+        losses = f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}"
+        lines.append(f"{what} of `{cfg['base']}` on {data}: {hyper}. {m['steps']} steps; mean loss over the first "
+                     f"and last tenth of them {losses}; counts {m['counts']}, bad rows {m['bad_rows'] or 'none'}. "
+                     f"Per-step log: `post_training/{stage}_log.jsonl`.")  # fmt: skip
         if stage == "dpo" and m["held_out_before"]:
             before, after = m["held_out_before"], m["held_out_after"]
             lines.append(f"Preference accuracy on {before['pairs']} held-out pairs (chosen answer more likely): "

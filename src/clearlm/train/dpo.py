@@ -25,7 +25,7 @@ from clearlm.model.transformer import Transformer
 from clearlm.recipe import DPOConfig
 from clearlm.train.loop import optimizer_step
 from clearlm.train.optim import build_optimizer
-from clearlm.train.sft import lr_at
+from clearlm.train.sft import loss_ends, lr_at
 
 
 @dataclass(frozen=True)
@@ -185,5 +185,5 @@ def train_dpo(
             if on_step:
                 on_step({**record, "max_steps": total})
     model.eval()
-    return {"steps": step, "pairs": len(pairs), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+    return {"steps": step, "pairs": len(pairs), **loss_ends(records),
             "final_reward_accuracy": records[-1]["rewards/accuracies"]}  # fmt: skip

@@ -119,6 +119,15 @@ def mean_loss(model: Transformer, micro_batches: list[Batch]) -> float:
     return total / max(1, sum(b.trained for b in micro_batches))
 
 
+def loss_ends(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean loss over the first and over the last tenth of the steps (one step's loss is noisy)."""
+    n = max(1, len(records) // 10)
+    return {
+        "first_loss": sum(r["loss"] for r in records[:n]) / n,
+        "final_loss": sum(r["loss"] for r in records[-n:]) / n,
+    }
+
+
 def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig) -> float:
     """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (Tulu 3's schedule)."""
     warmup = math.ceil(cfg.warmup_ratio * total)
@@ -185,5 +194,5 @@ def train_sft(
             if on_step:
                 on_step({**record, "max_steps": total})
     model.eval()
-    return {"steps": step, "examples": len(items), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+    return {"steps": step, "examples": len(items), **loss_ends(records),
             "seconds": time.perf_counter() - started_all}  # fmt: skip
