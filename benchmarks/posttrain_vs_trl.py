@@ -141,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--only", choices=["sft", "dpo"], help="run one of the two comparisons")
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "KIND"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="clearlm-posttrain-"))
     results = {}
-    for kind in ("sft", "dpo"):
+    for kind in [args.only] if args.only else ["sft", "dpo"]:
         batch = args.batch if kind == "sft" else args.batch // 2
         for tool in ("trl", "clearlm"):
             out = subprocess.run([sys.executable, __file__, "--worker", tool, kind, "--steps", str(args.steps),

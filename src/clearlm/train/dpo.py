@@ -64,12 +64,15 @@ def _rows(pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.
 
 
 def sequence_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed answer log-probabilities, each [pairs]."""
+    """(chosen, rejected) summed answer log-probabilities, each [pairs]. The output layer runs only at
+    answer positions: prompts (often half the tokens) need hidden states, not logits."""
     idx, targets = _rows(pairs, pad_id)
-    logits = model(idx).float()
     mask = targets != IGNORE_INDEX
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    sums = (token_logps * mask).sum(-1)
+    hidden = model.hidden_states(idx)[mask]
+    logits = model.lm_head(hidden).float()
+    token_logps = torch.gather(logits.log_softmax(-1), 1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(idx.shape[0], dtype=token_logps.dtype).index_add(0, rows, token_logps)
     return sums[: len(pairs)], sums[len(pairs) :]
 
 
