@@ -458,3 +458,17 @@ def test_pretrain_sft_dpo_release_end_to_end(tmp_path, tiny_recipe):
     assert chat.exit_code == 0 and "<|assistant|>" not in chat.output
     verdict = verify_release(rel, tiny_recipe.parent, tmp_path)
     assert verdict.reproduced and any(line.startswith("dpo: reproduced") for line in verdict.lines), verdict.lines
+
+
+def test_sft_and_dpo_resume_exactly(tmp_path, tiny_recipe):
+    test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path / "straight", tiny_recipe)
+    straight = {k: load_file(next((tmp_path / "straight" / "artifacts").glob(f"{k}-*")) / "model.safetensors")
+                for k in ("sft", "dpo")}  # fmt: skip
+    args = [str(tiny_recipe), "--workdir", str(tmp_path / "resumed")]
+    for stage, stop in (("sft", 5), ("dpo", 3)):
+        first = runner.invoke(app, [stage, *args, "--stop-after", str(stop)])
+        assert first.exit_code == 0 and f"stopped after step {stop}" in first.output, first.output
+        second = runner.invoke(app, [stage, *args, "--resume"])
+        assert second.exit_code == 0 and f"{stage}: resuming from step-{stop:07d}" in second.output, second.output
+        weights = load_file(next((tmp_path / "resumed" / "artifacts").glob(f"{stage}-*[!l]")) / "model.safetensors")
+        assert all(torch.equal(weights[k], straight[stage][k]) for k in weights), stage

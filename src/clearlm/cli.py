@@ -44,6 +44,9 @@ SetOpt = Annotated[
 ]
 WorkdirOpt = Annotated[Path, typer.Option(help="where artifacts are stored")]
 ResumeOpt = Annotated[bool, typer.Option(help="continue an interrupted training run from its last checkpoint")]
+StopOpt = Annotated[
+    int | None, typer.Option(help="stop (as if interrupted) after this many steps; continue with --resume")
+]
 
 
 class RichReporter(Reporter):
@@ -198,11 +201,17 @@ def train(
 
 
 @app.command()
-def sft(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+def sft(
+    recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs"), resume: ResumeOpt = False,
+    stop_after: StopOpt = None,
+) -> None:  # fmt: skip
     """Supervised fine-tuning on chat data (the recipe's [sft] section), after pretraining if needed."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
-        art = pipe.sft()
+        art = pipe.sft(resume=resume, stop_after=stop_after)
+        if art is None:
+            console.print(f"sft: stopped after step {stop_after}; continue with --resume")
+            return
         _summary(pipe)
         m = art.metrics
         console.print(f"sft: {m['examples']} examples, {m['steps']} steps, loss {m['first_loss']:.4f} -> "
@@ -210,11 +219,18 @@ def sft(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Pat
 
 
 @app.command()
-def dpo(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
+def dpo(
+    recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs"), resume: ResumeOpt = False,
+    stop_after: StopOpt = None,
+) -> None:  # fmt: skip
     """Preference tuning (the recipe's [dpo] section), after SFT and pretraining if needed."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
-        m = pipe.dpo().metrics
+        art = pipe.dpo(resume=resume, stop_after=stop_after)
+        if art is None:
+            console.print(f"dpo: stopped after step {stop_after}; continue with --resume")
+            return
+        m = art.metrics
         _summary(pipe)
         before, after = m["held_out_before"], m["held_out_after"]
         nan = float("nan")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
@@ -43,7 +43,7 @@ from clearlm.train.loop import pretrain
 from clearlm.train.sft import prepare, train_sft
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval", "release")
-RESUMABLE = ("data", "train")
+RESUMABLE = ("data", "train", "sft", "dpo")
 
 
 class Reporter:
@@ -214,23 +214,23 @@ class Pipeline:
                 return None if "stopped_at" in metrics else metrics
 
             config, inputs = self._train_config(), {"shards": shards, "tokenizer": tok_art}
-            self._announce_resume(compute_digest("train", config, inputs), resume)
+            self._announce_resume("train", compute_digest("train", config, inputs), resume)
             art = self._stage("train", config, inputs, build, keep_partial=resume)
             if art is None:
                 return None
             self._done["train"] = art
         return self._done["train"]
 
-    def _announce_resume(self, digest: str, resume: bool) -> None:
-        if self.store.lookup("train", digest):
+    def _announce_resume(self, kind: str, digest: str, resume: bool) -> None:
+        if self.store.lookup(kind, digest):
             return
-        found = latest_checkpoint(self.store.partial_path("train", digest) / "checkpoints")
+        found = latest_checkpoint(self.store.partial_path(kind, digest) / "checkpoints")
         if found and resume:
-            self.reporter.note(f"train: resuming from {found.name}")
+            self.reporter.note(f"{kind}: resuming from {found.name}")
         elif found:
-            self.reporter.note(f"train: discarding an interrupted run at {found.name} (pass --resume to continue it)")
+            self.reporter.note(f"{kind}: discarding an interrupted run at {found.name} (pass --resume to continue it)")
         elif resume:
-            self.reporter.note("train: nothing to resume, starting from step 0")
+            self.reporter.note(f"{kind}: nothing to resume, starting from step 0")
 
     def final_model(self, resume: bool = False) -> tuple[str, Artifact]:
         """The stage whose model the recipe releases: DPO, else SFT, else pretraining."""
@@ -284,8 +284,9 @@ class Pipeline:
             )
         return self._done["eval"]
 
-    def sft(self) -> Artifact:
-        """Supervised fine-tuning of the recipe's model (or of `sft.base`, a model folder) on chat data."""
+    def sft(self, resume: bool = False, stop_after: int | None = None) -> Artifact | None:
+        """Supervised fine-tuning of the recipe's model (or of `sft.base`, a model folder) on chat data;
+        None when `stop_after` stopped it (continue with `resume`)."""
         if "sft" not in self._done:
             cfg, base = self.recipe.sft, self.loaded.base_dir
             if cfg is None:
@@ -305,17 +306,24 @@ class Pipeline:
                 max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
                 items, counts = prepare(examples, tok, template, max_length)
                 pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
-                metrics = train_sft(model, items, cfg, self.recipe.seed, pad_id, out, self.reporter.train_step)
+                metrics = train_sft(model, items, cfg, self.recipe.seed, pad_id, out, self.reporter.train_step,
+                                    resume=resume, stop_after=stop_after)  # fmt: skip
+                if metrics is None:
+                    return None
                 save_model(model, out)
                 return {**metrics, "counts": dict(counts), "bad_rows": bad, "licenses": _licences(cfg)}
 
             config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
-            self._done["sft"] = self._stage("sft", config, inputs, build, extra=extra)
+            self._announce_resume("sft", compute_digest("sft", config, inputs, extra), resume)
+            art = self._stage("sft", config, inputs, build, extra=extra, keep_partial=resume)
+            if art is None:
+                return None
+            self._done["sft"] = art
         return self._done["sft"]
 
-    def dpo(self) -> Artifact:
+    def dpo(self, resume: bool = False, stop_after: int | None = None) -> Artifact | None:
         """Preference tuning of the SFT model (or `dpo.base`) against a reference whose log-probabilities
-        are computed once and stored in the artifact."""
+        are computed once and stored in the artifact (and reused on resume); None when stopped early."""
         if "dpo" not in self._done:
             cfg, base = self.recipe.dpo, self.loaded.base_dir
             if cfg is None:
@@ -344,20 +352,32 @@ class Pipeline:
                 counts["dropped: empty prompt"] = empty
                 pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
                 reference = base_model(base / cfg.reference, self.recipe.tokenizer)[0] if cfg.reference else model
-                ref = reference_logps(reference, train_pairs, pad_id)
-                save_file({"chosen": ref[0], "rejected": ref[1]}, out / "reference_logps.safetensors")
+                cache = out / "reference_logps.safetensors"
+                if resume and cache.is_file():
+                    cached = load_file(cache)
+                    ref = (cached["chosen"], cached["rejected"])
+                    before = json.loads((out / "held_out_before.json").read_text())
+                else:
+                    ref = reference_logps(reference, train_pairs, pad_id)
+                    save_file({"chosen": ref[0], "rejected": ref[1]}, cache)
+                    before = preference_accuracy(model, held, pad_id)
+                    (out / "held_out_before.json").write_text(json.dumps(before) + "\n")
                 del reference
-                before = preference_accuracy(model, held, pad_id)
-                metrics = train_dpo(
-                    model, train_pairs, ref, cfg, self.recipe.seed, pad_id, out, self.reporter.train_step
-                )
+                metrics = train_dpo(model, train_pairs, ref, cfg, self.recipe.seed, pad_id, out,
+                                    self.reporter.train_step, resume=resume, stop_after=stop_after)  # fmt: skip
+                if metrics is None:
+                    return None
                 after = preference_accuracy(model, held, pad_id)
                 save_model(model, out)
                 return {**metrics, "counts": counts, "bad_rows": bad, "held_out_before": before,
                         "held_out_after": after, "licenses": _licences(cfg)}  # fmt: skip
 
             config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
-            self._done["dpo"] = self._stage("dpo", config, inputs, build, extra=extra)
+            self._announce_resume("dpo", compute_digest("dpo", config, inputs, extra), resume)
+            art = self._stage("dpo", config, inputs, build, extra=extra, keep_partial=resume)
+            if art is None:
+                return None
+            self._done["dpo"] = art
         return self._done["dpo"]
 
     def _starting_model(self, cfg: SFTConfig | DPOConfig, inputs: dict[str, Artifact]) -> tuple[Transformer, Tokenizer]:

@@ -9,8 +9,6 @@ artifact); the reference model is not held in memory while training.
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,7 @@ from clearlm.errors import TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
 from clearlm.recipe import DPOConfig
-from clearlm.train.loop import optimizer_step
-from clearlm.train.optim import build_optimizer
-from clearlm.train.sft import loss_ends, lr_at
+from clearlm.train.posttrain import run_steps
 
 
 @dataclass(frozen=True)
@@ -146,47 +142,29 @@ def train_dpo(
     pad_id: int,
     out: Path,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
     """Tune `model` in place; each step's loss is the mean over its pairs (all micro-batches)."""
     if not pairs:
         raise TrainingError("no preference pair is left to train on (see the counts of dropped pairs)")
-    torch.manual_seed(seed)
-    model.train()
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
-    per_step = cfg.micro_batch_size * cfg.grad_accum_steps
-    total = cfg.epochs * math.ceil(len(pairs) / per_step)
-    step, records = 0, []
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        for first in range(0, len(order), per_step):
-            chosen_idx = order[first : first + per_step]
-            started = time.perf_counter()
-            lr = lr_at(step, total, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            sums: dict[str, float] = {}
-            tokens = 0
-            for i in range(0, len(chosen_idx), cfg.micro_batch_size):
-                part = chosen_idx[i : i + cfg.micro_batch_size]
-                batch = [pairs[j] for j in part]
-                chosen, rejected = sequence_logps(model, batch, pad_id)
-                loss, metrics = dpo_loss(chosen, rejected, ref[0][part], ref[1][part], answer_lengths(batch), cfg)
-                (loss * len(part) / len(chosen_idx)).backward()
-                for k, v in {"loss": loss.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(part) / len(chosen_idx)
-                tokens += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in batch)
-            grad_norm = optimizer_step(model, opt, cfg.grad_clip)
-            step += 1
-            seconds = time.perf_counter() - started
-            record = {"step": step, "epoch": epoch + 1, **sums, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / seconds}  # fmt: skip
-            if not math.isfinite(record["loss"]):
-                raise TrainingError(f"DPO loss became {record['loss']} at step {step}; lower dpo.lr")
-            records.append(record)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if on_step:
-                on_step({**record, "max_steps": total})
-    model.eval()
-    return {"steps": step, "pairs": len(pairs), **loss_ends(records),
-            "final_reward_accuracy": records[-1]["rewards/accuracies"]}  # fmt: skip
+
+    def step(indices: list[int]) -> dict[str, float]:
+        sums: dict[str, float] = {"tokens": 0.0}
+        for i in range(0, len(indices), cfg.micro_batch_size):
+            part = indices[i : i + cfg.micro_batch_size]
+            batch = [pairs[j] for j in part]
+            chosen, rejected = sequence_logps(model, batch, pad_id)
+            loss, metrics = dpo_loss(chosen, rejected, ref[0][part], ref[1][part], answer_lengths(batch), cfg)
+            (loss * len(part) / len(indices)).backward()
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(part) / len(indices)
+            sums["tokens"] += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in batch)
+        return sums
+
+    result = run_steps(model, len(pairs), cfg, seed, out, step, resume=resume, stop_after=stop_after, on_step=on_step)
+    if result is None:
+        return None
+    last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    return {**result, "pairs": len(pairs), "final_reward_accuracy": last["rewards/accuracies"]}

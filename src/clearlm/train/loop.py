@@ -106,7 +106,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """Keep the records up to `step` (the checkpoint resumed from), written atomically."""
     kept = [r for r in read_log(path) if r["step"] <= step]
     tmp = path.with_name(path.name + ".tmp")
@@ -162,7 +162,7 @@ def pretrain(
     found = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     if found:
         state = checkpoint.load_checkpoint(found, model, opt)
-        _truncate_log(log_path, state["step"])
+        truncate_log(log_path, state["step"])
     elif log_path.exists():
         log_path.unlink()
 

@@ -9,9 +9,6 @@ give the same loss.
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,9 +22,8 @@ from clearlm.data.chat import ChatTemplate, Example, tokenize_sft
 from clearlm.errors import TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
-from clearlm.recipe import DPOConfig, SFTConfig
-from clearlm.train.loop import optimizer_step
-from clearlm.train.optim import build_optimizer
+from clearlm.recipe import SFTConfig
+from clearlm.train.posttrain import run_steps
 
 
 @dataclass(frozen=True)
@@ -119,23 +115,6 @@ def mean_loss(model: Transformer, micro_batches: list[Batch]) -> float:
     return total / max(1, sum(b.trained for b in micro_batches))
 
 
-def loss_ends(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean loss over the first and over the last tenth of the steps (one step's loss is noisy)."""
-    n = max(1, len(records) // 10)
-    return {
-        "first_loss": sum(r["loss"] for r in records[:n]) / n,
-        "final_loss": sum(r["loss"] for r in records[-n:]) / n,
-    }
-
-
-def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig) -> float:
-    """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (Tulu 3's schedule)."""
-    warmup = math.ceil(cfg.warmup_ratio * total)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
-
-
 def train_sft(
     model: Transformer,
     items: list[Tokenized],
@@ -144,55 +123,26 @@ def train_sft(
     pad_id: int,
     out: Path,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Fine-tune `model` in place on `items` for `cfg.epochs`; write the per-step log to `out/log.jsonl`."""
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """Fine-tune `model` in place on `items`; per-step log in `out/log.jsonl`; None when stopped early."""
     if not items:
         raise TrainingError("no SFT example is left to train on (see the counts of dropped examples)")
-    torch.manual_seed(seed)
-    model.train()
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
-    per_step = cfg.micro_batch_size * cfg.grad_accum_steps
-    steps_per_epoch = math.ceil(len(items) / per_step)
-    total = cfg.epochs * steps_per_epoch
     width = min(cfg.max_length or model.cfg.context, model.cfg.context) - 1
-    log_path = out / "log.jsonl"
-    records = []
-    step, started_all = 0, time.perf_counter()
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        for first in range(0, len(order), per_step):
-            chosen = [items[i] for i in order[first : first + per_step]]
-            groups = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
-            batches = [pack(g, width, pad_id) if cfg.packing else pad(g, pad_id) for g in groups]
-            started = time.perf_counter()
-            lr = lr_at(step, total, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            n_trained = sum(b.trained for b in batches)
-            total_loss = 0.0
-            for batch in batches:
-                loss = loss_sum(model, batch)
-                (loss / n_trained).backward()
-                total_loss += loss.item()
-            grad_norm = optimizer_step(model, opt, cfg.grad_clip)
-            step += 1
-            seconds = time.perf_counter() - started
-            record = {
-                "step": step,
-                "epoch": epoch + 1,
-                "loss": total_loss / n_trained,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "trained_tokens": n_trained,
-                "tokens_per_s": sum(b.idx.numel() for b in batches) / seconds,
-            }
-            if not math.isfinite(record["loss"]):
-                raise TrainingError(f"SFT loss became {record['loss']} at step {step}; lower sft.lr")
-            records.append(record)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if on_step:
-                on_step({**record, "max_steps": total})
-    model.eval()
-    return {"steps": step, "examples": len(items), **loss_ends(records),
-            "seconds": time.perf_counter() - started_all}  # fmt: skip
+
+    def step(indices: list[int]) -> dict[str, float]:
+        chosen = [items[i] for i in indices]
+        groups = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
+        batches = [pack(g, width, pad_id) if cfg.packing else pad(g, pad_id) for g in groups]
+        n_trained = sum(b.trained for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss = loss_sum(model, batch)
+            (loss / n_trained).backward()
+            total += loss.item()
+        return {"loss": total / n_trained, "trained_tokens": n_trained, "tokens": sum(b.idx.numel() for b in batches)}
+
+    result = run_steps(model, len(items), cfg, seed, out, step, resume=resume, stop_after=stop_after, on_step=on_step)
+    return None if result is None else {**result, "examples": len(items)}

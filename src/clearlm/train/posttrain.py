@@ -1,0 +1,96 @@
+"""The step loop shared by SFT and DPO: data order, schedule, logging, checkpoints and exact resume.
+
+The order of examples is a permutation fixed by (seed, epoch) and the position in it is the step
+number, so a run stopped after any step and resumed from its checkpoint (weights, optimizer and RNG
+state, as in pretraining) takes exactly the steps the uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clearlm.errors import TrainingError
+from clearlm.model.transformer import Transformer
+from clearlm.recipe import DPOConfig, SFTConfig
+from clearlm.train import checkpoint
+from clearlm.train.loop import optimizer_step, read_log, truncate_log
+from clearlm.train.optim import build_optimizer
+
+StepFn = Callable[[list[int]], dict[str, float]]  # backward over these items; returns loss, tokens, metrics
+
+
+def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig) -> float:
+    """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (Tulu 3's schedule)."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def loss_ends(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean loss over the first and over the last tenth of the steps (one step's loss is noisy)."""
+    n = max(1, len(records) // 10)
+    return {"first_loss": sum(r["loss"] for r in records[:n]) / n,
+            "final_loss": sum(r["loss"] for r in records[-n:]) / n}  # fmt: skip
+
+
+def run_steps(
+    model: Transformer,
+    n_items: int,
+    cfg: SFTConfig | DPOConfig,
+    seed: int,
+    out: Path,
+    step_fn: StepFn,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any] | None:
+    """Train for `cfg.epochs`; None when `stop_after` stopped the run (resume it with `resume=True`)."""
+    torch.manual_seed(seed)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    per_step = cfg.micro_batch_size * cfg.grad_accum_steps
+    steps_per_epoch = math.ceil(n_items / per_step)
+    total = cfg.epochs * steps_per_epoch
+    ckpt_root, log_path = out / "checkpoints", out / "log.jsonl"
+    start = 0
+    found = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    if found:
+        start = checkpoint.load_checkpoint(found, model, opt)["step"]
+        truncate_log(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+    end = min(total, stop_after) if stop_after else total
+    model.train()
+    for step in range(start, end):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        lr = lr_at(step, total, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        metrics = step_fn(order[k * per_step : (k + 1) * per_step])
+        grad_norm = optimizer_step(model, opt, cfg.grad_clip)
+        tokens = metrics.pop("tokens")
+        record = {"step": step + 1, "epoch": epoch + 1, **metrics, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / (time.perf_counter() - started)}  # fmt: skip
+        if not math.isfinite(record["loss"]):
+            raise TrainingError(f"loss became {record['loss']} at step {step + 1}; lower the learning rate")
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if on_step:
+            on_step({**record, "max_steps": total})
+    if end < total:
+        checkpoint.save_checkpoint(ckpt_root, end, model, opt, {"step": end}, keep_optimizer=True)
+        return None
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    model.eval()
+    return {"steps": total, **loss_ends(read_log(log_path))}
