@@ -10,12 +10,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 import clearlm
 from clearlm.artifacts import check_outputs, sha256_file
 from clearlm.cli import app
 from clearlm.data.chat import ChatTemplate
+from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.openness.audit import audit_folder
 from clearlm.openness.mof import evaluate, from_mot, validate_mot
 from clearlm.pipeline import Pipeline, Reporter
@@ -374,7 +376,7 @@ def test_sft_stage_trains_on_chat_data_and_reports_bad_rows(tmp_path, tiny_recip
     assert result.exit_code == 0, result.output
     art = next((tmp_path / "artifacts").glob("sft-*"))
     manifest = json.loads((art / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"data", "tokenizer", "pretrain"} and manifest["sources"]["data"][0]["digest"]
+    assert set(manifest["inputs"]) == {"tokenizer", "pretrain"} and manifest["sources"]["data"][0]["digest"]
     metrics = manifest["metrics"]
     assert metrics["examples"] == 24 and metrics["bad_rows"] == {"messages has no assistant turn": 1}
     assert metrics["steps"] == 18 and metrics["final_loss"] < metrics["first_loss"]
@@ -419,7 +421,7 @@ def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):
     assert result.exit_code == 0, result.output
     art = next((tmp_path / "artifacts").glob("dpo-*"))
     manifest = json.loads((art / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"data", "tokenizer", "sft"}
+    assert set(manifest["inputs"]) == {"tokenizer", "sft"}
     metrics = manifest["metrics"]
     assert metrics["bad_rows"] == {"empty chosen or rejected answer": 1}
     held = metrics["held_out_before"]["pairs"]
@@ -472,3 +474,49 @@ def test_sft_and_dpo_resume_exactly(tmp_path, tiny_recipe):
         assert second.exit_code == 0 and f"{stage}: resuming from step-{stop:07d}" in second.output, second.output
         weights = load_file(next((tmp_path / "resumed" / "artifacts").glob(f"{stage}-*[!l]")) / "model.safetensors")
         assert all(torch.equal(weights[k], straight[stage][k]) for k in weights), stage
+
+
+def test_sft_from_a_folder_whose_tokenizer_lacks_the_chat_tokens(tmp_path):
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator(["Say alpha twice.", "alpha alpha", "beta gamma delta"] * 10,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    folder = tmp_path / "outside"
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=raw.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)  # fmt: skip
+    _chat_file(tmp_path)
+    sft = f'[sft]\nbase = "{folder}"\ndata = [{{ path = "chat.jsonl" }}]\nepochs = 1\n'
+    (tmp_path / "r.toml").write_text('name = "x"\n[data]\nsources = [{ path = "not-needed.jsonl" }]\n' + sft)
+    art = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs").sft()
+    tok = Tokenizer.from_file(str(art.path / "tokenizer.json"))
+    assert all(tok.token_to_id(t) is not None for t in ("<|user|>", "<|assistant|>", "<|endoftext|>", "<|pad|>"))
+    weights = load_file(art.path / "model.safetensors")
+    assert weights["embed_tokens.weight"].shape[0] == raw.get_vocab_size() + 5 == tok.get_vocab_size()
+    assert art.metrics["examples"] == 24
+
+
+def test_growing_the_vocabulary_keeps_old_logits_and_starts_new_rows_at_the_mean():
+    model = Transformer(TransformerConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, context=16))
+    model.init_weights(0)
+    ids = torch.tensor([[1, 2, 3]])
+    before = model(ids)
+    model.grow_vocab(53)
+    after = model(ids)
+    assert torch.allclose(after[..., :50], before) and model.cfg.vocab_size == 53
+    assert torch.allclose(model.embed_tokens.weight[50], model.embed_tokens.weight[:50].mean(0))

@@ -101,13 +101,15 @@ def _licences(cfg: SFTConfig | DPOConfig) -> dict[str, str]:
 
 
 def base_model(folder: Path, tok_cfg: TokenizerConfig) -> tuple[Transformer, Tokenizer]:
-    """A Llama-family model folder to post-train, whose tokenizer has the chat template's tokens."""
+    """A Llama-family model folder to post-train. Chat tokens its tokenizer lacks are added as special
+    tokens, and the embeddings grow to match (new rows at the mean of the old ones)."""
     model, tok, _ = load_release(folder)
     if not isinstance(model, Transformer):
         raise RecipeError(f"sft.base: {folder}: only Llama-family model folders can be post-trained")
     missing = [t for t in (tok_cfg.eos_token, tok_cfg.pad_token, *tok_cfg.special_tokens) if tok.token_to_id(t) is None]
     if missing:
-        raise RecipeError(f"sft.base: {folder}: the tokenizer lacks the chat tokens {', '.join(missing)}")
+        tok.add_special_tokens(missing)
+        model.grow_vocab(max(tok.get_vocab_size(), model.cfg.vocab_size))
     return model, tok
 
 
@@ -291,17 +293,16 @@ class Pipeline:
             cfg, base = self.recipe.sft, self.loaded.base_dir
             if cfg is None:
                 raise RecipeError("the recipe has no [sft] section")
-            data, tok_art = self.data(), self.tokenizer()
-            inputs: dict[str, Artifact] = {"data": data, "tokenizer": tok_art}
+            inputs = self._post_training_inputs(cfg)
             files, extra = _post_training_files(cfg, base)
-            if cfg.base == "pretrain":
-                inputs["pretrain"] = self._require_train(False)
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
                 examples, bad = _read_rows(files, read_sft, out)
                 if cfg.builtin:
-                    examples = stdlib_function_examples(data.path / "train.jsonl", cfg.builtin_examples) + examples
+                    examples = (
+                        stdlib_function_examples(inputs["data"].path / "train.jsonl", cfg.builtin_examples) + examples
+                    )
                 template = ChatTemplate(eos_token=self.recipe.tokenizer.eos_token)
                 max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
                 items, counts = prepare(examples, tok, template, max_length)
@@ -311,6 +312,7 @@ class Pipeline:
                 if metrics is None:
                     return None
                 save_model(model, out)
+                tok.save(str(out / "tokenizer.json"))
                 return {**metrics, "counts": dict(counts), "bad_rows": bad, "licenses": _licences(cfg)}
 
             config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
@@ -328,17 +330,14 @@ class Pipeline:
             cfg, base = self.recipe.dpo, self.loaded.base_dir
             if cfg is None:
                 raise RecipeError("the recipe has no [dpo] section")
-            data, tok_art = self.data(), self.tokenizer()
-            inputs: dict[str, Artifact] = {"data": data, "tokenizer": tok_art}
+            inputs = self._post_training_inputs(cfg)
             files, extra = _post_training_files(cfg, base)
-            if cfg.base in ("sft", "pretrain"):
-                inputs[cfg.base] = self.sft() if cfg.base == "sft" else self._require_train(False)
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
                 pairs, bad = _read_rows(files, read_pair_file, out)
                 if cfg.builtin:
-                    pairs = stdlib_function_pairs(data.path / "train.jsonl", cfg.builtin_pairs) + pairs
+                    pairs = stdlib_function_pairs(inputs["data"].path / "train.jsonl", cfg.builtin_pairs) + pairs
                 template = ChatTemplate(eos_token=self.recipe.tokenizer.eos_token)
                 tokenized = [TokenizedPair(*tokenize_pair(tok, template, p)) for p in pairs]
                 empty = sum(1 for t in tokenized if not t.prompt)
@@ -369,6 +368,7 @@ class Pipeline:
                     return None
                 after = preference_accuracy(model, held, pad_id)
                 save_model(model, out)
+                tok.save(str(out / "tokenizer.json"))
                 return {**metrics, "counts": counts, "bad_rows": bad, "held_out_before": before,
                         "held_out_after": after, "licenses": _licences(cfg)}  # fmt: skip
 
@@ -379,6 +379,15 @@ class Pipeline:
                 return None
             self._done["dpo"] = art
         return self._done["dpo"]
+
+    def _post_training_inputs(self, cfg: SFTConfig | DPOConfig) -> dict[str, Artifact]:
+        """The artifacts a post-training stage reads: the corpus for built-in sets, and the model (with the
+        recipe's tokenizer) it starts from when that is an earlier stage, not a folder."""
+        inputs: dict[str, Artifact] = {"data": self.data()} if cfg.builtin else {}
+        if cfg.base in ("pretrain", "sft"):
+            inputs["tokenizer"] = self.tokenizer()
+            inputs[cfg.base] = self._require_train(False) if cfg.base == "pretrain" else self.sft()
+        return inputs
 
     def _starting_model(self, cfg: SFTConfig | DPOConfig, inputs: dict[str, Artifact]) -> tuple[Transformer, Tokenizer]:
         """Where post-training starts: an earlier stage's model (and the recipe's tokenizer), or a folder's."""

@@ -8,7 +8,7 @@ measured slower, because their backward has to concatenate the gradients again.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +181,27 @@ class Transformer(nn.Module):
         """Summed next-token cross-entropy (targets -100 ignored), without materialising the logits."""
         h = self.hidden_states(idx, segments)
         return linear_cross_entropy_sum(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+
+    def grow_vocab(self, vocab_size: int) -> None:
+        """More token rows (for added special tokens): new embedding and output rows start at the mean of
+        the existing ones, as transformers' `resize_token_embeddings(mean_resizing=True)` does, so new
+        tokens begin neutral instead of random."""
+        old = self.cfg.vocab_size
+        if vocab_size <= old:
+            return
+        embed = nn.Embedding(vocab_size, self.cfg.d_model)
+        with torch.no_grad():
+            embed.weight[:old] = self.embed_tokens.weight
+            embed.weight[old:] = self.embed_tokens.weight.mean(0)
+        head = nn.Linear(self.cfg.d_model, vocab_size, bias=False)
+        if self.cfg.tie_embeddings:
+            head.weight = embed.weight
+        else:
+            with torch.no_grad():
+                head.weight[:old] = self.lm_head.weight
+                head.weight[old:] = self.lm_head.weight.mean(0)
+        self.embed_tokens, self.lm_head = embed, head
+        self.cfg = replace(self.cfg, vocab_size=vocab_size)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
