@@ -232,7 +232,8 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     """The real quickstart recipe (full stdlib corpus, both domains) with a tiny model and 3 steps."""
     shrink = ["tokenizer.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
               "model.context=64", "train.max_steps=3", "train.eval_batches=1", "train.checkpoint_interval=0",
-              "eval.max_documents_per_domain=3"]  # fmt: skip
+              "eval.max_documents_per_domain=3", "sft.builtin_examples=40", "sft.epochs=1",
+              "dpo.builtin_pairs=30"]  # fmt: skip
     pipe = Pipeline(load_recipe(None, shrink), tmp_path)
     pipe.run()
     data = pipe.artifacts["data"].metrics

@@ -27,13 +27,16 @@ def _functions(module: str, text: str, max_chars: int) -> list[tuple[str, str, s
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return []
-    out = []
+    out, lines = [], None
     for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.end_lineno is None:
             continue
         doc = (ast.get_docstring(node) or "").strip().split("\n")[0].strip()
-        source = ast.get_source_segment(text, node)
-        if not doc or not source or len(source) > max_chars:
+        if not doc:
+            continue
+        lines = lines or text.splitlines()
+        source = "\n".join(lines[node.lineno - 1 : node.end_lineno])  # top-level: starts at column 0
+        if len(source) > max_chars:
             continue
         prompt = f"Write a Python function `{node.name}({ast.unparse(node.args)})`: {doc}"
         out.append((hashlib.sha256(f"{module}:{node.name}".encode()).hexdigest(), prompt, source))
