@@ -455,6 +455,8 @@ def test_pretrain_sft_dpo_release_end_to_end(tmp_path, tiny_recipe):
     assert (hf_logits - released(torch.tensor([ids]))).abs().max() < 1e-4
     card = (rel / "README.md").read_text()
     assert "## Post-training" in card and "Preference accuracy on" in card
+    data_card = (rel / "data" / "data_card.md").read_text()
+    assert "## Post-training data" in data_card and "| dpo | pairs.jsonl | CC0-1.0 |" in data_card
     assert (rel / "post_training" / "sft_log.jsonl").is_file() and (rel / "post_training" / "dpo_log.jsonl").is_file()
     assert json.loads((rel / "openness.json").read_text())["mof"]["class"] == 1, "post-training data licensed CC0"
     chat = runner.invoke(app, ["generate", str(rel), "Say alpha twice.", "--chat", "--max-new-tokens", "8"])

@@ -71,3 +71,28 @@ def tokens_section(shards: dict[str, Any]) -> str:
         for source, n in shards[split].get("sources", {}).items():
             lines.append(_row([source, split, n["documents"], f"{n['tokens']:,}"]))
     return "\n".join([*lines, ""])
+
+
+_BUILTIN = {
+    "stdlib-functions": "built from the training split's standard-library modules: each documented public "
+    "top-level function becomes a request (its signature and the first line of its docstring) answered by its "
+    "source; for preference pairs the rejected answer is another function, the function cut after half its "
+    "lines, or its body shuffled (chosen by a hash of module and name)",
+}
+
+
+def post_training_section(stages: dict[str, dict[str, Any]]) -> str:
+    """The data behind SFT and DPO: sources and licences, counts, what was dropped, how built-in sets are made."""
+    if not stages:
+        return ""
+    lines = ["", "## Post-training data", "", _row(["stage", "source", "licence"]), _row(["---"] * 3)]
+    for stage, m in stages.items():
+        lines += [_row([stage, source, licence]) for source, licence in m["licenses"].items()]
+    lines.append("")
+    for stage, m in stages.items():
+        used = m.get("examples", m.get("pairs"))
+        lines.append(f"- {stage}: {used} {'examples' if stage == 'sft' else 'pairs'} trained on; counts {m['counts']}; "
+                     f"bad rows {m['bad_rows'] or 'none'} (listed in the stage's `rejects.jsonl`).")  # fmt: skip
+    for name in sorted({n for m in stages.values() for n in m["licenses"] if n in _BUILTIN}):
+        lines.append(f"- `{name}`: {_BUILTIN[name]}.")
+    return "\n".join([*lines, ""])

@@ -31,7 +31,7 @@ import zstandard
 import clearlm
 from clearlm import __version__
 from clearlm.artifacts import Artifact, environment
-from clearlm.data.card import tokens_section
+from clearlm.data.card import post_training_section, tokens_section
 from clearlm.data.chat import CHAT_TEMPLATE
 from clearlm.data.documents import read_jsonl
 from clearlm.data.tokenizer import load_tokenizer
@@ -150,7 +150,8 @@ def build_release(
     tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
     _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
     card = (data.path / "data_card.md").read_text()
-    (out / "data" / "data_card.md").write_text(card + tokens_section(shards))
+    post_training = {k: artifacts[k].metrics for k in ("sft", "dpo") if k in artifacts}
+    (out / "data" / "data_card.md").write_text(card + tokens_section(shards) + post_training_section(post_training))
     shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
     _dump(
         out / "lineage.json",
