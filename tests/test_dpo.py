@@ -102,3 +102,20 @@ def test_dpo_loss_and_rewards_equal_trl(chat_tok, tmp_path, loss):
     assert value.item() == pytest.approx(theirs, abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert mine[key] == pytest.approx(metrics[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_simpo_equals_trl_cpo_loss():
+    from types import SimpleNamespace
+
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    chosen, rejected = torch.tensor([-10.0, -30.0]), torch.tensor([-14.0, -12.0])
+    lengths = (torch.tensor([4.0, 12.0]), torch.tensor([8.0, 3.0]))
+    cfg = DPOConfig(builtin="stdlib-functions", loss="simpo", beta=2.0, simpo_gamma=0.5)
+    trainer = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.5, beta=2.0, label_smoothing=0.0,
+                              accelerator=SimpleNamespace(device="cpu"))  # fmt: skip
+    losses, reward_c, reward_r = cpo.CPOTrainer.cpo_loss(trainer, chosen / lengths[0], rejected / lengths[1])
+    ours, metrics = dpo_loss(chosen, rejected, torch.zeros(2), torch.zeros(2), lengths, cfg)
+    assert ours.item() == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert metrics["rewards/chosen"] == pytest.approx(reward_c.mean().item(), abs=1e-6)
+    assert metrics["rewards/rejected"] == pytest.approx(reward_r.mean().item(), abs=1e-6)
