@@ -17,6 +17,7 @@ import clearlm
 from clearlm.artifacts import check_outputs, sha256_file
 from clearlm.cli import app
 from clearlm.data.chat import ChatTemplate
+from clearlm.errors import RecipeError
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.openness.audit import audit_folder
 from clearlm.openness.mof import evaluate, from_mot, validate_mot
@@ -405,6 +406,8 @@ def test_sft_from_a_hugging_face_folder_clearlm_did_not_write(tmp_path, tiny_run
     art = pipe.sft()
     assert "pretrain" not in art.manifest["inputs"] and art.manifest["sources"]["base"]
     assert art.metrics["examples"] == 24 and (art.path / "model.safetensors").is_file()
+    with pytest.raises(RecipeError, match="outside folder is not supported yet"):
+        pipe.release()
 
 
 def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):

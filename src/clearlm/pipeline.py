@@ -403,6 +403,11 @@ class Pipeline:
 
     def release(self, resume: bool = False) -> Artifact:
         if "release" not in self._done:
+            outside = [f"{k}.base = {c.base!r}" for k in ("sft", "dpo") if (c := getattr(self.recipe, k)) is not None
+                       and c.base not in ("pretrain", "sft")]  # fmt: skip
+            if outside:
+                raise RecipeError(f"{outside[0]}: releasing a model post-trained from an outside folder is not "
+                                  "supported yet; its weights and tokenizer are in the stage's artifact")  # fmt: skip
             inputs = {
                 "data": self.data(),
                 "tokenizer": self.tokenizer(),
