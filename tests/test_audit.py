@@ -93,3 +93,20 @@ def test_audit_mot_file_gives_mot_class(tmp_path):
     (tmp_path / "bad.yml").write_text("release: {components: 5}")
     bad = runner.invoke(app, ["audit", "--mot", str(tmp_path / "bad.yml")])
     assert bad.exit_code == 2 and "bad.yml" in bad.output
+
+
+def test_declared_paths_outside_the_folder_and_special_files_do_not_count(tmp_path):
+    root = tmp_path / "m"
+    root.mkdir()
+    names = ["Model architecture", "Model parameters (Final)", "Model card", "Data card", "Technical report",
+             "Evaluation results"]  # fmt: skip
+    doc = {"framework": {"name": "Model Openness Framework", "version": "1.0", "date": "2024-12-15"},
+           "release": {"name": "m", "license": {"distribution": {"name": "Apache-2.0", "path": ""}},
+                       "components": [{"name": n, "component_path": "/usr/lib"} for n in names]}}  # fmt: skip
+    (root / "mot.yml").write_text(yaml.safe_dump(doc))
+    os.mkfifo(root / "LICENSE")  # reading it would block forever
+    report = audit_folder(root)
+    assert report["mof"]["class"] == 0 and all(v == [] for v in report["components"].values())
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump({"release": {"license": "MIT", "components": []}}))
+    bad = runner.invoke(app, ["audit", "--mot", str(tmp_path / "bad.yml")])
+    assert bad.exit_code == 2 and "release.license must be a mapping" in bad.output

@@ -172,3 +172,17 @@ def test_minhash_clusters_equal_datatrove(tmp_path):
     theirs = _datatrove_clusters(rows, tmp_path)
     assert len(ours) >= 20
     assert ours == theirs
+
+
+def test_a_part_without_minhash_keys_is_fine(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "PART_DOCUMENTS", 2)
+    rows = [{"id": "s1", "text": "too short"}, {"id": "s2", "text": "also short"}]
+    rows += [{"id": f"d{i}", "text": " ".join(chr(97 + i) + chr(97 + j % 26) + chr(97 + j // 26) for j in range(40))}
+             for i in range(8)]  # fmt: skip
+    rows.append({"id": "dup", "text": rows[2]["text"]})
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(sources=[SourceConfig(path="c.jsonl")], validation_fraction=0.3, steps=[{"type": "minhash_dedup"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics = build_corpus(cfg, tmp_path, out)
+    assert metrics["steps"]["minhash_dedup"]["removed"] == 1

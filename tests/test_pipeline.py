@@ -425,7 +425,7 @@ def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):
     assert result.exit_code == 0, result.output
     art = next((tmp_path / "artifacts").glob("dpo-*"))
     manifest = json.loads((art / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"tokenizer", "sft"}
+    assert set(manifest["inputs"]) == {"sft"}
     metrics = manifest["metrics"]
     assert metrics["bad_rows"] == {"empty chosen or rejected answer": 1}
     held = metrics["held_out_before"]["pairs"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -63,6 +64,9 @@ class Reporter:
     def note(self, message: str) -> None: ...
 
 
+_FIELD_PREFIX = re.compile(r"^\w+(\[\d+\])?: ")  # "messages[2]: role must be ..." counts as "role must be ..."
+
+
 def _folder_digest(folder: Path) -> str:
     return files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
 
@@ -85,7 +89,7 @@ def _read_rows(files: list[Path], reader: Callable[[Path], Any], out: Path) -> t
     for file in files:
         for where, row in reader(file):
             if isinstance(row, BadRow):
-                bad[str(row).split(":")[-1].strip()] += 1
+                bad[_FIELD_PREFIX.sub("", str(row))] += 1
                 rejects.append({"where": where, "reason": str(row)})
             else:
                 rows.append(row)
@@ -237,9 +241,9 @@ class Pipeline:
     def final_model(self, resume: bool = False) -> tuple[str, Artifact]:
         """The stage whose model the recipe releases: DPO, else SFT, else pretraining."""
         if self.recipe.dpo is not None:
-            return "dpo", self.dpo()
+            return "dpo", self.dpo(resume)
         if self.recipe.sft is not None:
-            return "sft", self.sft()
+            return "sft", self.sft(resume)
         return "train", self._require_train(resume)
 
     def eval(self, resume: bool = False) -> Artifact:
@@ -350,17 +354,23 @@ class Pipeline:
                 held, _ = truncate(held, max_length)
                 counts["dropped: empty prompt"] = empty
                 pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
-                reference = base_model(base / cfg.reference, self.recipe.tokenizer)[0] if cfg.reference else model
-                cache = out / "reference_logps.safetensors"
-                if resume and cache.is_file():
-                    cached = load_file(cache)
+                reference = model
+                if cfg.reference:
+                    reference, ref_tok = base_model(base / cfg.reference, self.recipe.tokenizer)
+                    if ref_tok.get_vocab() != tok.get_vocab():
+                        raise RecipeError(f"dpo.reference: {cfg.reference}: its tokenizer differs from the policy's")
+                cache, before_path = out / "reference_logps.safetensors", out / "held_out_before.json"
+                cached = load_file(cache) if resume and cache.is_file() and before_path.is_file() else None
+                if cached is not None and cached["chosen"].shape[0] == len(train_pairs):
                     ref = (cached["chosen"], cached["rejected"])
-                    before = json.loads((out / "held_out_before.json").read_text())
-                else:
+                    before = json.loads(before_path.read_text())
+                else:  # both written under temporary names, then renamed: a resume never reads half a file
                     ref = reference_logps(reference, train_pairs, pad_id)
-                    save_file({"chosen": ref[0], "rejected": ref[1]}, cache)
                     before = preference_accuracy(model, held, pad_id)
-                    (out / "held_out_before.json").write_text(json.dumps(before) + "\n")
+                    save_file({"chosen": ref[0], "rejected": ref[1]}, str(cache) + ".tmp")
+                    before_path.with_suffix(".tmp").write_text(json.dumps(before) + "\n")
+                    os.replace(str(cache) + ".tmp", cache)
+                    os.replace(before_path.with_suffix(".tmp"), before_path)
                 del reference
                 metrics = train_dpo(model, train_pairs, ref, cfg, self.recipe.seed, pad_id, out,
                                     self.reporter.train_step, resume=resume, stop_after=stop_after)  # fmt: skip
@@ -384,15 +394,18 @@ class Pipeline:
         """The artifacts a post-training stage reads: the corpus for built-in sets, and the model (with the
         recipe's tokenizer) it starts from when that is an earlier stage, not a folder."""
         inputs: dict[str, Artifact] = {"data": self.data()} if cfg.builtin else {}
-        if cfg.base in ("pretrain", "sft"):
-            inputs["tokenizer"] = self.tokenizer()
-            inputs[cfg.base] = self._require_train(False) if cfg.base == "pretrain" else self.sft()
+        if cfg.base == "pretrain":
+            inputs["tokenizer"], inputs["pretrain"] = self.tokenizer(), self._require_train(False)
+        elif cfg.base == "sft":
+            inputs["sft"] = self.sft()  # holds the tokenizer it trained with
         return inputs
 
     def _starting_model(self, cfg: SFTConfig | DPOConfig, inputs: dict[str, Artifact]) -> tuple[Transformer, Tokenizer]:
         """Where post-training starts: an earlier stage's model (and the recipe's tokenizer), or a folder's."""
         if cfg.base in inputs:
-            return load_model(inputs[cfg.base].path), load_tokenizer(inputs["tokenizer"].path)
+            art = inputs[cfg.base]
+            tok_dir = art.path if (art.path / "tokenizer.json").is_file() else inputs["tokenizer"].path
+            return load_model(art.path), load_tokenizer(tok_dir)
         return base_model(self.loaded.base_dir / cfg.base, self.recipe.tokenizer)
 
     def _require_train(self, resume: bool) -> Artifact:
@@ -415,7 +428,7 @@ class Pipeline:
                 "train": self._require_train(resume),
                 "eval": self.eval(resume),
             }
-            inputs.update({k: getattr(self, k)() for k in ("sft", "dpo") if getattr(self.recipe, k) is not None})
+            inputs.update({k: getattr(self, k)(resume) for k in ("sft", "dpo") if getattr(self.recipe, k) is not None})
             config = {"name": self.recipe.name, **self.recipe.release.model_dump(mode="json")}
             art = self._stage(
                 "release",
@@ -442,6 +455,6 @@ class Pipeline:
             raise ValueError(f"unknown stage {until!r}")
         if until == "train":
             return self._require_train(resume)
-        if until in ("eval", "release"):
+        if until in ("sft", "dpo", "eval", "release"):
             return getattr(self, until)(resume)
         return getattr(self, until)()

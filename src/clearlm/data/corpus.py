@@ -226,12 +226,17 @@ def _deduplicate(
                     part[pos][1].append(trace[pos][4])
             index += 1
         for pos, (indices, keys) in part.items():
+            width = len(keys[0]) if keys and isinstance(keys[0], list) else None
             found[pos][0].append(np.asarray(indices, dtype=np.int64))
-            found[pos][1].append(np.asarray(keys, dtype=np.uint64))
+            found[pos][1].append(np.asarray(keys, dtype=np.uint64).reshape((len(keys), width) if width else len(keys)))
     removed: dict[int, tuple[int, str, int]] = {}
     counts: dict[str, dict[str, int]] = {}
     for pos, name, step in dedup:
-        indices, keys = np.concatenate(found[pos][0]), np.concatenate(found[pos][1])
+        parts = [(i, k) for i, k in zip(*found[pos], strict=True) if len(i)]
+        if not parts:
+            counts[name] = {}
+            continue
+        indices, keys = np.concatenate([i for i, _ in parts]), np.concatenate([k for _, k in parts])
         alive = np.fromiter((i not in removed for i in indices.tolist()), dtype=bool, count=len(indices))
         gone, step_counts = step.resolve(indices[alive], keys[alive])
         removed.update({index: (pos, step.reason, original) for index, original in gone.items()})

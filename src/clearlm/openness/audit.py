@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -80,12 +81,31 @@ _TEXTS = [
 ]  # fmt: skip
 
 
+def _regular(path: Path) -> bool:
+    """A regular file, not a symlink, FIFO, socket or device (reading those could hang or leave the folder)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _walk(root: Path) -> Iterator[tuple[str, Path]]:
     for base, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not Path(base, d).is_symlink())
         for name in sorted(files):
             path = Path(base, name)
-            yield path.relative_to(root).as_posix(), path
+            if _regular(path):
+                yield path.relative_to(root).as_posix(), path
+
+
+def _inside(root: Path, where: str) -> bool:
+    """A declared path that exists inside the folder (absolute paths, `..` and symlinks do not count)."""
+    path = root / where
+    if Path(where).is_absolute() or ".." in Path(where).parts or not path.exists():
+        return False
+    return path.resolve().is_relative_to(root.resolve()) and not any(
+        p.is_symlink() for p in [path, *path.parents] if p.is_relative_to(root) and p != root
+    )
 
 
 def _symlinks(root: Path) -> list[dict[str, str]]:
@@ -152,7 +172,7 @@ def _archive_members(rel: str, path: Path) -> list[dict[str, str]]:
 def _remote_code(root: Path) -> list[dict[str, str]]:
     """Python files that transformers would run with trust_remote_code=True (config.json's auto_map)."""
     config = root / "config.json"
-    if not config.is_file():
+    if not _regular(config):
         return []
     try:
         auto_map = json.loads(config.read_text(errors="replace")).get("auto_map") or {}
@@ -166,7 +186,7 @@ def _remote_code(root: Path) -> list[dict[str, str]]:
 
 def _card_front_matter(root: Path) -> dict[str, Any]:
     card = root / "README.md"
-    if not card.is_file():
+    if not _regular(card):
         return {}
     text = card.read_text(errors="replace")
     if not text.startswith("---"):
@@ -241,7 +261,7 @@ def audit_folder(folder: Path) -> dict[str, Any]:
     declared = _declared(root, files)
     for name, entry in (declared[1] if declared else {}).items():
         where = str(entry.get("component_path") or "")
-        if name in BY_NAME and where and name not in present and ("://" in where or (root / where).exists()):
+        if name in BY_NAME and where and name not in present and _inside(root, where):
             present[name] = [f"{where} (declared in {declared[0]})"]
     evaluation = evaluate(_component_licences(present, licences, declared))
     return {

@@ -94,9 +94,9 @@ class Evaluation:
 
 def resolve_license(entry: dict[str, Any], content: Content, global_licenses: dict[str, str]) -> str:
     """A listed component's licence, as MOT resolves it ('unlicensed' when there is none)."""
-    if "license" in entry:
+    if entry.get("license") is not None:  # PHP's isset(): a null licence falls back like a missing one
         value = entry["license"]
-        return "unlicensed" if value in (None, "", "unlicensed") else str(value)
+        return "unlicensed" if value in ("", "unlicensed") else str(value)
     return global_licenses.get(content) or global_licenses.get("distribution") or "unlicensed"
 
 
@@ -162,7 +162,10 @@ def from_mot(doc: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, 
     release = doc.get("release") or {}
     if not isinstance(release, dict) or not isinstance(release.get("components", []), list):
         raise ValueError("release.components must be a list")
-    glob = {k: (v or {}).get("name", "") for k, v in (release.get("license") or {}).items() if isinstance(v, dict)}
+    licence_block = release.get("license") or {}
+    if not isinstance(licence_block, dict):
+        raise ValueError("release.license must be a mapping of distribution/code/data/document to {name, path}")
+    glob = {k: (v or {}).get("name", "") for k, v in licence_block.items() if isinstance(v, dict)}
     components = {}
     for i, entry in enumerate(release.get("components") or []):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):

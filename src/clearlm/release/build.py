@@ -53,7 +53,8 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, context: int) -> None:
+def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, context: int, chat: bool) -> None:
+    """tokenizer.json and the configs transformers reads; the chat template only for post-trained models."""
     shutil.copy2(tokenizer_art.path / "tokenizer.json", out / "tokenizer.json")
     _dump(
         out / "tokenizer_config.json",
@@ -64,7 +65,7 @@ def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, con
             "pad_token": pad,
             "model_max_length": context,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            **({"chat_template": CHAT_TEMPLATE} if chat else {}),
             "add_bos_token": False,
             "add_eos_token": False,
         },
@@ -126,7 +127,8 @@ def build_release(
     model = load_model(final.path)
     save_hf(model, out, bos_id=eos_id, eos_id=eos_id, pad_id=pad_id)
     _dump(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id})
-    _tokenizer_files(artifacts["tokenizer"], tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context)
+    chat = "sft" in artifacts or "dpo" in artifacts
+    _tokenizer_files(artifacts["tokenizer"], tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context, chat)
     for stage in ("sft", "dpo"):
         if stage in artifacts:
             (out / "post_training").mkdir(exist_ok=True)
