@@ -21,7 +21,7 @@ else:
     import tomli as tomllib
 
 _LISTS = tomllib.loads((Path(__file__).parent / "license_lists.toml").read_text())
-OSI_APPROVED = frozenset(_LISTS["osi_approved"])
+OSI_APPROVED = frozenset(_LISTS["osi_approved"]) | frozenset(_LISTS["osi_approved_deprecated"])
 FSF_LIBRE = frozenset(_LISTS["fsf_libre"])
 OPEN_DATA = frozenset(_LISTS["open_data"])
 
