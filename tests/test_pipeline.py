@@ -472,10 +472,14 @@ def test_sft_and_dpo_resume_exactly(tmp_path, tiny_recipe):
     test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path / "straight", tiny_recipe)
     straight = {k: load_file(next((tmp_path / "straight" / "artifacts").glob(f"{k}-*")) / "model.safetensors")
                 for k in ("sft", "dpo")}  # fmt: skip
-    args = [str(tiny_recipe), "--workdir", str(tmp_path / "resumed")]
+    args = [str(tiny_recipe), "--workdir", str(tmp_path / "resumed"), "--set", "sft.checkpoint_interval=2"]
     for stage, stop in (("sft", 5), ("dpo", 3)):
         first = runner.invoke(app, [stage, *args, "--stop-after", str(stop)])
         assert first.exit_code == 0 and f"stopped after step {stop}" in first.output, first.output
+        if stage == "sft":
+            partial = next((tmp_path / "resumed" / "artifacts").glob("sft-*.partial"))
+            assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == [
+                "step-0000002", "step-0000004", "step-0000005"]  # fmt: skip
         second = runner.invoke(app, [stage, *args, "--resume"])
         assert second.exit_code == 0 and f"{stage}: resuming from step-{stop:07d}" in second.output, second.output
         weights = load_file(next((tmp_path / "resumed" / "artifacts").glob(f"{stage}-*[!l]")) / "model.safetensors")

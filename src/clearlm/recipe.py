@@ -283,6 +283,7 @@ class SFTConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
     max_length: int | None = Field(None, gt=1, description="tokens per example; default: the model's context")
     packing: bool = Field(False, description="several examples per row (attention kept within each)")
+    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints to resume from; 0 = none")
 
     @model_validator(mode="after")
     def _has_data(self) -> SFTConfig:
@@ -318,6 +319,7 @@ class DPOConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
     max_length: int | None = Field(None, gt=1)
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="pairs kept for preference accuracy")
+    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints to resume from; 0 = none")
 
     @model_validator(mode="after")
     def _has_data(self) -> DPOConfig:

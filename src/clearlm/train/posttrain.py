@@ -68,7 +68,7 @@ def run_steps(
         truncate_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
-    end = min(total, stop_after) if stop_after else total
+    end = max(start, min(total, stop_after)) if stop_after else total
     model.train()
     for step in range(start, end):
         epoch, k = divmod(step, steps_per_epoch)
@@ -88,6 +88,8 @@ def run_steps(
             f.write(json.dumps(record) + "\n")
         if on_step:
             on_step({**record, "max_steps": total})
+        if cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0 and step + 1 < end:
+            checkpoint.save_checkpoint(ckpt_root, step + 1, model, opt, {"step": step + 1}, keep_optimizer=False)
     if end < total:
         checkpoint.save_checkpoint(ckpt_root, end, model, opt, {"step": end}, keep_optimizer=True)
         return None
