@@ -319,12 +319,7 @@ class Pipeline:
                 tok.save(str(out / "tokenizer.json"))
                 return {**metrics, "counts": dict(counts), "bad_rows": bad, "licenses": _licences(cfg)}
 
-            config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
-            self._announce_resume("sft", compute_digest("sft", config, inputs, extra), resume)
-            art = self._stage("sft", config, inputs, build, extra=extra, keep_partial=resume)
-            if art is None:
-                return None
-            self._done["sft"] = art
+            return self._post_training_stage("sft", cfg, inputs, build, extra, resume)
         return self._done["sft"]
 
     def dpo(self, resume: bool = False, stop_after: int | None = None) -> Artifact | None:
@@ -382,13 +377,25 @@ class Pipeline:
                 return {**metrics, "counts": counts, "bad_rows": bad, "held_out_before": before,
                         "held_out_after": after, "licenses": _licences(cfg)}  # fmt: skip
 
-            config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
-            self._announce_resume("dpo", compute_digest("dpo", config, inputs, extra), resume)
-            art = self._stage("dpo", config, inputs, build, extra=extra, keep_partial=resume)
-            if art is None:
-                return None
-            self._done["dpo"] = art
+            return self._post_training_stage("dpo", cfg, inputs, build, extra, resume)
         return self._done["dpo"]
+
+    def _post_training_stage(
+        self,
+        kind: str,
+        cfg: SFTConfig | DPOConfig,
+        inputs: dict[str, Artifact],
+        build: Callable[[Path], dict[str, Any] | None],
+        extra: dict[str, Any],
+        resume: bool,
+    ) -> Artifact | None:
+        """Run (or find, or resume) an SFT or DPO stage; None when it stopped early."""
+        config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
+        self._announce_resume(kind, compute_digest(kind, config, inputs, extra), resume)
+        art = self._stage(kind, config, inputs, build, extra=extra, keep_partial=resume)
+        if art is not None:
+            self._done[kind] = art
+        return art
 
     def _post_training_inputs(self, cfg: SFTConfig | DPOConfig) -> dict[str, Artifact]:
         """The artifacts a post-training stage reads: the corpus for built-in sets, and the model (with the

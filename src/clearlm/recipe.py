@@ -262,15 +262,13 @@ class ChatDataConfig(_Section):
     license: str = Field("NOASSERTION", description="SPDX licence of the file")
 
 
-class SFTConfig(_Section):
-    """Supervised fine-tuning. Defaults follow Tulu 3's SFT recipe (open-instruct: linear schedule,
-    warmup ratio 0.03, 2 epochs, AdamW without weight decay) with a learning rate scaled for small models."""
+class _PostTrainConfig(_Section):
+    """What SFT and DPO share: data, optimizer, schedule, batching, checkpoints."""
 
-    base: str = Field("pretrain", description='"pretrain" (this recipe\'s model) or a model folder')
+    base: str = Field("pretrain", description='"pretrain" (this recipe\'s model), "sft" (DPO only) or a model folder')
     builtin: Literal["stdlib-functions"] | None = Field(
-        None, description="built-in set: write a standard-library function from its name and docstring"
+        None, description="built-in set made from the corpus's standard-library functions (data/instructions.py)"
     )
-    builtin_examples: int = Field(400, gt=0, description="how many built-in examples to make")
     data: list[ChatDataConfig] = []
     epochs: int = Field(2, gt=0)
     lr: float = Field(1e-4, gt=0)
@@ -282,50 +280,45 @@ class SFTConfig(_Section):
     micro_batch_size: int = Field(8, gt=0)
     grad_accum_steps: int = Field(1, gt=0)
     max_length: int | None = Field(None, gt=1, description="tokens per example; default: the model's context")
-    packing: bool = Field(False, description="several examples per row (attention kept within each)")
     checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints to resume from; 0 = none")
 
     @model_validator(mode="after")
-    def _has_data(self) -> SFTConfig:
+    def _has_data(self) -> _PostTrainConfig:
         if self.builtin is None and not self.data:
             raise ValueError('needs builtin = "stdlib-functions" or at least one entry in data')
         return self
 
 
-class DPOConfig(_Section):
+class SFTConfig(_PostTrainConfig):
+    """Supervised fine-tuning. Defaults follow Tulu 3's SFT recipe (open-instruct: linear schedule,
+    warmup ratio 0.03, 2 epochs, AdamW without weight decay) with a learning rate scaled for small models."""
+
+    builtin_examples: int = Field(400, gt=0, description="how many built-in examples to make")
+    packing: bool = Field(False, description="several examples per row (attention kept within each)")
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> SFTConfig:
+        if self.base == "sft":
+            raise ValueError('base: SFT cannot start from itself; use "pretrain" or a model folder')
+        return self
+
+
+class DPOConfig(_PostTrainConfig):
     """Preference tuning. Defaults follow Tulu 3's DPO recipe (open-instruct `dpo_norm`, i.e. TRL's
     `sigmoid_norm`, beta 5, 1 epoch, linear schedule with warmup ratio 0.1) with a learning rate scaled
     for small models."""
 
     base: str = Field("sft", description='"sft", "pretrain", or a model folder')
     reference: str | None = Field(None, description="reference model folder; default: the starting model")
-    builtin: Literal["stdlib-functions"] | None = Field(
-        None, description="built-in pairs: the real stdlib function against a wrong one (another function, "
-        "a truncated or shuffled body)"
-    )  # fmt: skip
     builtin_pairs: int = Field(200, gt=0)
-    data: list[ChatDataConfig] = []
     loss: Literal["sigmoid", "ipo", "sigmoid_norm", "simpo"] = "sigmoid_norm"
     beta: float = Field(5.0, gt=0)
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (TRL's CPO default)")
     epochs: int = Field(1, gt=0)
     lr: float = Field(5e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0)
     micro_batch_size: int = Field(4, gt=0)
-    grad_accum_steps: int = Field(1, gt=0)
-    max_length: int | None = Field(None, gt=1)
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="pairs kept for preference accuracy")
-    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints to resume from; 0 = none")
-
-    @model_validator(mode="after")
-    def _has_data(self) -> DPOConfig:
-        if self.builtin is None and not self.data:
-            raise ValueError('needs builtin = "stdlib-functions" or at least one entry in data')
-        return self
 
 
 class Recipe(_Section):
