@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import hf_chat_tokenizer, tiny_decoder
 
-from clearlm.data.chat import BadRow, ChatTemplate, Pair, parse_preference_row, tokenize_pair
+from clearlm.data.chat import BadRow, ChatTemplate, Pair, parse_preference_row, read_preferences, tokenize_pair
 from clearlm.recipe import DPOConfig
-from clearlm.train.dpo import TokenizedPair, answer_lengths, dpo_loss, sequence_logps
+from clearlm.train.dpo import TokenizedPair, answer_lengths, dpo_loss, sequence_logps, split_held_out
 
 PAIRS = [
     Pair([{"role": "user", "content": "What color is the sky?"}], [{"role": "assistant", "content": "It is blue."}],
@@ -57,6 +58,18 @@ def test_preference_rows_in_every_format():
         parse_preference_row({"prompt": "q", "chosen": " ", "rejected": "b"})
     with pytest.raises(BadRow, match="expected chosen and rejected"):
         parse_preference_row({"prompt": "q", "chosen": "a"})
+
+
+def test_preference_files_as_jsonl_and_as_a_json_array(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    lines = list(read_preferences(tmp_path / "p.jsonl"))
+    items = list(read_preferences(tmp_path / "p.json"))
+    assert [w.rsplit("/", 1)[1] for w, _ in lines] == ["p.jsonl:1", "p.jsonl:2", "p.jsonl:3"]
+    assert [w.rsplit("/", 1)[1] for w, _ in items] == ["p.json item 1", "p.json item 2"]
+    assert lines[0][1] == items[0][1] == Pair("q", "a", "b")
+    assert isinstance(items[1][1], BadRow) and "invalid JSON" in str(lines[2][1])
 
 
 @pytest.mark.slow
@@ -119,3 +132,13 @@ def test_simpo_equals_trl_cpo_loss():
     assert ours.item() == pytest.approx(losses.mean().item(), abs=1e-6)
     assert metrics["rewards/chosen"] == pytest.approx(reward_c.mean().item(), abs=1e-6)
     assert metrics["rewards/rejected"] == pytest.approx(reward_r.mean().item(), abs=1e-6)
+
+
+def test_held_out_pairs_are_chosen_by_content_not_row_number():
+    pairs = [Pair(f"question {i}", f"good {i}", f"bad {i}") for i in range(200)]
+    tokenized = [TokenizedPair([i], [1], [2]) for i in range(200)]
+    train, held = split_held_out(list(zip(pairs, tokenized, strict=True)), 0.2)
+    assert 20 < len(held) < 60 and len(train) + len(held) == 200
+    extra = (Pair("a new first row", "x", "y"), TokenizedPair([999], [1], [2]))
+    _, held2 = split_held_out([extra, *zip(pairs, tokenized, strict=True)], 0.2)
+    assert {t.prompt[0] for t in held2} - {999} == {t.prompt[0] for t in held}

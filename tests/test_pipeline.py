@@ -17,8 +17,8 @@ import clearlm
 from clearlm.artifacts import check_outputs, sha256_file
 from clearlm.cli import app
 from clearlm.data.chat import ChatTemplate
-from clearlm.errors import RecipeError
 from clearlm.model.transformer import Transformer, TransformerConfig
+from clearlm.model.weights import load_model
 from clearlm.openness.audit import audit_folder
 from clearlm.openness.mof import evaluate, from_mot, validate_mot
 from clearlm.pipeline import Pipeline, Reporter
@@ -406,8 +406,26 @@ def test_sft_from_a_hugging_face_folder_clearlm_did_not_write(tmp_path, tiny_run
     art = pipe.sft()
     assert "pretrain" not in art.manifest["inputs"] and art.manifest["sources"]["base"]
     assert art.metrics["examples"] == 24 and (art.path / "model.safetensors").is_file()
-    with pytest.raises(RecipeError, match="outside folder is not supported yet"):
-        pipe.release()
+    release = pipe.release().path
+    lineage = json.loads((release / "lineage.json").read_text())
+    assert "train" not in lineage and lineage["base_model"]["digest"] == art.manifest["sources"]["base"]
+    assert lineage["base_model"]["folder"] == str(hf) and lineage["base_model"]["unsafe_findings"] == 0
+    report = json.loads((release / "openness.json").read_text())
+    present = {row["component"] for row in report["components"] if row["present"]}
+    assert "Model parameters (Final)" in present and not present & {"Datasets", "Training code"}
+    assert report["mof"]["label"] != "Class I"
+    card = (release / "README.md").read_text()
+    assert "## Base model" in card and f'base_model: "{hf}"' in card and "fully-open" not in card
+    assert (release / "data" / "post_training" / "sft" / "chat.jsonl.zst").is_file()
+    model = AutoModelForCausalLM.from_pretrained(release)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    ours = load_model(art.path)
+    assert torch.allclose(model(ids).logits, ours(ids), atol=1e-4)
+    missing = verify_release(release, workdir=tmp_path)
+    assert missing.stage == "inputs" and "chat.jsonl" in missing.lines[0] and "sft inputs differ" in missing.lines[0]
+    verdict = verify_release(release, base_dir=tmp_path, workdir=tmp_path)
+    assert verdict.reproduced, verdict.lines
+    assert [line.split(":")[0] for line in verdict.lines] == ["data", "sft", "eval"]
 
 
 def test_dpo_stage_after_sft_caches_reference_log_probs(tmp_path, tiny_recipe):
@@ -464,8 +482,20 @@ def test_pretrain_sft_dpo_release_end_to_end(tmp_path, tiny_recipe):
     assert json.loads((rel / "openness.json").read_text())["mof"]["class"] == 1, "post-training data licensed CC0"
     chat = runner.invoke(app, ["generate", str(rel), "Say alpha twice.", "--chat", "--max-new-tokens", "8"])
     assert chat.exit_code == 0 and "<|assistant|>" not in chat.output
+    assert (rel / "data" / "post_training" / "dpo" / "pairs.jsonl.zst").is_file()
+    assert "DPO reward accuracy and margin" in (rel / "report.html").read_text()
     verdict = verify_release(rel, tiny_recipe.parent, tmp_path)
     assert verdict.reproduced and any(line.startswith("dpo: reproduced") for line in verdict.lines), verdict.lines
+    tampered = tmp_path / "tampered"
+    shutil.copytree(rel, tampered)
+    lineage = json.loads((tampered / "lineage.json").read_text())
+    lineage["train"]["outputs"]["model.safetensors"] = "sha256:" + "0" * 64
+    (tampered / "lineage.json").write_text(json.dumps(lineage))
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["outputs"]["lineage.json"] = sha256_file(tampered / "lineage.json")
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    verdict = verify_release(tampered, tiny_recipe.parent, tmp_path)
+    assert verdict.stage == "train" and verdict.max_weight_diff == 0.0, "compared with the last checkpoint, not DPO's"
 
 
 def test_sft_and_dpo_resume_exactly(tmp_path, tiny_recipe):

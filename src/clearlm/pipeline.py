@@ -22,7 +22,7 @@ from clearlm.artifacts import Artifact, ArtifactStore, compute_digest
 from clearlm.data.chat import BadRow, ChatTemplate, read_sft, tokenize_pair
 from clearlm.data.chat import read_preferences as read_pair_file
 from clearlm.data.corpus import build_corpus, data_config, data_identity
-from clearlm.data.documents import in_fraction, read_jsonl
+from clearlm.data.documents import read_jsonl
 from clearlm.data.instructions import LICENSE as INSTRUCTIONS_LICENSE
 from clearlm.data.instructions import stdlib_function_examples, stdlib_function_pairs
 from clearlm.data.shards import write_shards
@@ -39,7 +39,14 @@ from clearlm.recipe import DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
 from clearlm.train.checkpoint import latest_checkpoint
-from clearlm.train.dpo import TokenizedPair, preference_accuracy, reference_logps, train_dpo, truncate
+from clearlm.train.dpo import (
+    TokenizedPair,
+    preference_accuracy,
+    reference_logps,
+    split_held_out,
+    train_dpo,
+    truncate,
+)
 from clearlm.train.loop import pretrain
 from clearlm.train.sft import prepare, train_sft
 
@@ -71,13 +78,17 @@ def _folder_digest(folder: Path) -> str:
     return files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
 
 
-def _post_training_files(cfg: SFTConfig | DPOConfig, base: Path) -> tuple[list[Path], dict[str, Any]]:
-    """The stage's data files and the digests that identify them (and a base or reference folder)."""
+def post_training_sources(
+    cfg: SFTConfig | DPOConfig, base: Path, tok_cfg: TokenizerConfig
+) -> tuple[list[Path], dict[str, Any]]:
+    """The stage's data files and the digests that identify them (and a base or reference folder, with the
+    recipe's tokenizer settings, which decide the chat tokens added to a folder's tokenizer)."""
     files = [base / d.path for d in cfg.data]
     extra: dict[str, Any] = {"data": [{"path": d.path, "digest": files_digest([f], base)}
                                       for d, f in zip(cfg.data, files, strict=True)]}  # fmt: skip
     if cfg.base not in ("pretrain", "sft"):
         extra["base"] = _folder_digest(base / cfg.base)
+        extra["tokenizer"] = tok_cfg.model_dump(mode="json")
     if getattr(cfg, "reference", None):
         extra["reference"] = _folder_digest(base / cfg.reference)
     return files, extra
@@ -248,8 +259,12 @@ class Pipeline:
 
     def eval(self, resume: bool = False) -> Artifact:
         if "eval" not in self._done:
-            data, tok_art = self.data(), self.tokenizer()
+            data = self.data()
             final, train = self.final_model(resume)
+            inputs = {"data": data, final: train}
+            if not (train.path / "tokenizer.json").is_file():  # post-training stages keep their tokenizer
+                inputs["tokenizer"] = self.tokenizer()
+            tok_dir = inputs.get("tokenizer", train).path
             cfg = self.recipe.eval
             base = self.loaded.base_dir
             specs = resolve_tasks(cfg.tasks, [base / f for f in cfg.task_files])
@@ -257,7 +272,7 @@ class Pipeline:
             task_data = {s.name: files_digest([s.data_path(data_dirs)], base) for s in specs}
 
             def build(out: Path) -> dict[str, Any]:
-                tok = load_tokenizer(tok_art.path)
+                tok = load_tokenizer(tok_dir)
                 eos_id = tok.token_to_id(self.recipe.tokenizer.eos_token)
                 trained = load_model(train.path)
                 untrained = Transformer(trained.cfg)
@@ -270,9 +285,7 @@ class Pipeline:
                             model, tok, docs, eos_id, cfg.batch_size, cfg.max_documents_per_domain
                         )
                 if specs:
-                    task_tok = Tokenizer.from_file(
-                        str(tok_art.path / "tokenizer.json")
-                    )  # lm-eval's special-token rules
+                    task_tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))  # lm-eval's special-token rules
                     metrics["tasks"], samples = evaluate_tasks(
                         trained, task_tok, specs, data_dirs, prefix_id=eos_id, num_fewshot=cfg.num_fewshot,
                         limit=cfg.limit, batch_size=cfg.batch_size,
@@ -284,7 +297,7 @@ class Pipeline:
             self._done["eval"] = self._stage(
                 "eval",
                 cfg.model_dump(mode="json"),
-                {"data": data, "tokenizer": tok_art, final: train},
+                inputs,
                 build,
                 extra={"task_data": task_data},
             )
@@ -298,7 +311,7 @@ class Pipeline:
             if cfg is None:
                 raise RecipeError("the recipe has no [sft] section")
             inputs = self._post_training_inputs(cfg)
-            files, extra = _post_training_files(cfg, base)
+            files, extra = post_training_sources(cfg, base, self.recipe.tokenizer)
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
@@ -330,7 +343,7 @@ class Pipeline:
             if cfg is None:
                 raise RecipeError("the recipe has no [dpo] section")
             inputs = self._post_training_inputs(cfg)
-            files, extra = _post_training_files(cfg, base)
+            files, extra = post_training_sources(cfg, base, self.recipe.tokenizer)
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
@@ -338,12 +351,9 @@ class Pipeline:
                 if cfg.builtin:
                     pairs = stdlib_function_pairs(inputs["data"].path / "train.jsonl", cfg.builtin_pairs) + pairs
                 template = ChatTemplate(eos_token=self.recipe.tokenizer.eos_token)
-                tokenized = [TokenizedPair(*tokenize_pair(tok, template, p)) for p in pairs]
-                empty = sum(1 for t in tokenized if not t.prompt)
-                tokenized = [t for t in tokenized if t.prompt]
-                is_held = [in_fraction(f"held-out:{i}", cfg.held_out_fraction) for i in range(len(tokenized))]
-                held = [t for t, h in zip(tokenized, is_held, strict=True) if h]
-                train_pairs = [t for t, h in zip(tokenized, is_held, strict=True) if not h]
+                tokenized = [(p, TokenizedPair(*tokenize_pair(tok, template, p))) for p in pairs]
+                empty = sum(1 for _, t in tokenized if not t.prompt)
+                train_pairs, held = split_held_out([(p, t) for p, t in tokenized if t.prompt], cfg.held_out_fraction)
                 max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
                 train_pairs, counts = truncate(train_pairs, max_length)
                 held, _ = truncate(held, max_length)
@@ -415,6 +425,15 @@ class Pipeline:
             return load_model(art.path), load_tokenizer(tok_dir)
         return base_model(self.loaded.base_dir / cfg.base, self.recipe.tokenizer)
 
+    def outside_base(self) -> str | None:
+        """The model folder the released model's post-training started from, when it was not trained here."""
+        cfg = self.recipe.dpo or self.recipe.sft
+        while cfg is not None and cfg.base != "pretrain":
+            if cfg.base != "sft":
+                return cfg.base
+            cfg = self.recipe.sft
+        return None
+
     def _require_train(self, resume: bool) -> Artifact:
         art = self.train(resume=resume)
         if art is None:  # pragma: no cover - only stop_after returns None
@@ -423,25 +442,18 @@ class Pipeline:
 
     def release(self, resume: bool = False) -> Artifact:
         if "release" not in self._done:
-            outside = [f"{k}.base = {c.base!r}" for k in ("sft", "dpo") if (c := getattr(self.recipe, k)) is not None
-                       and c.base not in ("pretrain", "sft")]  # fmt: skip
-            if outside:
-                raise RecipeError(f"{outside[0]}: releasing a model post-trained from an outside folder is not "
-                                  "supported yet; its weights and tokenizer are in the stage's artifact")  # fmt: skip
-            inputs = {
-                "data": self.data(),
-                "tokenizer": self.tokenizer(),
-                "shards": self.shards(),
-                "train": self._require_train(resume),
-                "eval": self.eval(resume),
-            }
+            outside = self.outside_base()
+            inputs = {"data": self.data()}
+            if outside is None:
+                inputs.update(tokenizer=self.tokenizer(), shards=self.shards(), train=self._require_train(resume))
             inputs.update({k: getattr(self, k)(resume) for k in ("sft", "dpo") if getattr(self.recipe, k) is not None})
+            inputs["eval"] = self.eval(resume)
             config = {"name": self.recipe.name, **self.recipe.release.model_dump(mode="json")}
             art = self._stage(
                 "release",
                 config,
                 inputs,
-                lambda out: build_release(self.recipe, self.loaded.text, inputs, out, self.loaded.base_dir),
+                lambda out: build_release(self.recipe, self.loaded.text, inputs, out, self.loaded.base_dir, outside),
             )
             self._done["release"] = art
             self._link_release(art)

@@ -13,15 +13,17 @@ generation block (`Encoding.char_to_token` on the block's first and last charact
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+T = TypeVar("T")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -171,9 +173,10 @@ def parse_sft_row(row: Any) -> Example:
     raise BadRow("no known format: expected messages, prompt/completion or instruction/output")
 
 
-def read_sft(path: Path) -> Iterator[tuple[str, Example | BadRow]]:
-    """(where, example or bad row) for each row of a .jsonl file or a .json array."""
-    text = Path(path).read_text(encoding="utf-8")
+def _read_rows(path: Path, parse: Callable[[Any], T]) -> Iterator[tuple[str, T | BadRow]]:
+    """(where, parsed row or bad row) for each line of a .jsonl file or each item of a .json array."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
@@ -188,12 +191,16 @@ def read_sft(path: Path) -> Iterator[tuple[str, Example | BadRow]]:
     for n, raw in items:
         where = f"{path}:{n}" if label == "line" else f"{path} item {n}"
         try:
-            row = json.loads(raw) if label == "line" else raw
-            yield where, parse_sft_row(row)
+            yield where, parse(json.loads(raw) if label == "line" else raw)
         except json.JSONDecodeError as e:
             yield where, BadRow(f"invalid JSON ({e.msg})")
         except BadRow as e:
             yield where, e
+
+
+def read_sft(path: Path) -> Iterator[tuple[str, Example | BadRow]]:
+    """(where, example or bad row) for each row of a .jsonl file or a .json array."""
+    return _read_rows(path, parse_sft_row)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -291,18 +298,8 @@ def parse_preference_row(row: Any) -> Pair:
 
 
 def read_preferences(path: Path) -> Iterator[tuple[str, Pair | BadRow]]:
-    """(where, pair or bad row) for each line of a .jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                yield where, parse_preference_row(json.loads(line))
-            except json.JSONDecodeError as e:
-                yield where, BadRow(f"invalid JSON ({e.msg})")
-            except BadRow as e:
-                yield where, e
+    """(where, pair or bad row) for each row of a .jsonl file or a .json array."""
+    return _read_rows(path, parse_preference_row)
 
 
 def tokenize_pair(tok: Tokenizer, template: ChatTemplate, pair: Pair) -> tuple[list[int], list[int], list[int]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from clearlm.eval.generate import generate
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.hf import save_hf
 from clearlm.model.weights import WEIGHTS, load_model
+from clearlm.openness.audit import audit_folder
 from clearlm.recipe import Recipe
 from clearlm.release.card import model_card
 from clearlm.release.openness import card_section, mot_yaml, openness_report, release_components
@@ -53,9 +55,9 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, context: int, chat: bool) -> None:
+def _tokenizer_files(tokenizer_dir: Path, eos: str, pad: str, out: Path, context: int, chat: bool) -> None:
     """tokenizer.json and the configs transformers reads; the chat template only for post-trained models."""
-    shutil.copy2(tokenizer_art.path / "tokenizer.json", out / "tokenizer.json")
+    shutil.copy2(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
     _dump(
         out / "tokenizer_config.json",
         {
@@ -71,6 +73,14 @@ def _tokenizer_files(tokenizer_art: Artifact, eos: str, pad: str, out: Path, con
         },
     )
     _dump(out / "special_tokens_map.json", {"bos_token": eos, "eos_token": eos, "pad_token": pad})
+
+
+def _base_model(base_dir: Path, folder: str, digest: str) -> dict[str, Any]:
+    """What the release says of an outside base model: where it was, its digest, and its own audit."""
+    audit = audit_folder(base_dir / folder)
+    licences = sorted({entry["spdx"] or entry["raw"] for entry in audit["licences"]})
+    return {"folder": folder, "digest": digest, "mof_class": audit["mof"]["label"], "licences": licences,
+            "unsafe_findings": len(audit["unsafe"])}  # fmt: skip
 
 
 def _code_snapshot(out: Path) -> None:
@@ -117,22 +127,29 @@ def _licences(
 
 
 def build_release(
-    recipe: Recipe, recipe_text: str, artifacts: dict[str, Artifact], out: Path, base_dir: Path = Path(".")
+    recipe: Recipe,
+    recipe_text: str,
+    artifacts: dict[str, Artifact],
+    out: Path,
+    base_dir: Path = Path("."),
+    outside_base: str | None = None,
 ) -> dict[str, Any]:
-    data, train, evaluation = artifacts["data"], artifacts["train"], artifacts["eval"]
+    """The release folder of a run; `outside_base` names the model folder post-training started from when the
+    recipe did not pretrain the model itself (then there is no pretraining log, checkpoints or token counts)."""
+    data, evaluation, train = artifacts["data"], artifacts["eval"], artifacts.get("train")
     tok_cfg = recipe.tokenizer
-    tok = load_tokenizer(artifacts["tokenizer"].path)
+    final = artifacts.get("dpo") or artifacts.get("sft") or artifacts["train"]
+    tok_dir = final.path if (final.path / "tokenizer.json").is_file() else artifacts["tokenizer"].path
+    tok = load_tokenizer(tok_dir)
     eos_id, pad_id = tok.token_to_id(tok_cfg.eos_token), tok.token_to_id(tok_cfg.pad_token)
-    final = artifacts.get("dpo") or artifacts.get("sft") or train
     model = load_model(final.path)
     save_hf(model, out, bos_id=eos_id, eos_id=eos_id, pad_id=pad_id)
     _dump(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id})
-    chat = "sft" in artifacts or "dpo" in artifacts
-    _tokenizer_files(artifacts["tokenizer"], tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context, chat)
-    for stage in ("sft", "dpo"):
-        if stage in artifacts:
-            (out / "post_training").mkdir(exist_ok=True)
-            shutil.copy2(artifacts[stage].path / "log.jsonl", out / "post_training" / f"{stage}_log.jsonl")
+    post = {k: artifacts[k] for k in ("sft", "dpo") if k in artifacts}
+    _tokenizer_files(tok_dir, tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context, bool(post))
+    for stage, art in post.items():
+        (out / "post_training").mkdir(exist_ok=True)
+        shutil.copy2(art.path / "log.jsonl", out / "post_training" / f"{stage}_log.jsonl")
 
     (out / "recipe.toml").write_text(
         f"# Recipe as run by clearlm {__version__}; the original text follows at the end.\n"
@@ -140,56 +157,70 @@ def build_release(
         + "\n# Original recipe:\n"
         + "".join(f"# {line}\n" for line in recipe_text.splitlines())
     )
-    (out / "training").mkdir()
-    shutil.copy2(train.path / "log.jsonl", out / "training" / "log.jsonl")
-    for ckpt in sorted(p for p in (train.path / "checkpoints").glob("step-*") if (p / WEIGHTS).is_file()):
-        (out / "checkpoints" / ckpt.name).mkdir(parents=True)
-        shutil.copy2(ckpt / WEIGHTS, out / "checkpoints" / ckpt.name / WEIGHTS)
+    if train is not None:
+        (out / "training").mkdir()
+        shutil.copy2(train.path / "log.jsonl", out / "training" / "log.jsonl")
+        for ckpt in sorted(p for p in (train.path / "checkpoints").glob("step-*") if (p / WEIGHTS).is_file()):
+            (out / "checkpoints" / ckpt.name).mkdir(parents=True)
+            shutil.copy2(ckpt / WEIGHTS, out / "checkpoints" / ckpt.name / WEIGHTS)
     _dump(out / "eval" / "results.json", evaluation.metrics)
     if (evaluation.path / "samples.jsonl").is_file():
         shutil.copy2(evaluation.path / "samples.jsonl", out / "eval" / "samples.jsonl")
-    shards = artifacts["shards"].metrics
-    tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
-    _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
+    tokens = {}
     card = (data.path / "data_card.md").read_text()
-    post_training = {k: artifacts[k].metrics for k in ("sft", "dpo") if k in artifacts}
-    (out / "data" / "data_card.md").write_text(card + tokens_section(shards) + post_training_section(post_training))
+    if "shards" in artifacts:
+        shards = artifacts["shards"].metrics
+        tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
+        card += tokens_section(shards)
+    _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
+    post_metrics = {k: art.metrics for k, art in post.items()}
+    (out / "data" / "data_card.md").write_text(card + post_training_section(post_metrics))
     shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
-    _dump(
-        out / "lineage.json",
-        {name: {**art.ref(), **{k: art.manifest.get(k) for k in ("config", "inputs", "outputs", "environment",
-                                                                  "created", "sources")}}
-         for name, art in artifacts.items()},
-    )  # fmt: skip
+    lineage = {name: {**art.ref(), **{k: art.manifest.get(k) for k in ("config", "inputs", "outputs", "environment",
+                                                                       "created", "sources")}}
+               for name, art in artifacts.items()}  # fmt: skip
+    base = None
+    if outside_base is not None:
+        first = artifacts["sft"] if recipe.sft is not None and recipe.sft.base == outside_base else final
+        base = _base_model(base_dir, outside_base, first.manifest["sources"]["base"])
+        lineage["base_model"] = base
+    _dump(out / "lineage.json", lineage)
 
     ctx = {
         "name": recipe.release.name or recipe.name,
         "recipe": recipe.model_dump(mode="json"),
         "data": data.metrics,
-        "train": train.metrics,
+        "train": train.metrics if train is not None else None,
+        "base_model": base,
         "eval": evaluation.metrics,
+        "model": asdict(model.cfg),
         "parameters": model.num_params(),
         "vocab_size": model.cfg.vocab_size,
         "clearlm_version": __version__,
-        "post_training": {k: artifacts[k].metrics for k in ("sft", "dpo") if k in artifacts},
+        "post_training": post_metrics,
     }
     _code_snapshot(out / "code")
     if recipe.release.include_datasets:
         for split in ("train", "validation"):
             _compress(data.path / f"{split}.jsonl", out / "data" / "datasets" / f"{split}.jsonl.zst")
+        for stage in post:
+            for item in getattr(recipe, stage).data:
+                name = item.path.replace("/", "__").replace("\\", "__")
+                _compress(base_dir / item.path, out / "data" / "post_training" / stage / f"{name}.zst")
     generations = _generations(model, tok, eos_id, data.path / "validation.jsonl")
     with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
     ctx["lineage"] = {k: a.digest for k, a in artifacts.items()}
-    post = [artifacts[k] for k in ("sft", "dpo") if k in artifacts]
-    dataset_licences, eval_licences = _licences(recipe, base_dir, data.metrics, post)
-    components = release_components(recipe, out, dataset_licences, eval_licences, will_write=_GENERATED_FILES)
+    dataset_licences, eval_licences = _licences(recipe, base_dir, data.metrics, list(post.values()))
+    components = release_components(recipe, out, dataset_licences, eval_licences, will_write=_GENERATED_FILES,
+                                    pretrained_here=base is None)  # fmt: skip
     report = openness_report(recipe, components)
     _dump(out / "openness.json", report)
-    (out / "mot.yml").write_text(mot_yaml(recipe, components, train.manifest["created"][:10]))
+    (out / "mot.yml").write_text(mot_yaml(recipe, components, final.manifest["created"][:10]))
     (out / "README.md").write_text(model_card(ctx) + "\n" + card_section(report))
-    log = list(read_jsonl(out / "training" / "log.jsonl"))
-    (out / "report.html").write_text(technical_report(ctx, log, report, generations))
+    logs = {"training": list(read_jsonl(out / "training" / "log.jsonl")) if train is not None else []}
+    logs.update({stage: list(read_jsonl(out / "post_training" / f"{stage}_log.jsonl")) for stage in post})
+    (out / "report.html").write_text(technical_report(ctx, logs, report, generations))
     return {
         "name": ctx["name"],
         "parameters": ctx["parameters"],

@@ -71,6 +71,34 @@ def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any
     return lines
 
 
+def _training_lines(t: dict[str, Any], train: dict[str, Any]) -> list[str]:
+    return [
+        "## Training",
+        "",
+        f"{train['steps']} steps of AdamW (lr {t['lr']}, warmup {t['warmup_steps']}, "
+        f"cosine to {t['min_lr_ratio']} x lr, weight decay {t['weight_decay']}), "
+        f"{train['tokens']:,} tokens in {train['train_seconds']:.0f} s "
+        f"({train['tokens_per_s'] or 0:,.0f} tokens/s). Final training loss {train['final_loss']:.4f}; "
+        f"validation loss {train['initial_val_loss']:.4f} at initialisation, {train['val_loss']:.4f} at the end. "
+        "The per-step log is in `training/log.jsonl`; intermediate weights are in `checkpoints/`.",
+        "",
+    ]
+
+
+def _base_model_lines(base: dict[str, Any]) -> list[str]:
+    licences = ", ".join(base["licences"]) or "none found"
+    return [
+        "## Base model",
+        "",
+        f"Post-trained from the model folder `{base['folder']}` ({base['digest']}), which clearlm did not "
+        f"train: its licences as declared there: {licences}; its openness as `clearlm audit` finds it: "
+        f"{base['mof_class']}; unsafe findings: {base['unsafe_findings']}. Its pretraining data, code and "
+        "checkpoints are not part of this release, so the openness report below counts those components "
+        "as missing; the base's own terms apply to what it contributes.",
+        "",
+    ]
+
+
 def model_card(ctx: dict[str, Any]) -> str:
     """Render the card from the release context (recipe, stage metrics, digests)."""
     recipe, data, train, evaluation = ctx["recipe"], ctx["data"], ctx["train"], ctx["eval"]
@@ -80,7 +108,8 @@ def model_card(ctx: dict[str, Any]) -> str:
         **hf_license(rel["weights_license"]),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["clearlm", "llama", "fully-open"],
+        "tags": ["clearlm", "llama", *(["fully-open"] if train else [])],
+        **({"base_model": ctx["base_model"]["folder"]} if ctx["base_model"] else {}),
         "datasets": sorted(data["licenses"]),
         "metrics": ["bits_per_byte"],
         "model-index": [
@@ -128,13 +157,17 @@ def model_card(ctx: dict[str, Any]) -> str:
         ]
         for d, m in bpb.items()
     ]
-    m = recipe["model"]
-    t = recipe["train"]
+    m = ctx["model"]
     lines = [
         _front_matter(meta),
         f"# {ctx['name']}",
         "",
-        rel["description"] or "A small language model trained end to end with clearlm; every part of it is open.",
+        rel["description"]
+        or (
+            "A small language model trained end to end with clearlm; every part of it is open."
+            if train
+            else "A chat model post-trained with clearlm from a base model that clearlm did not train."
+        ),
         "",
         f"Authors: {', '.join(rel['authors']) or 'not given'}. Weights: {rel['weights_license']}; "
         f"documents: {rel['docs_license']}; code: {rel['code_license']}. Built with clearlm {ctx['clearlm_version']}.",
@@ -147,25 +180,17 @@ def model_card(ctx: dict[str, Any]) -> str:
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
         "",
-        "## Training data",
+        "## Training data" if train else "## Corpus (evaluation and built-in post-training sets)",
         "",
         _table(["source", "licence", "train documents", "train bytes", "validation bytes"], data_rows),
         "",
         "## Model",
         "",
         f"Llama-family decoder: {ctx['parameters']:,} parameters, d_model {m['d_model']}, {m['n_layers']} layers, "
-        f"{m['n_heads']} heads, context {m['context']}, vocabulary {ctx['vocab_size']} (byte-level BPE), "
+        f"{m['n_heads']} heads, context {m['context']}, vocabulary {ctx['vocab_size']}, "
         f"tied embeddings: {m['tie_embeddings']}.",
         "",
-        "## Training",
-        "",
-        f"{train['steps']} steps of AdamW (lr {t['lr']}, warmup {t['warmup_steps']}, "
-        f"cosine to {t['min_lr_ratio']} x lr, weight decay {t['weight_decay']}), "
-        f"{train['tokens']:,} tokens in {train['train_seconds']:.0f} s "
-        f"({train['tokens_per_s'] or 0:,.0f} tokens/s). Final training loss {train['final_loss']:.4f}; "
-        f"validation loss {train['initial_val_loss']:.4f} at initialisation, {train['val_loss']:.4f} at the end. "
-        "The per-step log is in `training/log.jsonl`; intermediate weights are in `checkpoints/`.",
-        "",
+        *(_training_lines(recipe["train"], train) if train else _base_model_lines(ctx["base_model"])),
         *_post_training_lines(recipe, ctx.get("post_training", {})),
         "## Evaluation",
         "",
@@ -184,7 +209,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         "```",
         "",
         "`manifest.json` and `lineage.json` list the digest, configuration and output hashes of every stage "
-        "(data, tokenizer, shards, training, evaluation) that produced this folder.",
+        "(data, tokenizer, shards, training, post-training, evaluation) that produced this folder.",
         "",
     ]
     return "\n".join(lines)

@@ -29,7 +29,11 @@ def load_release(folder: Path) -> tuple[CausalLM, Tokenizer, int | None]:
     if not isinstance(config, dict):
         raise InputError(f"{folder / 'config.json'}: expected a JSON object")
     try:
-        model = load_hf(folder) if config.get("model_type") == "llama" else load_transformers_model(folder, config)
+        model = (
+            load_hf(folder)
+            if config.get("model_type") in ("llama", "olmo2")
+            else load_transformers_model(folder, config)
+        )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, SafetensorError, OSError, ImportError) as e:
         raise InputError(f"{folder}: cannot load the model ({str(e).splitlines()[0]})") from None
     try:

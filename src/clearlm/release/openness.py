@@ -19,6 +19,8 @@ from clearlm.openness.osaid import osaid_checklist
 from clearlm.recipe import Recipe
 
 GENERATED = {"Model card", "Data card", "Technical report", "Research paper"}
+# What a model post-trained from an outside folder cannot show: how its base was pretrained.
+PRETRAINING = {"Datasets", "Training code", "Data preprocessing code", "Model parameters (Intermediate)"}
 
 
 def _one(licences: set[str]) -> str:
@@ -32,8 +34,12 @@ def release_components(
     dataset_licences: set[str],
     eval_licences: set[str],
     will_write: frozenset[str] = frozenset(),
+    pretrained_here: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """MOF component -> {paths, license, generated, note} for the files present in `folder` (or about to be)."""
+    """MOF component -> {paths, license, generated, note} for the files present in `folder` (or about to be).
+
+    A model post-trained from an outside base (`pretrained_here` false) lacks the pretraining components
+    however open its post-training is: the base's data, code and checkpoints are not in the folder."""
     rel = recipe.release
     code, weights, docs = rel.code_license, rel.weights_license, rel.docs_license
     paper = (
@@ -50,7 +56,11 @@ def release_components(
         "Supporting libraries and tools": (["code/requirements.txt", "code/clearlm/cli.py"], code, ""),
         "Model parameters (Final)": (["model.safetensors"], weights, ""),
         "Model parameters (Intermediate)": (["checkpoints/"], weights, ""),
-        "Datasets": (["data/datasets/"], _one(dataset_licences), "the cleaned training and validation documents"),
+        "Datasets": (
+            ["data/datasets/", "data/post_training/"],
+            _one(dataset_licences),
+            "the cleaned training and validation documents, and the post-training data",
+        ),
         "Evaluation data": (["data/datasets/validation.jsonl.zst", "eval/samples.jsonl"], _one(eval_licences), ""),
         "Model metadata": (["config.json", "generation_config.json", "recipe.toml", "lineage.json"], weights, ""),
         "Sample model outputs": (["eval/generations.jsonl"], docs, ""),
@@ -62,6 +72,8 @@ def release_components(
     }
     components = {}
     for name, (paths, licence, note) in layout.items():
+        if not pretrained_here and name in PRETRAINING:
+            continue
         found = [p for p in paths if "://" in p or p in will_write or (folder / p).exists()]
         if not found:
             continue

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from clearlm.artifacts import MANIFEST, environment, sha256_file
 from clearlm.data.corpus import data_identity
 from clearlm.errors import InputError
-from clearlm.pipeline import Pipeline, Reporter
+from clearlm.pipeline import Pipeline, Reporter, post_training_sources
 from clearlm.recipe import load_recipe
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
@@ -78,6 +78,18 @@ def _weight_diff(release_weights: Path, rerun_weights: Path) -> float:
     return max(((left[k].float() - right[k].float()).abs().max().item() for k in common), default=float("inf"))
 
 
+def _release_copy(folder: Path, stage: str, stages: list[str]) -> Path | None:
+    """The release's copy of a stage's final weights: the model itself for the last training stage, the last
+    checkpoint for pretraining followed by post-training; None for an SFT model that DPO replaced."""
+    final = next(s for s in ("dpo", "sft", "train") if s in stages)
+    if stage == final:
+        return folder / "model.safetensors"
+    if stage == "train":
+        steps = sorted(folder.glob("checkpoints/step-*/model.safetensors"), key=lambda p: int(p.parent.name[5:]))
+        return steps[-1] if steps else None
+    return None
+
+
 def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Path) -> tuple[list[str], list[str]]:
     """(differing files, files compared without their wall-clock fields) for one stage.
 
@@ -124,6 +136,18 @@ def verify_release(
         return Verdict(False, ["inputs differ from those recorded: the raw data is not the same "
                                f"(recorded {json.dumps(recorded_sources)[:200]}; here {json.dumps(here)[:200]}); "
                                "pass --base-dir to point at the recipe's data"], stage="inputs")  # fmt: skip
+    for stage in ("sft", "dpo"):
+        recorded = lineage.get(stage, {}).get("sources")
+        if recorded is None:
+            continue
+        try:
+            now: Any = post_training_sources(getattr(loaded.recipe, stage), loaded.base_dir, loaded.recipe.tokenizer)[1]
+        except OSError as err:
+            now = f"{err.filename}: {err.strerror}"
+        if now != recorded:
+            return Verdict(False, [f"{stage} inputs differ from those recorded: the post-training data or base model "
+                                   f"is not the same (here: {json.dumps(now)[:200]}); pass --base-dir to point at "
+                                   "the recipe's files"], stage="inputs")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as scratch:
         pipe = Pipeline(loaded, Path(scratch), reporter)
         stages = [stage for stage in STAGES if stage in lineage]
@@ -139,10 +163,14 @@ def verify_release(
                 continue
             verdict = Verdict(False, lines, stage=stage, files=differ)
             lines.append(f"{stage}: differs: {', '.join(differ[:8])}")
-            if stage == "train" and "model.safetensors" in differ:
-                verdict.max_weight_diff = _weight_diff(folder / "model.safetensors",
-                                                       rerun["train"].path / "model.safetensors")  # fmt: skip
-                lines.append(f"  largest absolute weight difference: {verdict.max_weight_diff:.3g}")
+            if "model.safetensors" in differ:
+                copy = _release_copy(folder, stage, stages)
+                if copy is None:
+                    lines.append(f"  the release holds no copy of the {stage} weights to measure the difference")
+                else:
+                    verdict.max_weight_diff = _weight_diff(copy, rerun[stage].path / "model.safetensors")
+                    lines.append(f"  largest absolute weight difference: {verdict.max_weight_diff:.3g} "
+                                 f"({copy.relative_to(folder)})")  # fmt: skip
             changes = _environment_changes(lineage)
             unchanged = "none of the recorded library versions changed (nondeterminism or a different machine)"
             lines.append("  likely cause: " + ("; ".join(changes) if changes else unchanged))

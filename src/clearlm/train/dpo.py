@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clearlm.data.chat import Pair
+from clearlm.data.documents import in_fraction
 from clearlm.errors import TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
@@ -122,6 +124,19 @@ def reference_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int,
 
 
 @torch.no_grad()
+def split_held_out(
+    pairs: list[tuple[Pair, TokenizedPair]], fraction: float
+) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """(train, held out): a pair is held out by a hash of its text, so adding or reordering rows never moves
+    another pair across the split, and duplicates land on the same side."""
+    train: list[TokenizedPair] = []
+    held: list[TokenizedPair] = []
+    for pair, tokenized in pairs:
+        key = "held-out:" + json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True)
+        (held if in_fraction(key, fraction) else train).append(tokenized)
+    return train, held
+
+
 def preference_accuracy(model: Transformer, pairs: list[TokenizedPair], pad_id: int) -> dict[str, float]:
     """Share of pairs whose chosen answer the model scores higher: summed log-probability ("acc") and
     per token ("acc_norm"), ties counting as wrong, as `clearlm eval --preferences` scores them."""
