@@ -71,8 +71,8 @@ def main() -> None:
     )  # fmt: skip
     theirs = LlamaForCausalLM(hf_cfg).train()
     tcfg = TrainConfig()
-    opt_ours = build_optimizer(ours, tcfg, torch.device("cpu"))
-    opt_theirs = build_optimizer(theirs, tcfg, torch.device("cpu"))
+    opt_ours = build_optimizer(ours, tcfg)
+    opt_theirs = build_optimizer(theirs, tcfg)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1))
     tokens = args.batch * cfg.context
 

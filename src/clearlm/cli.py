@@ -26,6 +26,7 @@ from clearlm.eval.taskspec import builtin_tasks
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
 from clearlm.release.load import load_release
+from clearlm.train.distributed import world
 
 app = typer.Typer(
     help="Train, evaluate and release a fully open language model.",
@@ -115,7 +116,16 @@ def _user_errors() -> Iterator[None]:
 
 
 def _pipeline(recipe: str | None, overrides: list[str] | None, workdir: Path) -> Pipeline:
-    return Pipeline(load_recipe(recipe, overrides or []), workdir, RichReporter())
+    """The recipe's pipeline; under torchrun only rank 0 reports."""
+    return Pipeline(load_recipe(recipe, overrides or []), workdir, RichReporter() if world().main else Reporter())
+
+
+def _worker(pipe: Pipeline, resume: bool, stop_after: int | None = None) -> bool:
+    """On a torchrun rank other than 0: take part in pretraining, then stop (rank 0 does the rest)."""
+    if world().main:
+        return False
+    pipe.train(resume=resume, stop_after=stop_after)
+    return True
 
 
 def _version(value: bool) -> None:
@@ -166,6 +176,8 @@ def run(
     """Run every stage of a recipe (data, tokenizer, shards, train, eval, release); up-to-date ones are skipped."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
+        if _worker(pipe, resume):
+            return
         art = pipe.run("release", resume=resume)
         _summary(pipe)
         console.print(f"release: [bold]{workdir / pipe.recipe.name / 'release'}[/] -> {art.path}")
@@ -193,6 +205,8 @@ def train(
     """Pretrain the model (building the data stages first if needed)."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
+        if _worker(pipe, resume, stop_after):
+            return
         art = pipe.train(resume=resume, stop_after=stop_after)
         if art is None:
             console.print(f"train: stopped after step {stop_after}; continue with --resume")

@@ -39,6 +39,7 @@ from clearlm.recipe import DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
 from clearlm.train.checkpoint import latest_checkpoint
+from clearlm.train.distributed import barrier, world
 from clearlm.train.dpo import (
     TokenizedPair,
     preference_accuracy,
@@ -213,12 +214,18 @@ class Pipeline:
         return {"seed": self.recipe.seed, **self.recipe.model_dump(mode="json", include={"model", "train"})}
 
     def train(self, resume: bool = False, stop_after: int | None = None) -> Artifact | None:
-        """Train (or find) the model; None when `stop_after` interrupted it before max_steps."""
+        """Train (or find) the model; None when `stop_after` interrupted it before max_steps, and on every
+        torchrun rank but the first, which only compute (rank 0 builds the data stages and the artifact)."""
         if "train" not in self._done:
-            shards, tok_art = self.shards(), self.tokenizer()
+            w = world()
+            if w.main:
+                shards, tok_art = self.shards(), self.tokenizer()
+            barrier(w)
+            if not w.main:
+                shards, tok_art = self.shards(), self.tokenizer()  # rank 0 built them: found by digest
 
-            def build(out: Path) -> dict[str, Any] | None:
-                metrics = pretrain(
+            def run(out: Path) -> dict[str, Any]:
+                return pretrain(
                     self.recipe,
                     shards.path,
                     shards.metrics,
@@ -227,11 +234,23 @@ class Pipeline:
                     resume=resume,
                     stop_after=stop_after,
                     on_step=self.reporter.train_step,
+                    on_note=self.reporter.note,
+                    w=w,
                 )
+
+            def build(out: Path) -> dict[str, Any] | None:
+                barrier(w)  # the other ranks wait until the working directory exists
+                metrics = run(out)
                 return None if "stopped_at" in metrics else metrics
 
             config, inputs = self._train_config(), {"shards": shards, "tokenizer": tok_art}
-            self._announce_resume("train", compute_digest("train", config, inputs), resume)
+            digest = compute_digest("train", config, inputs)
+            if not w.main:
+                if self.store.lookup("train", digest) is None:
+                    barrier(w)
+                    run(self.store.partial_path("train", digest))
+                return None
+            self._announce_resume("train", digest, resume)
             art = self._stage("train", config, inputs, build, keep_partial=resume)
             if art is None:
                 return None

@@ -180,7 +180,9 @@ class TokenizerConfig(_Section):
 
 
 class ModelConfig(_Section):
-    architecture: Literal["llama"] = "llama"
+    architecture: Literal["llama", "olmo2"] = Field(
+        "llama", description="llama: norm before each sublayer; olmo2: norm on sublayer outputs, QK-norm, untied"
+    )
     d_model: int = Field(256, gt=0)
     n_layers: int = Field(4, gt=0)
     n_heads: int = Field(4, gt=0)
@@ -189,8 +191,15 @@ class ModelConfig(_Section):
     context: int = Field(256, gt=1)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
-    tie_embeddings: bool = True
+    tie_embeddings: bool = Field(True, description="share input and output embeddings; default: llama yes, olmo2 no")
     init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _untied_for_olmo2(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("architecture") == "olmo2" and "tie_embeddings" not in data:
+            return {**data, "tie_embeddings": False}
+        return data
 
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
@@ -210,11 +219,26 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(50, ge=0)
-    schedule: Literal["cosine"] = "cosine"
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine decay, or warmup-stable-decay (constant, then linear decay at the end)"
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: the share of max_steps spent decaying")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: orthogonalised momentum for hidden matrices, AdamW for the rest"
+    )
+    muon_lr: float = Field(0.02, gt=0, description="muon: learning rate of the hidden matrices (scheduled like lr)")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    z_loss: float = Field(0.0, ge=0, description="weight of the z-loss, log(Z)^2 per token (OLMo 2 uses 1e-5)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast matmuls to bfloat16")
+    compile: bool = Field(False, description="torch.compile the model (falls back with a message where it cannot)")
+    activation_checkpointing: bool = Field(False, description="recompute each block in backward to save memory")
+    distributed: Literal["ddp", "fsdp2"] = Field("ddp", description="under torchrun: replicate or fully shard")
+    peak_flops: float | None = Field(None, gt=0, description="the device's peak FLOP/s for MFU; default: measured "
+                                     "(CPU) or looked up (GPU)")  # fmt: skip
     eval_interval: int = Field(100, ge=0, description="steps between validation losses; 0 = only at the end")
     eval_batches: int = Field(8, gt=0)
     checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final")

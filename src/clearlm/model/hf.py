@@ -1,4 +1,4 @@
-"""Conversion between clearlm's decoder and a Hugging Face `LlamaForCausalLM` folder.
+"""Conversion between clearlm's decoder and a Hugging Face `LlamaForCausalLM` or `Olmo2ForCausalLM` folder.
 
 The export writes `config.json` and `model.safetensors` with transformers' parameter names, so
 `AutoModelForCausalLM.from_pretrained(folder)` loads it offline; the import reads such a folder
@@ -21,10 +21,13 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+
+
 def hf_config(cfg: TransformerConfig, bos_id: int, eos_id: int, pad_id: int | None) -> dict[str, Any]:
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_HF_CLASSES[cfg.architecture]],
+        "model_type": cfg.architecture,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.hidden_dim,
@@ -38,7 +41,7 @@ def hf_config(cfg: TransformerConfig, bos_id: int, eos_id: int, pad_id: int | No
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
+        **({} if cfg.olmo2 else {"mlp_bias": False}),
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "bos_token_id": bos_id,
@@ -50,14 +53,19 @@ def hf_config(cfg: TransformerConfig, bos_id: int, eos_id: int, pad_id: int | No
 
 
 def config_from_hf(hf: dict[str, Any]) -> TransformerConfig:
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not supported (expected 'llama')")
+    if hf.get("model_type") not in _HF_CLASSES:
+        raise ValueError(
+            f"model_type {hf.get('model_type')!r} is not supported (expected one of {', '.join(_HF_CLASSES)})"
+        )
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("attention or MLP biases are not supported")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet")
     rope_theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
     return TransformerConfig(
         vocab_size=hf["vocab_size"],
+        architecture=hf["model_type"],
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"],

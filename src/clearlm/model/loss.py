@@ -5,6 +5,9 @@ loss and, when gradients are needed, straight into the gradients of the hidden s
 output weight (as Liger-Kernel's fused linear cross-entropy does). Backward then only scales the
 stored gradients, so no matmul is recomputed. This saves the largest activation of a small model
 and runs the softmax on cache-sized blocks, which is most of the speed-up on CPU.
+
+The optional z-loss (PaLM, OLMo 2) adds `z * log(Z)^2` per token, Z the softmax normaliser; its
+gradient with respect to the logits is `2 z log(Z) softmax`, folded into the same pass.
 """
 
 from __future__ import annotations
@@ -23,11 +26,17 @@ def _chunk_rows(n_rows: int, vocab: int) -> int:
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, needs_grad: bool
-    ) -> torch.Tensor:
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        needs_grad: bool,
+        z_loss: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
         step = _chunk_rows(n, vocab)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
         for start in range(0, n, step):
@@ -41,8 +50,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             exp_sum = logits.sub_(peak).exp_().sum(dim=-1)  # in place: no second logits-sized buffer
             lse = peak.squeeze(1) + exp_sum.log()
             total += ((lse - picked) * valid).sum()
+            if z_loss:
+                z_total += (lse.square() * valid).sum() * z_loss
             if needs_grad:
-                probs = logits.div_(exp_sum[:, None])
+                scale = (1.0 + 2.0 * z_loss * lse) / exp_sum if z_loss else 1.0 / exp_sum
+                probs = logits.mul_(scale[:, None])
                 probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
                 probs *= valid[:, None]
                 probs = probs.to(hidden.dtype)
@@ -50,12 +62,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(probs.T.float(), h.float())
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total
+        ctx.mark_non_differentiable(z_total)
+        return total + z_total, z_total
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(
+        ctx: FunctionCtx, grad_output: torch.Tensor, _grad_z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+
+
+def fused_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of cross-entropy + z_loss * log(Z)^2, the z part alone, not differentiable).
+
+    hidden: [N, d], weight: [V, d], targets: [N] (-100 rows skipped). Both are float32 scalars.
+    """
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, needs_grad, float(z_loss))
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -63,5 +89,4 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
     hidden: [N, d], weight: [V, d], targets: [N]. Returns a float32 scalar.
     """
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, needs_grad)
+    return fused_cross_entropy(hidden, weight, targets)[0]

@@ -1,7 +1,9 @@
 """A Llama-family decoder: RMSNorm, rotary positions, SwiGLU, no biases, causal SDPA attention.
 
-Parameter names follow transformers' `LlamaForCausalLM` (under a `model.` prefix there), so export
-and import are a rename. Projections are kept separate: on CPU, fused q/k/v and gate/up matmuls
+Two block layouts: Llama's (norm before each sublayer) and OLMo 2's (norm on each sublayer's output,
+`h = x + RMSNorm(Attn(x))`, plus RMSNorm on the whole query and key projections). Parameter names
+follow transformers' `LlamaForCausalLM` / `Olmo2ForCausalLM` (under a `model.` prefix there), so
+export and import are a rename. Projections are kept separate: on CPU, fused q/k/v and gate/up matmuls
 measured slower, because their backward has to concatenate the gradients again.
 """
 
@@ -13,13 +15,17 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from clearlm.model.loss import linear_cross_entropy_sum
+from clearlm.model.loss import fused_cross_entropy, linear_cross_entropy_sum
+
+ARCHITECTURES = ("llama", "olmo2")
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     vocab_size: int
+    architecture: str = "llama"
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -30,6 +36,14 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+
+    @property
+    def olmo2(self) -> bool:
+        return self.architecture == "olmo2"
 
     @property
     def head_dim(self) -> int:
@@ -79,13 +93,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qk_norm = cfg.olmo2
+        if self.qk_norm:  # OLMo 2: over all heads of the projection, before RoPE
+            self.q_norm = RMSNorm(cfg.n_heads * cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.kv_heads * cfg.head_dim, cfg.norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
@@ -109,18 +130,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Llama: `h = x + Attn(norm(x)); h + MLP(norm(h))`. OLMo 2: `h = x + norm(Attn(x)); h + norm(MLP(h))`;
+    the names are transformers' for each (Llama's `post_attention_layernorm` is the norm before the MLP)."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_norm = cfg.olmo2
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if self.post_norm:
+            self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        else:
+            self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if self.post_norm:
+            h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Transformer(nn.Module):
@@ -133,6 +164,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.checkpoint_blocks = False  # recompute each block's activations in backward (saves memory)
         cos, sin = rope_cache(cfg.head_dim, cfg.context, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -170,17 +202,35 @@ class Transformer(nn.Module):
             mask = (segments.unsqueeze(2) == segments.unsqueeze(1)).logical_and(causal).unsqueeze(1)
         x = self.embed_tokens(idx)
         for block in self.layers:
-            x = block(x, cos, sin, mask)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [batch, time, vocab]."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [batch, time, vocab]; with `targets`, the summed loss and its z-loss part (`loss_parts`),
+        so that DDP and FSDP2, which act on forward, see the training computation."""
+        if targets is not None:
+            return self.loss_parts(idx, targets, z_loss)
         return self.lm_head(self.hidden_states(idx, segments))
 
     def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Summed next-token cross-entropy (targets -100 ignored), without materialising the logits."""
         h = self.hidden_states(idx, segments)
         return linear_cross_entropy_sum(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+
+    def loss_parts(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy + z_loss * sum of log Z squared, that z term alone and detached), both summed over
+        target tokens: the first is what pretraining backpropagates, the second lets it log both parts."""
+        h = self.hidden_states(idx)
+        return fused_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
 
     def grow_vocab(self, vocab_size: int) -> None:
         """More token rows (for added special tokens): new embedding and output rows start at the mean of

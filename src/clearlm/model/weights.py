@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,18 +19,22 @@ from clearlm.model.transformer import Transformer, TransformerConfig
 WEIGHTS, MODEL_CONFIG = "model.safetensors", "model_config.json"
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Weights under clearlm's names; tied tensors are stored once (safetensors forbids sharing)."""
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
+def save_state(state: dict[str, torch.Tensor], path: Path, tied: bool) -> None:
+    """Tensors under clearlm's names, written atomically; a tied output layer is stored once, as the
+    embedding (safetensors forbids shared tensors)."""
+    tensors, seen = {}, set()
+    for name, tensor in state.items():
+        if (tied and name == "lm_head.weight") or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         tensors[name] = tensor.detach().to("cpu").contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    save_state(model.state_dict(), path, getattr(getattr(model, "cfg", None), "tie_embeddings", False))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -3,6 +3,11 @@
 Everything is stored without pickle, so a release's checkpoints are safe to open anywhere. A
 checkpoint directory is written under a temporary name and renamed, so a crash never leaves a
 half-written checkpoint that resume would pick up.
+
+The state is taken and restored through `torch.distributed.checkpoint.state_dict` as full (unsharded)
+tensors keyed by parameter name: the same files come from one process, DDP or FSDP2, so a run saved
+with any number of processes resumes with any other (the data position is global, too). Every rank
+takes part in gathering the state; rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from clearlm.model.weights import WEIGHTS, load_weights, save_weights
+from clearlm.model.weights import WEIGHTS, save_state
 
 OPTIMIZER, STATE = "optimizer.safetensors", "state.json"
 
@@ -26,14 +32,13 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
-    tensors = {
-        f"state.{idx}.{key}": value.detach().to("cpu").contiguous()
-        for idx, state in sd["state"].items()
-        for key, value in state.items()
-    }
-    return tensors, sd["param_groups"]
+def _full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, opt, options=options)
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
 
 
 def save_checkpoint(
@@ -43,19 +48,27 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_optimizer: bool,
+    main: bool = True,
 ) -> Path:
+    """Write checkpoint `step` (every rank must call this; only `main` writes)."""
+    weights, optim = _full_state(model, opt)
     final = checkpoint_dir(root, step)
+    if not main:
+        return final
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp / WEIGHTS)
-    tensors, groups = _optimizer_tensors(opt)
+    save_state(weights, tmp / WEIGHTS, _tied(model))
+    tensors = {f"state.{name}.{key}": torch.as_tensor(value).detach().to("cpu").contiguous()
+               for name, entry in optim["state"].items() for key, value in entry.items()}  # fmt: skip
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / OPTIMIZER))
-    (tmp / STATE).write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=2) + "\n")
+    (tmp / STATE).write_text(
+        json.dumps({**state, "step": step, "param_groups": optim["param_groups"]}, indent=2) + "\n"
+    )
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -78,15 +91,20 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    load_weights(model, path / WEIGHTS)
+    """Restore weights, optimizer state and RNG (every rank reads the files) and return the trainer state."""
     state = json.loads((path / STATE).read_text())
+    weights = load_file(str(path / WEIGHTS))
+    if _tied(model):
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
     tensors = load_file(str(path / OPTIMIZER))
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("state."):
-            _, idx, key = name.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+            param, key = name.removeprefix("state.").rsplit(".", 1)
+            per_param.setdefault(param, {})[key] = value
+    optim = {"state": per_param, "param_groups": state["param_groups"]}
+    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, strict=True))  # fmt: skip
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -6,6 +6,7 @@ state; restoring them continues bit-identically on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,63 +18,93 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from clearlm.data.shards import WindowSampler, open_tokens
 from clearlm.errors import InputError, RecipeError, TrainingError
 from clearlm.model.transformer import Transformer, TransformerConfig
-from clearlm.model.weights import save_model
+from clearlm.model.weights import MODEL_CONFIG, WEIGHTS
 from clearlm.recipe import Recipe, TrainConfig
 from clearlm.train import checkpoint
-from clearlm.train.optim import build_optimizer, lr_at
-from clearlm.train.perf import cpu_matmul_peak, keep_freed_memory
+from clearlm.train.distributed import SINGLE, World, barrier, check_supported, sync_gradients, wrap
+from clearlm.train.optim import build_optimizer, lr_factor, set_lr
+from clearlm.train.perf import device_peak_flops, keep_freed_memory
 
 LOG = "log.jsonl"
 StepCallback = Callable[[dict[str, Any]], None]
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> TransformerConfig:
-    return TransformerConfig(vocab_size=vocab_size, **recipe.model.model_dump(exclude={"architecture"}))
+    return TransformerConfig(vocab_size=vocab_size, **recipe.model.model_dump())
 
 
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+def pick_device(cfg: TrainConfig, w: World = SINGLE) -> torch.device:
+    """The recipe's device; under torchrun on GPUs, this rank's GPU."""
+    kind = cfg.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
         raise RecipeError("train.device is 'cuda' but this torch build sees no CUDA device; use 'cpu' or 'auto'")
-    return torch.device(cfg.device)
+    return torch.device("cuda", w.local_rank) if kind == "cuda" else torch.device("cpu")
 
 
-def accumulate_gradients(model: Transformer, micro_batches: list[torch.Tensor]) -> float:
-    """Backward over micro-batches of [B, T+1] ids with the loss averaged over all their target tokens.
+def accumulate_gradients(
+    engine: nn.Module, micro_batches: list[torch.Tensor], w: World = SINGLE, z_loss: float = 0.0,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> tuple[float, float]:  # fmt: skip
+    """Backward over this rank's micro-batches of [B, T+1] ids with the loss averaged over the target tokens
+    of the whole global batch (all micro-batches of all ranks); returns (mean cross-entropy, mean z-loss).
 
-    Each micro-batch's summed loss is divided by the token count of the whole accumulated batch, so
-    micro-batches of different sizes weigh by their tokens, exactly as one large batch would.
-    """
-    n_targets = sum(b[:, 1:].numel() for b in micro_batches)
-    loss_sum = 0.0
-    for batch in micro_batches:
-        loss = model.loss_sum(batch[:, :-1], batch[:, 1:])
-        (loss / n_targets).backward()
-        loss_sum += loss.item()
-    return loss_sum / n_targets
+    Each micro-batch's summed loss is divided by the global token count, so micro-batches weigh by their
+    tokens exactly as one large batch would; DDP and FSDP2 average gradients over ranks, so it is scaled
+    by the world size. The gradient all-reduce runs once, on the last micro-batch."""
+    n_targets = sum(b[:, 1:].numel() for b in micro_batches) * w.size
+    totals = torch.zeros(2, dtype=torch.float64)
+    for i, batch in enumerate(micro_batches):
+        sync_gradients(engine, i == len(micro_batches) - 1)
+        with autocast or contextlib.nullcontext():
+            loss, z = engine(batch[:, :-1], targets=batch[:, 1:], z_loss=z_loss)
+        (loss * (w.size / n_targets)).backward()
+        totals += torch.tensor([loss.item(), z.item()], dtype=torch.float64)
+    if w.distributed:
+        dist.all_reduce(totals)
+    total, z_total = (totals / n_targets).tolist()
+    return total - z_total, z_total
 
 
-def optimizer_step(model: Transformer, opt: torch.optim.Optimizer, grad_clip: float) -> float:
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> float:
     """Clip (0 = no clipping), step and clear gradients; returns the pre-clipping gradient norm."""
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm
 
 
 def train_step(
-    model: Transformer, opt: torch.optim.Optimizer, micro_batches: list[torch.Tensor], grad_clip: float
+    model: nn.Module, opt: torch.optim.Optimizer, micro_batches: list[torch.Tensor], grad_clip: float
 ) -> tuple[float, float]:
-    """One optimizer step: (mean loss per target token, gradient norm)."""
-    loss = accumulate_gradients(model, micro_batches)
+    """One optimizer step in one process: (mean loss per target token, gradient norm)."""
+    loss, _ = accumulate_gradients(model, micro_batches)
     return loss, optimizer_step(model, opt, grad_clip)
+
+
+def compile_blocks(model: Transformer, device: torch.device) -> str | None:
+    """torch.compile each block (as torchtitan does: the loss, a custom autograd function, stays eager).
+    A tiny function is compiled first, so that a platform without a working compiler toolchain gives a
+    message and eager training instead of a failure at the first step."""
+    try:
+        probe = torch.compile(lambda a: torch.relu(a @ a) + 1)
+        probe(torch.ones(8, 8, device=device))
+    except Exception as err:  # any compiler failure means: train eagerly
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return f"train.compile: torch.compile does not work here ({type(err).__name__}: {first}); training without it"
+    for block in model.layers:
+        block.compile()
+    return None
 
 
 def available_cpus() -> int:
@@ -84,14 +115,20 @@ def available_cpus() -> int:
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, sampler: WindowSampler, cfg: TrainConfig, device: torch.device) -> float:
-    model.eval()
+def validation_loss(
+    engine: nn.Module, sampler: WindowSampler, cfg: TrainConfig, device: torch.device,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> float:  # fmt: skip
+    """Mean cross-entropy over the first `eval_batches` validation batches (every rank computes all of them:
+    under FSDP2 each forward is collective)."""
+    engine.eval()
     total, count = 0.0, 0
     for i in range(cfg.eval_batches):
         batch = sampler.sequential(i * cfg.micro_batch_size, cfg.micro_batch_size).to(device)
-        total += model.loss_sum(batch[:, :-1], batch[:, 1:]).item()
+        with autocast or contextlib.nullcontext():
+            total += engine(batch[:, :-1], targets=batch[:, 1:])[0].item()
         count += batch[:, 1:].numel()
-    model.train()
+    engine.train()
     return total / count
 
 
@@ -138,21 +175,40 @@ def pretrain(
     resume: bool = False,
     stop_after: int | None = None,
     on_step: StepCallback | None = None,
+    on_note: Callable[[str], None] | None = None,
+    w: World = SINGLE,
 ) -> dict[str, Any]:
-    """Train from scratch (or resume) into `out`; return summary metrics. Stops early at `stop_after`."""
+    """Train from scratch (or resume) into `out`; return summary metrics. Stops early at `stop_after`.
+
+    Under torchrun every rank calls this with the same `out`; rank 0 writes the log, the checkpoints and
+    the model, the others only compute."""
     cfg = recipe.train
-    threads = cfg.threads or available_cpus()
+    threads = cfg.threads or max(1, available_cpus() // w.size)
     torch.set_num_threads(threads)
-    device = pick_device(cfg)
+    device = pick_device(cfg, w)
     if device.type == "cpu":
         keep_freed_memory()
+    check_supported(cfg.optimizer, cfg.distributed, w)
+    note = on_note or (lambda _: None)
+    if cfg.distributed == "fsdp2" and not w.distributed and w.main:
+        note('train.distributed = "fsdp2" applies under torchrun with 2 or more processes; training in one process')
     torch.manual_seed(recipe.seed)
 
     mcfg = model_config(recipe, vocab_size)
     model = Transformer(mcfg)
     model.init_weights(recipe.seed)
     model.to(device).train()
-    opt = build_optimizer(model, cfg, device)
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    compiled = cfg.compile
+    if cfg.compile:
+        message = compile_blocks(model, device)
+        if message:
+            compiled = False
+            if w.main:
+                note(message)
+    engine = wrap(model, cfg.distributed, w, device)
+    opt = build_optimizer(model, cfg)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else None
     dtype = shards_meta["dtype"]
     train_windows = _sampler(shards_dir, "train", dtype, mcfg.context, recipe.seed)
     val_windows = _sampler(shards_dir, "validation", dtype, mcfg.context, recipe.seed)
@@ -161,68 +217,93 @@ def pretrain(
     state: dict[str, Any] = {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0}
     found = checkpoint.latest_checkpoint(ckpt_root) if resume else None
     if found:
-        state = checkpoint.load_checkpoint(found, model, opt)
-        truncate_log(log_path, state["step"])
-    elif log_path.exists():
+        state = {**state, **checkpoint.load_checkpoint(found, model, opt)}
+        state.pop("param_groups", None)
+        if w.main:
+            truncate_log(log_path, state["step"])
+    elif log_path.exists() and w.main:
         log_path.unlink()
+    barrier(w)
 
     flops_per_token = model.flops_per_token()
-    peak = cpu_matmul_peak(threads) if device.type == "cpu" else None
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * mcfg.context
+    peak = device_peak_flops(device, threads, cfg.peak_flops)
+    windows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * w.size
+    tokens_per_step = windows_per_step * mcfg.context
     end = min(cfg.max_steps, stop_after) if stop_after else cfg.max_steps
 
     def log(record: dict[str, Any]) -> None:
+        if not w.main:
+            return
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if on_step:
             on_step({**record, "max_steps": cfg.max_steps})
 
+    def evaluate() -> float:
+        return validation_loss(engine, val_windows, cfg, device, autocast)
+
     if state["step"] == 0:
-        log({"step": 0, "val_loss": validation_loss(model, val_windows, cfg, device), "tokens": 0})
+        log({"step": 0, "val_loss": evaluate(), "tokens": 0})
 
     for step in range(state["step"], end):
         started = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, cfg)
+        set_lr(opt, factor)
         batches = []
-        for _ in range(cfg.grad_accum_steps):
-            batches.append(train_windows.batch(state["position"], cfg.micro_batch_size).to(device))
-            state["position"] += cfg.micro_batch_size
-        loss, grad_norm = train_step(model, opt, batches, cfg.grad_clip)
+        for k in range(cfg.grad_accum_steps):  # micro-batch k of rank r: the (k * world + r)-th slice
+            first = state["position"] + (k * w.size + w.rank) * cfg.micro_batch_size
+            batches.append(train_windows.batch(first, cfg.micro_batch_size).to(device, non_blocking=True))
+        state["position"] += windows_per_step
+        loss, z = accumulate_gradients(engine, batches, w, cfg.z_loss, autocast)
+        grad_norm = optimizer_step(model, opt, cfg.grad_clip)
         if not math.isfinite(loss):
             raise TrainingError(f"loss became {loss} at step {step + 1}; lower train.lr or raise train.warmup_steps")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         state["tokens"] += tokens_per_step
         state["seconds"] += seconds
         record: dict[str, Any] = {
             "step": step + 1,
             "loss": loss,
-            "lr": lr,
+            **({"z_loss": z} if cfg.z_loss else {}),
+            "lr": cfg.lr * factor,
             "grad_norm": grad_norm,
             "tokens": state["tokens"],
             "tokens_per_s": tokens_per_step / seconds,
-            "mfu": flops_per_token * tokens_per_step / seconds / peak if peak else None,
+            "mfu": flops_per_token * tokens_per_step / seconds / (peak * w.size) if peak else None,
         }
         done = step + 1
         if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.max_steps:
-            record["val_loss"] = validation_loss(model, val_windows, cfg, device)
+            record["val_loss"] = evaluate()
         log(record)
         if _on_schedule(done, cfg) or done == end:
-            checkpoint.save_checkpoint(ckpt_root, done, model, opt, state, keep_optimizer=cfg.keep_optimizer == "all")
+            checkpoint.save_checkpoint(ckpt_root, done, model, opt, state,
+                                       keep_optimizer=cfg.keep_optimizer == "all", main=w.main)  # fmt: skip
         state["step"] = done
 
+    barrier(w)
     if state["step"] < cfg.max_steps:
         return {"stopped_at": state["step"]}
+    if not w.main:
+        return {}
     for ckpt in checkpoint.checkpoints(ckpt_root):  # an interruption's extra checkpoint is not part of the run
         if not _on_schedule(int(ckpt.name.removeprefix("step-")), cfg):
             shutil.rmtree(ckpt)
-    save_model(model, out)
-    return _summary(read_log(log_path), model, state, peak, flops_per_token)
+    final = checkpoint.checkpoint_dir(ckpt_root, cfg.max_steps) / WEIGHTS  # the full weights, even under FSDP2
+    shutil.copy2(final, out / WEIGHTS)
+    (out / MODEL_CONFIG).write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
+    summary = _summary(read_log(log_path), model, state, peak, flops_per_token, w.size)
+    return {**summary, "compiled": compiled, "world_size": w.size, "device": device.type}
 
 
 def _summary(
-    records: list[dict[str, Any]], model: Transformer, state: dict[str, Any], peak: float | None, flops_per_token: float
+    records: list[dict[str, Any]],
+    model: Transformer,
+    state: dict[str, Any],
+    peak: float | None,
+    flops_per_token: float,
+    world_size: int,
 ) -> dict[str, Any]:
     val_losses = [r["val_loss"] for r in records if r.get("val_loss") is not None]
     steps = [r for r in records if "loss" in r]
@@ -237,6 +318,6 @@ def _summary(
         "val_loss": val_losses[-1] if val_losses else None,
         "initial_val_loss": records[0].get("val_loss") if records else None,
         "tokens_per_s": tokens_per_s,
-        "mfu": flops_per_token * tokens_per_s / peak if peak and tokens_per_s else None,
-        "matmul_peak_flops": peak,
+        "mfu": flops_per_token * tokens_per_s / (peak * world_size) if peak and tokens_per_s else None,
+        "peak_flops": peak,
     }

@@ -1,34 +1,121 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule."""
+"""Optimizers (AdamW; Muon for hidden matrices with AdamW for the rest) and learning-rate schedules
+(warmup then cosine, or warmup-stable-decay).
+
+Muon follows Keller Jordan's reference (modded-nanogpt): Nesterov momentum, orthogonalised by five
+Newton-Schulz iterations, scaled by sqrt(max(1, rows/cols)), with decoupled weight decay as in
+Moonlight. It is written here rather than imported because no released package provides it for the
+torch this project pins, and it is one short function plus a step loop.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from clearlm.recipe import DPOConfig, SFTConfig, TrainConfig
 
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # modded-nanogpt's quintic: fast, singular values near 1
 
-def build_optimizer(
-    model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig, device: torch.device
-) -> torch.optim.AdamW:
-    """Matrices (embeddings included) decay; norms do not. Fused kernels where the device has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """An approximately orthogonal matrix with g's singular vectors (U V^T of g's SVD, singular values
+    pushed into roughly [0.7, 1.2]), computed in bfloat16 on GPU and float32 on CPU."""
+    a, b, c = _NS_COEFFICIENTS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Groups with `use_muon` True get Muon; the others AdamW (embeddings, output layer, norms)."""
+
+    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float = 1e-8) -> None:
+        super().__init__(groups, {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.95, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["use_muon"]:
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(p.grad, 1 - group["momentum"])
+                    update = newton_schulz(p.grad.lerp(buf, group["momentum"]))
+                    update *= max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                else:
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                    beta1, beta2 = group["betas"]
+                    state["step"] += 1
+                    t = state["step"].item()
+                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                    update = state["exp_avg"] / (1 - beta1**t) / denom
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+
+
+def _is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
+    return p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig) -> torch.optim.Optimizer:
+    """Matrices (embeddings included) decay; norms do not. Each group keeps its peak rate in `base_lr`, which
+    the schedule scales. AdamW uses torch's fused kernel (CPU and GPU)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if getattr(cfg, "optimizer", "adamw") == "muon":
+        betas = (cfg.beta1, cfg.beta2)
+        groups = [
+            {"params": [p for n, p in named if _is_hidden_matrix(n, p)], "use_muon": True, "base_lr": cfg.muon_lr,
+             "momentum": cfg.muon_momentum, "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in named if not _is_hidden_matrix(n, p) and p.dim() >= 2], "use_muon": False,
+             "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "use_muon": False, "base_lr": cfg.lr, "weight_decay": 0.0},
+        ]  # fmt: skip
+        return Muon([g for g in groups if g["params"]], betas=betas)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio."""
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): linear warmup, then cosine
+    to min_lr_ratio, or (wsd) constant until the last decay_fraction of the steps, then linear to it."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(cfg.max_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = max(round(cfg.max_steps * cfg.decay_fraction), 1)
+        decay_start = max(cfg.max_steps - decay_steps, cfg.warmup_steps)
+        if step < decay_start:
+            return 1.0
+        progress = min((step + 1 - decay_start) / max(cfg.max_steps - decay_start, 1), 1.0)
+        return 1.0 - (1.0 - floor) * progress
+    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    return floor + 0.5 * (1.0 - floor) * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The AdamW learning rate at `step` (what the log reports)."""
+    return cfg.lr * lr_factor(step, cfg)

@@ -1,4 +1,6 @@
-"""Throughput accounting: the machine's measured fp32 matmul peak, cached, for model FLOPs use."""
+"""Throughput accounting for model FLOPs use (MFU): on CPU the machine's fp32 matmul peak, measured once
+and cached; on GPU the named device's dense bf16 tensor-core peak from its datasheet (or the recipe's
+`train.peak_flops`), never one card's constant for all."""
 
 from __future__ import annotations
 
@@ -52,6 +54,39 @@ def cpu_matmul_peak(threads: int) -> float:
         except OSError:
             pass
     return float(cache[key])
+
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from NVIDIA's and AMD's datasheets, matched by name.
+GPU_BF16_PEAK = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("MI300X", 1307e12),
+)
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its CUDA device name, or None for one not in the table."""
+    return next((peak for key, peak in GPU_BF16_PEAK if key.lower() in name.lower()), None)
+
+
+def device_peak_flops(device: torch.device, threads: int, override: float | None = None) -> float | None:
+    """The peak that MFU divides by: the recipe's, else the GPU's from the table, else the CPU's measured."""
+    if override:
+        return override
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
+    return cpu_matmul_peak(threads)
 
 
 def keep_freed_memory() -> bool:

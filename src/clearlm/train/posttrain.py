@@ -56,7 +56,7 @@ def run_steps(
 ) -> dict[str, Any] | None:
     """Train for `cfg.epochs`; None when `stop_after` stopped the run (resume it with `resume=True`)."""
     torch.manual_seed(seed)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg)
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps
     steps_per_epoch = math.ceil(n_items / per_step)
     total = cfg.epochs * steps_per_epoch
