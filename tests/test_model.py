@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from clearlm.model.hf import load_hf, save_hf
-from clearlm.model.loss import linear_cross_entropy_sum
+from clearlm.model.loss import fused_cross_entropy, linear_cross_entropy_sum
 from clearlm.model.transformer import Transformer, TransformerConfig
 
 
@@ -17,13 +17,21 @@ def _model(**kw) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False, "n_kv_heads": 2, "rope_theta": 500.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"tie_embeddings": False, "n_kv_heads": 2, "rope_theta": 500.0},
+        {"architecture": "olmo2", "tie_embeddings": False, "n_kv_heads": 2, "rope_theta": 500000.0},
+        {"architecture": "olmo2"},
+    ],
+)
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw):
     transformers = pytest.importorskip("transformers")
     model = _model(**kw)
     save_hf(model, tmp_path, bos_id=0, eos_id=0, pad_id=1)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == ("Olmo2ForCausalLM" if kw.get("architecture") == "olmo2" else "LlamaForCausalLM")
     ids = torch.randint(0, 300, (3, 48))
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
@@ -31,8 +39,9 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-def test_import_round_trip_is_exact(tmp_path):
-    model = _model(tie_embeddings=False)
+@pytest.mark.parametrize("architecture", ["llama", "olmo2"])
+def test_import_round_trip_is_exact(tmp_path, architecture):
+    model = _model(tie_embeddings=False, architecture=architecture)
     save_hf(model, tmp_path, 0, 0, 1)
     again = load_hf(tmp_path)
     ids = torch.randint(0, 300, (2, 20))
@@ -74,3 +83,58 @@ def test_causality_and_context_limit():
         assert torch.equal(model(ids)[0, :10], model(changed)[0, :10])
     with pytest.raises(ValueError, match="exceeds the context"):
         model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_olmo2_block_normalises_sublayer_outputs_and_queries_and_keys():
+    model = _model(architecture="olmo2")
+    names = {n for n, _ in model.named_parameters()}
+    assert {"layers.0.self_attn.q_norm.weight", "layers.0.self_attn.k_norm.weight",
+            "layers.0.post_feedforward_layernorm.weight"} <= names  # fmt: skip
+    assert not any("input_layernorm" in n for n in names)
+    block, x = model.layers[0], torch.randn(1, 5, 64)
+    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
+    with torch.no_grad():
+        block.self_attn.q_norm.weight.mul_(3.0)  # QK-norm's scale reaches the output
+        h = x + block.post_attention_layernorm(block.self_attn(x, cos, sin))
+        expected = h + block.post_feedforward_layernorm(block.mlp(h))
+        torch.testing.assert_close(block(x, cos, sin), expected)
+        raw = block.self_attn.q_proj(x)
+        rms = raw.pow(2).mean(-1, keepdim=True).add(model.cfg.norm_eps).rsqrt()
+        torch.testing.assert_close(block.self_attn.q_norm(raw), raw * rms * block.self_attn.q_norm.weight)
+
+
+def test_z_loss_adds_its_formula_in_value_and_gradient():
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(5000, 16, requires_grad=True)
+    t = torch.randint(0, 5000, (300,))
+    t[::7] = -100
+    total, z = fused_cross_entropy(h, w, t, z_loss=1e-2)
+    total.backward()
+    g_h, g_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    logits = h @ w.T
+    valid = t != -100
+    lse = torch.logsumexp(logits, dim=-1)
+    ref_z = 1e-2 * (lse.square() * valid).sum()
+    ref = F.cross_entropy(logits, t, reduction="sum") + ref_z
+    ref.backward()
+    torch.testing.assert_close(z, ref_z.detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(total, ref.detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(g_h, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_w, w.grad, rtol=1e-4, atol=1e-5)
+    assert not z.requires_grad and z > 0
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = _model(architecture="olmo2").train()
+    ids = torch.randint(0, 300, (2, 33))
+    grads = []
+    for flag in (False, True):
+        model.checkpoint_blocks = flag
+        model.zero_grad()
+        loss, _ = model(ids[:, :-1], targets=ids[:, 1:], z_loss=1e-4)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))

@@ -9,7 +9,42 @@ from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import TrainConfig, load_recipe
 from clearlm.train.loop import accumulate_gradients
-from clearlm.train.optim import lr_at
+from clearlm.train.optim import build_optimizer, lr_at, newton_schulz, set_lr
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly_over_its_fraction():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=2.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[:10] == pytest.approx([0.2 * (i + 1) for i in range(10)])
+    assert lrs[10:80] == [2.0] * 70, "stable until the last 20 steps"
+    assert lrs[80:] == pytest.approx([2.0 * (1 - (i + 1) / 20) for i in range(20)])
+    assert lrs[-1] == 0.0
+
+
+def test_muon_update_is_orthogonalised_and_adamw_takes_the_rest():
+    torch.manual_seed(0)
+    g = torch.randn(48, 96) @ torch.diag(torch.logspace(-2, 1, 96))  # condition number ~100
+    x = newton_schulz(g)
+    s = torch.linalg.svdvals(x)
+    assert s.min() > 0.65 and s.max() < 1.25, "every direction moves by about the same amount"
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    assert torch.linalg.norm(x - polar) / torch.linalg.norm(polar) < 0.3
+    assert newton_schulz(g.T).allclose(x.T, atol=1e-5), "tall matrices are handled by transposing"
+    model = Transformer(TransformerConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, context=8))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", muon_lr=0.05, lr=1e-3))
+    muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert names == {f"layers.0.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
+    weight = model.layers[0].mlp.up_proj.weight
+    before = weight.detach().clone()
+    weight.grad = torch.randn_like(weight)
+    set_lr(opt, 1.0)
+    opt.step()
+    update = (before * (1 - 0.05 * 0.1) - weight.detach()) / 0.05  # the decayed weight minus the step
+    scale = max(1.0, weight.shape[0] / weight.shape[1]) ** 0.5
+    assert torch.linalg.svdvals(update / scale).max() < 1.25
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -35,15 +70,18 @@ class StepRecorder(Reporter):
         self.notes.append(message)
 
 
+MUON_OLMO2 = ['train.optimizer="muon"', 'train.schedule="wsd"', 'model.architecture="olmo2"', "train.z_loss=1e-4"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [4, 5])
-def test_resume_is_bit_identical(tmp_path, tiny_recipe, stop):
-    straight = Pipeline(load_recipe(tiny_recipe), tmp_path / "a").train()
-    interrupted = Pipeline(load_recipe(tiny_recipe), tmp_path / "b")
+@pytest.mark.parametrize(("stop", "overrides"), [(4, []), (5, []), (5, MUON_OLMO2)])
+def test_resume_is_bit_identical(tmp_path, tiny_recipe, stop, overrides):
+    straight = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "a").train()
+    interrupted = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "b")
     assert interrupted.train(stop_after=stop) is None
     partial_log = (interrupted.store.partial_path("train", straight.digest) / "log.jsonl").read_text()
     rec = StepRecorder()
-    resumed = Pipeline(load_recipe(tiny_recipe), tmp_path / "b", rec).train(resume=True)
+    resumed = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "b", rec).train(resume=True)
     assert rec.steps == list(range(stop + 1, 9)), "resume must continue, not start over"
     assert rec.notes == [f"train: resuming from step-{stop:07d}"]
     assert (resumed.path / "log.jsonl").read_text().startswith(partial_log), "the first part of the log is kept"
@@ -73,7 +111,7 @@ def test_accumulated_gradients_weigh_micro_batches_by_tokens():
     for micro in ([batch], [batch[:1], batch[1:]]):  # unequal micro-batches: 1 row and 3 rows
         model = Transformer(cfg)
         model.init_weights(0)
-        loss = accumulate_gradients(model, micro)
+        loss, _ = accumulate_gradients(model, micro)
         grads.append((loss, [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = grads
     assert loss_a == pytest.approx(loss_b, rel=1e-6)

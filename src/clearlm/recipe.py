@@ -215,7 +215,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     max_steps: int = Field(1000, gt=0)
     micro_batch_size: int = Field(16, gt=0)
-    grad_accum_steps: int = Field(1, gt=0)
+    grad_accum_steps: int = Field(
+        1, gt=0, description="micro-batches per optimizer step over all processes (a multiple of their number)"
+    )
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(50, ge=0)

@@ -3,8 +3,9 @@
 `torchrun --nproc_per_node N -m clearlm train RECIPE` sets RANK/WORLD_SIZE/LOCAL_RANK; `world()`
 joins the process group (NCCL on GPUs, gloo on CPUs) and the model is replicated (DDP) or fully
 sharded (FSDP2's `fully_shard`, per block then the root) as `train.distributed` says. One process
-ignores the setting. Every rank reads its own slice of each global batch, so the data stream and
-the losses do not depend on the number of processes.
+ignores the setting. The batch is global: `micro_batch_size x grad_accum_steps` windows per step,
+the micro-batches dealt out to the ranks, so the recipe, its digest, the data stream and (up to
+float summation order) the losses do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from clearlm.errors import RecipeError
 from clearlm.model.transformer import Transformer
+from clearlm.recipe import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,14 @@ def wrap(model: Transformer, strategy: str, w: World, device: torch.device) -> n
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def check_supported(optimizer: str, strategy: str, w: World) -> None:
-    if w.distributed and strategy == "fsdp2" and optimizer == "muon":
+def check_supported(cfg: TrainConfig, w: World) -> None:
+    """One-line errors for what this world cannot run."""
+    if cfg.grad_accum_steps % w.size:
+        raise RecipeError(
+            f"train.grad_accum_steps ({cfg.grad_accum_steps}) counts micro-batches over all processes and must be a "
+            f"multiple of their number ({w.size}), so that every process runs as many"
+        )
+    if w.distributed and cfg.distributed == "fsdp2" and cfg.optimizer == "muon":
         raise RecipeError(
             'train.optimizer = "muon" with train.distributed = "fsdp2" is not supported: Muon orthogonalises whole '
             'matrices and FSDP2 shards them; use distributed = "ddp"'

@@ -188,7 +188,7 @@ def pretrain(
     device = pick_device(cfg, w)
     if device.type == "cpu":
         keep_freed_memory()
-    check_supported(cfg.optimizer, cfg.distributed, w)
+    check_supported(cfg, w)
     note = on_note or (lambda _: None)
     if cfg.distributed == "fsdp2" and not w.distributed and w.main:
         note('train.distributed = "fsdp2" applies under torchrun with 2 or more processes; training in one process')
@@ -227,7 +227,7 @@ def pretrain(
 
     flops_per_token = model.flops_per_token()
     peak = device_peak_flops(device, threads, cfg.peak_flops)
-    windows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * w.size
+    windows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps
     tokens_per_step = windows_per_step * mcfg.context
     end = min(cfg.max_steps, stop_after) if stop_after else cfg.max_steps
 
@@ -250,7 +250,7 @@ def pretrain(
         factor = lr_factor(step, cfg)
         set_lr(opt, factor)
         batches = []
-        for k in range(cfg.grad_accum_steps):  # micro-batch k of rank r: the (k * world + r)-th slice
+        for k in range(cfg.grad_accum_steps // w.size):  # micro-batch k of rank r: the (k * world + r)-th slice
             first = state["position"] + (k * w.size + w.rank) * cfg.micro_batch_size
             batches.append(train_windows.batch(first, cfg.micro_batch_size).to(device, non_blocking=True))
         state["position"] += windows_per_step

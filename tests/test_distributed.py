@@ -1,0 +1,124 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 train like one process with the same global batch,
+checkpoints move between world sizes, and what cannot run is a one-line error. Also torch.compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_tiny_recipe
+from safetensors.torch import load_file
+
+from clearlm.pipeline import Pipeline, Reporter
+from clearlm.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+FSDP2 = 'train.distributed="fsdp2"'
+
+
+def _clearlm(args: list[str], cwd: Path, processes: int = 1) -> subprocess.CompletedProcess[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    launcher = launcher if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, "-m", "clearlm", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def _train(cwd: Path, workdir: str, processes: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    result = _clearlm(["train", "tiny.toml", "--workdir", workdir, *extra], cwd, processes)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def _run_dir(cwd: Path, workdir: str) -> Path:
+    return next(p for p in (cwd / workdir / "artifacts").glob("train-*") if not p.name.endswith(".partial"))
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny recipe (micro-batches of 4, 2 per step) and one single-process run of it."""
+    cwd = tmp_path_factory.mktemp("distributed")
+    write_tiny_recipe(cwd)
+    _train(cwd, "one", 1)
+    return cwd
+
+
+def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(folder):
+    _train(folder, "ddp", 2)
+    one, two = _run_dir(folder, "one"), _run_dir(folder, "ddp")
+    assert one.name == two.name, "the number of processes is not part of the recipe or its digest"
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    metrics = json.loads((two / "manifest.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["tokens"] == json.loads((one / "manifest.json").read_text())[
+        "metrics"]["tokens"]  # fmt: skip
+
+
+def test_fsdp2_saved_on_two_processes_resumes_on_one_and_the_reverse(folder):
+    reference = _losses(_run_dir(folder, "one"))
+    _train(folder, "a", 2, "--set", FSDP2, "--stop-after", "4")
+    resumed = _train(folder, "a", 1, "--set", FSDP2, "--resume")
+    output = " ".join((resumed.stdout + resumed.stderr).split())
+    assert "resuming from step-0000004" in output
+    assert "applies under torchrun" in output, "one process says it is not sharding"
+    assert _losses(_run_dir(folder, "a")) == pytest.approx(reference, rel=1e-5)
+    _train(folder, "b", 1, "--set", FSDP2, "--stop-after", "5")
+    _train(folder, "b", 2, "--set", FSDP2, "--resume")
+    run = _run_dir(folder, "b")
+    assert _losses(run) == pytest.approx(reference, rel=1e-5)
+    state = json.loads((run / "checkpoints" / "step-0000008" / "state.json").read_text())
+    assert state["position"] == 8 * 8, "the data position counts global windows: 8 steps of 4 x 2"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (['train.optimizer="muon"', FSDP2], "is not supported: Muon orthogonalises whole matrices"),
+        (["train.grad_accum_steps=3"], "must be a multiple of their number (2)"),
+    ],
+)
+def test_what_two_processes_cannot_run_is_a_one_line_error(folder, overrides, message):
+    result = _clearlm(["train", "tiny.toml", "--workdir", "bad", *[a for o in overrides for a in ("--set", o)]],
+                      folder, 2)  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert errors and message in errors[0], result.stdout[-2000:] + result.stderr[-2000:]
+
+
+class Notes(Reporter):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_compile_gives_the_same_losses_as_eager(folder):
+    pipe = Pipeline(load_recipe(folder / "tiny.toml", ["train.compile=true"]), folder / "compiled", Notes())
+    art = pipe.train()
+    assert art.metrics["compiled"] is True and pipe.reporter.notes == []
+    assert _losses(art.path) == pytest.approx(_losses(_run_dir(folder, "one")), rel=1e-4)
+
+
+def test_compile_where_it_cannot_work_falls_back_with_a_message(folder, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    pipe = Pipeline(load_recipe(folder / "tiny.toml", ["train.compile=true"]), folder / "fallback", Notes())
+    art = pipe.train()
+    assert art.metrics["compiled"] is False
+    assert pipe.reporter.notes == [
+        "train.compile: torch.compile does not work here (RuntimeError: no C++ compiler found); training without it"
+    ]
+    assert _losses(art.path) == _losses(_run_dir(folder, "one"))
