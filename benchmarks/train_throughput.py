@@ -7,16 +7,24 @@ the ratio, and the share of the machine's measured fp32 matmul peak each one rea
 With `--allocator tuned` (the default) glibc keeps freed memory for both models, as `clearlm train`
 does; `--allocator default` leaves glibc as it is for both, which is what a transformers user gets.
 
+On a GPU (`--device cuda --precision bf16 --compile`) both run under bf16 autocast, clearlm with its
+per-block compile and transformers compiled whole with `torch.compile`, and MFU is taken against the
+GPU's dense bf16 peak from clearlm's datasheet table.
+
     python benchmarks/train_throughput.py [--d-model 256 --n-layers 4 ...]
+    python benchmarks/train_throughput.py --device cuda --precision bf16 --compile \
+        --vocab 50304 --d-model 768 --n-layers 12 --n-heads 12 --context 1024 --batch 16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +32,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.recipe import TrainConfig
-from clearlm.train.loop import train_step
+from clearlm.train.loop import accumulate_gradients, compile_blocks, optimizer_step
 from clearlm.train.optim import build_optimizer
-from clearlm.train.perf import keep_freed_memory, measure_matmul_peak
+from clearlm.train.perf import gpu_peak_flops, keep_freed_memory, measure_matmul_peak
 
 
-def hf_step(model: LlamaForCausalLM, opt: torch.optim.Optimizer, batch: torch.Tensor, clip: float) -> None:
-    logits = model(input_ids=batch[:, :-1]).logits
-    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].reshape(-1))
+def hf_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, clip: float, autocast: Any
+) -> None:
+    with autocast:
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
     opt.step()
@@ -50,6 +61,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,32 +83,63 @@ def main() -> None:
         max_position_embeddings=cfg.context, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False,
     )  # fmt: skip
-    theirs = LlamaForCausalLM(hf_cfg).train()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as clearlm train does on GPUs
+    theirs = LlamaForCausalLM(hf_cfg).to(device).train()
+    ours.to(device).train()
     tcfg = TrainConfig()
     opt_ours = build_optimizer(ours, tcfg)
     opt_theirs = build_optimizer(theirs, tcfg)
-    batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1))
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1), device=device)
     tokens = args.batch * cfg.context
+    bf16 = args.precision == "bf16"
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    hf_model: torch.nn.Module = theirs
+    if args.compile:
+        message = compile_blocks(ours, device)
+        if message:
+            raise SystemExit(message)
+        hf_model = torch.compile(theirs)
+
+    def ours_step() -> None:
+        accumulate_gradients(ours, [batch], autocast=autocast())
+        optimizer_step(ours, opt_ours, 1.0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     runners = {
-        "clearlm": lambda: train_step(ours, opt_ours, [batch], 1.0),
-        "transformers": lambda: hf_step(theirs, opt_theirs, batch, 1.0),
+        "clearlm": ours_step,
+        "transformers": lambda: hf_step(hf_model, opt_theirs, batch, 1.0, autocast()),
     }
     for run in runners.values():
-        for _ in range(2):
+        for _ in range(3 if args.compile else 2):
             run()
     best = dict.fromkeys(runners, float("inf"))
     for _ in range(args.rounds):
         for name, run in runners.items():
+            sync()
             start = time.perf_counter()
             for _ in range(args.steps):
                 run()
+            sync()
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
 
-    peak = measure_matmul_peak(args.threads)
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(gpu) or float("nan")
+        machine = f"{gpu} (dense bf16 peak {peak / 1e12:.0f} TFLOP/s from the datasheet table)"
+    else:
+        peak = measure_matmul_peak(args.threads)
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads"
     flops = ours.flops_per_token()
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads",
+        "machine": machine,
         "torch": torch.__version__,
         "config": vars(args),
         "parameters": ours.num_params(),
@@ -106,7 +151,7 @@ def main() -> None:
     print(f"{'model':<14}{'tokens/s':>12}{'MFU':>8}")
     for name in runners:
         print(f"{name:<14}{results[name]['tokens_per_s']:>12,.0f}{results[name]['mfu']:>8.1%}")
-    print(f"ratio clearlm/transformers: {results['ratio']:.2f}x   (fp32 matmul peak {peak / 1e9:.1f} GFLOP/s)")
+    print(f"ratio clearlm/transformers: {results['ratio']:.2f}x   (peak {peak / 1e9:.1f} GFLOP/s; {machine})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

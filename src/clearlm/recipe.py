@@ -30,6 +30,10 @@ class SourceConfig(_Section):
     source: str | None = Field(None, description="domain name; defaults to the file's stem")
     license: str = Field("NOASSERTION", description="SPDX identifier of the source's licence")
     weight: float = Field(1.0, ge=0, description="mixing weight: 0.5 keeps half the documents, 2.0 repeats them")
+    tail_validation: float | None = Field(
+        None, gt=0, lt=1, description="text files: hold out this last share of each file (from a line start) for "
+        "validation, instead of a hashed choice of whole documents"
+    )  # fmt: skip
 
 
 class NormalizeStep(_Section):

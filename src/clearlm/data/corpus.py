@@ -313,7 +313,9 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
                     entry["text"] = record["original"]
                 removed_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 continue
-            split = "validation" if in_fraction(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
+            split = doc["metadata"].get("split") or (
+                "validation" if in_fraction(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
+            )
             weight = record["weight"]
             n = copies(doc["id"], weight)
             mix = mixing[doc["source"]]

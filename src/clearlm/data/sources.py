@@ -181,21 +181,31 @@ def _raise(record: BadRecord) -> None:
     raise record
 
 
-def _text_document(path: Path, root: Path, source: str, license: str) -> Document:
+def _text_documents(path: Path, root: Path, source: str, license: str, tail: float | None) -> Iterator[Document]:
+    """One document per text file; with `tail`, two: the file's last `tail` share (from a line start) is
+    held out for validation, as the char-level benchmarks split Tiny Shakespeare."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise BadRecord(str(path), "not valid UTF-8 text") from None
     rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-    return Document(
-        id=f"{source}/{rel}",
-        text=text,
-        source=source,
-        added=_STAMP,
-        created=_STAMP,
-        license=license,
-        metadata={"file": rel, "split_key": f"{source}/{rel}"},
-    )
+    parts: list[tuple[str, str, dict[str, Any]]] = [("", text, {})]
+    if tail is not None:
+        cut = int(len(text) * (1 - tail))
+        cut = cut if cut == 0 or text[cut - 1] == "\n" else text.find("\n", cut) + 1 or len(text)
+        parts = [("#train", text[:cut], {"split": "train"}), ("#validation", text[cut:], {"split": "validation"})]
+        if not text[:cut].strip() or not text[cut:].strip():
+            raise BadRecord(str(path), f"too short to hold out its last {tail:g} for validation")
+    for suffix, part, split in parts:
+        yield Document(
+            id=f"{source}/{rel}{suffix}",
+            text=part,
+            source=source,
+            added=_STAMP,
+            created=_STAMP,
+            license=license,
+            metadata={"file": rel, "split_key": f"{source}/{rel}{suffix}", **split},
+        )
 
 
 def source_root(cfg: SourceConfig, base_dir: Path) -> Path:
@@ -226,7 +236,7 @@ def read_source(
         try:
             if kind == "text":
                 try:
-                    yield _text_document(path, root, name, cfg.license)
+                    yield from _text_documents(path, root, name, cfg.license, cfg.tail_validation)
                 except BadRecord as bad:
                     on_reject(bad)
                 continue

@@ -18,9 +18,11 @@ from torch.autograd.function import FunctionCtx
 IGNORE_INDEX = -100
 
 
-def _chunk_rows(n_rows: int, vocab: int) -> int:
-    """Rows per chunk so that one chunk of logits is about 4 MiB of float32."""
-    return max(1, min(n_rows, (1 << 20) // max(vocab, 1)))
+def _chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: about 4 MiB of float32 logits on CPU (cache-sized), 1 GiB on a GPU (a few large
+    matmuls keep its tensor cores busy; small chunks would leave it waiting on kernel launches)."""
+    budget = (1 << 28) if device.type == "cuda" else (1 << 20)
+    return max(1, min(n_rows, budget // max(vocab, 1)))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -34,11 +36,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         z_loss: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, vocab = hidden.shape[0], weight.shape[0]
-        step = _chunk_rows(n, vocab)
+        step = _chunk_rows(n, vocab, hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         z_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        low_precision = torch.is_autocast_enabled(hidden.device.type)
         for start in range(0, n, step):
             h = hidden[start : start + step]
             t = targets[start : start + step]
@@ -59,7 +62,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs *= valid[:, None]
                 probs = probs.to(hidden.dtype)
                 grad_hidden[start : start + step] = probs @ weight
-                grad_weight.addmm_(probs.T.float(), h.float())
+                if low_precision:  # the matmul in bf16 as autocast runs the forward's, accumulated in float32
+                    grad_weight += probs.T @ h
+                else:
+                    grad_weight.addmm_(probs.T.float(), h.float())
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(z_total)

@@ -60,13 +60,13 @@ def accumulate_gradients(
     tokens exactly as one large batch would; DDP and FSDP2 average gradients over ranks, so it is scaled
     by the world size. The gradient all-reduce runs once, on the last micro-batch."""
     n_targets = sum(b[:, 1:].numel() for b in micro_batches) * w.size
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=micro_batches[0].device)  # read once: one GPU sync
     for i, batch in enumerate(micro_batches):
         sync_gradients(engine, i == len(micro_batches) - 1)
         with autocast or contextlib.nullcontext():
             loss, z = engine(batch[:, :-1], targets=batch[:, 1:], z_loss=z_loss)
         (loss * (w.size / n_targets)).backward()
-        totals += torch.tensor([loss.item(), z.item()], dtype=torch.float64)
+        totals += torch.stack([loss.detach(), z]).double()
     if w.distributed:
         dist.all_reduce(totals)
     total, z_total = (totals / n_targets).tolist()
@@ -188,6 +188,8 @@ def pretrain(
     device = pick_device(cfg, w)
     if device.type == "cpu":
         keep_freed_memory()
+    else:
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     check_supported(cfg, w)
     note = on_note or (lambda _: None)
     if cfg.distributed == "fsdp2" and not w.distributed and w.main:
