@@ -227,3 +227,23 @@ def test_bad_records_go_to_rejects_when_a_collector_is_given(tmp_path):
     assert [(r.where.rsplit(":", 1)[1], r.reason) for r in rejects] == [
         ("2", "not valid UTF-8"), ("3", "field 'text' is empty"), ("4", "expected a JSON object, got list"),
     ]  # fmt: skip
+
+
+def test_tail_validation_holds_out_the_end_of_a_text_file_from_a_line_start(tmp_path):
+    lines = [f"line {i}: " + "word " * (i % 7) for i in range(100)]
+    (tmp_path / "book.txt").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(sources=[SourceConfig(path="book.txt", license="CC0-1.0", tail_validation=0.1)])
+    (tmp_path / "out").mkdir()
+    build_corpus(cfg, tmp_path, tmp_path / "out")
+    train = [d["text"] for d in read_jsonl(tmp_path / "out" / "train.jsonl")]
+    validation = [d["text"] for d in read_jsonl(tmp_path / "out" / "validation.jsonl")]
+    assert len(train) == len(validation) == 1
+    assert train[0] + validation[0] == (tmp_path / "book.txt").read_text(), "nothing lost, nothing repeated"
+    assert train[0].endswith("\n") and validation[0].startswith("line ")
+    assert 0.09 < len(validation[0]) / len((tmp_path / "book.txt").read_text()) < 0.12
+    card = (tmp_path / "out" / "data_card.md").read_text()
+    assert "the last 0.1 of each text file of `book.txt`" in card
+    (tmp_path / "short.txt").write_text("one line only")
+    short = SourceConfig(path="short.txt", tail_validation=0.5)
+    with pytest.raises(InputError, match=r"too short to hold out its last 0\.5"):
+        list(read_source(short, tmp_path))

@@ -55,7 +55,14 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         "## Split",
         "",
         f"Validation fraction {config.get('validation_fraction')}, by a sha256 of each document's split key "
-        "(module name for the built-in corpus, document id otherwise): "
+        "(module name for the built-in corpus, document id otherwise)"
+        + "".join(
+            f"; the last {s['tail_validation']:g} of each text file of `{s['path']}` (from a line start) is "
+            "validation, the rest training"
+            for s in config.get("sources", [])
+            if s.get("tail_validation")
+        )
+        + ": "
         f"{metrics['documents']['train']} training and {metrics['documents']['validation']} validation documents, "
         f"{metrics['bytes']['train']:,} and {metrics['bytes']['validation']:,} bytes.",
         "",

@@ -165,6 +165,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpoint_blocks = False  # recompute each block's activations in backward (saves memory)
+        self.compile_loss = False  # fuse the loss chunks' elementwise work with torch.compile
         cos, sin = rope_cache(cfg.head_dim, cfg.context, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -230,7 +231,8 @@ class Transformer(nn.Module):
         """(cross-entropy + z_loss * sum of log Z squared, that z term alone and detached), both summed over
         target tokens: the first is what pretraining backpropagates, the second lets it log both parts."""
         h = self.hidden_states(idx)
-        return fused_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss)
+        return fused_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss,
+                                   self.compile_loss)  # fmt: skip
 
     def grow_vocab(self, vocab_size: int) -> None:
         """More token rows (for added special tokens): new embedding and output rows start at the mean of

@@ -93,7 +93,8 @@ def train_step(
 
 
 def compile_blocks(model: Transformer, device: torch.device) -> str | None:
-    """torch.compile each block (as torchtitan does: the loss, a custom autograd function, stays eager).
+    """torch.compile each block (as torchtitan does) and the elementwise work of each loss chunk (the loss is a
+    custom autograd function whose matmuls stay eager).
     A tiny function is compiled first, so that a platform without a working compiler toolchain gives a
     message and eager training instead of a failure at the first step."""
     try:
@@ -104,6 +105,7 @@ def compile_blocks(model: Transformer, device: torch.device) -> str | None:
         return f"train.compile: torch.compile does not work here ({type(err).__name__}: {first}); training without it"
     for block in model.layers:
         block.compile()
+    model.compile_loss = True
     return None
 
 
