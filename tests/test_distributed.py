@@ -122,3 +122,15 @@ def test_compile_where_it_cannot_work_falls_back_with_a_message(folder, monkeypa
         "train.compile: torch.compile does not work here (RuntimeError: no C++ compiler found); training without it"
     ]
     assert _losses(art.path) == _losses(_run_dir(folder, "one"))
+
+
+def test_a_release_trained_on_two_processes_verifies_bit_for_bit_on_two(folder):
+    run = _clearlm(["run", "tiny.toml", "--workdir", "rel", "--set", FSDP2], folder, 2)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    release = folder / "rel" / "tiny" / "release"
+    assert json.loads((release / "lineage.json").read_text())["train"]["world_size"] == 2
+    one = _clearlm(["verify", str(release), "--base-dir", "."], folder, 1)
+    assert one.returncode == 1
+    assert "trained on 2 processes, re-run on 1" in " ".join((one.stdout + one.stderr).split())
+    two = _clearlm(["verify", str(release), "--base-dir", "."], folder, 2)
+    assert two.returncode == 0 and "reproduced bit-for-bit" in two.stdout + two.stderr, two.stderr[-2000:]

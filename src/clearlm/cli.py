@@ -371,7 +371,10 @@ def verify(
     from clearlm.release.verify import verify_release
 
     with _user_errors():
-        verdict = verify_release(release_dir, base_dir or Path.cwd(), workdir, RichReporter())
+        verdict = verify_release(release_dir, base_dir or Path.cwd(), workdir,
+                                 RichReporter() if world().main else Reporter())  # fmt: skip
+        if not world().main:
+            return
         for line in verdict.lines:
             console.print(line, highlight=False)
         if not verdict.reproduced:

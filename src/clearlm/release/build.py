@@ -179,6 +179,8 @@ def build_release(
     lineage = {name: {**art.ref(), **{k: art.manifest.get(k) for k in ("config", "inputs", "outputs", "environment",
                                                                        "created", "sources")}}
                for name, art in artifacts.items()}  # fmt: skip
+    if train is not None:
+        lineage["train"]["world_size"] = train.metrics.get("world_size", 1)
     base = None
     if outside_base is not None:
         first = artifacts["sft"] if recipe.sft is not None and recipe.sft.base == outside_base else final

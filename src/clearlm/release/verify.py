@@ -27,6 +27,7 @@ from clearlm.data.corpus import data_identity
 from clearlm.errors import InputError
 from clearlm.pipeline import Pipeline, Reporter, post_training_sources
 from clearlm.recipe import load_recipe
+from clearlm.train.distributed import shared_path, world
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
 TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json"), "sft": ("log.jsonl",), "dpo": ("log.jsonl",)}
@@ -148,8 +149,13 @@ def verify_release(
             return Verdict(False, [f"{stage} inputs differ from those recorded: the post-training data or base model "
                                    f"is not the same (here: {json.dumps(now)[:200]}); pass --base-dir to point at "
                                    "the recipe's files"], stage="inputs")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as scratch:
+    w = world()
+    with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as own:
+        scratch = shared_path(own, w)  # under torchrun every rank re-runs training in rank 0's folder
         pipe = Pipeline(loaded, Path(scratch), reporter)
+        if not w.main:
+            pipe.train()
+            return Verdict(True, [])
         stages = [stage for stage in STAGES if stage in lineage]
         rerun = {stage: pipe.train() if stage == "train" else getattr(pipe, stage)() for stage in stages}
         lines = []
@@ -172,6 +178,10 @@ def verify_release(
                     lines.append(f"  largest absolute weight difference: {verdict.max_weight_diff:.3g} "
                                  f"({copy.relative_to(folder)})")  # fmt: skip
             changes = _environment_changes(lineage)
+            trained_on, here = lineage[stage].get("world_size", 1), world().size
+            if trained_on != here:
+                changes.insert(0, f"trained on {trained_on} processes, re-run on {here} (sums in another order); run "
+                                  f"`torchrun --nproc_per_node {trained_on} -m clearlm verify` to match")  # fmt: skip
             unchanged = "none of the recorded library versions changed (nondeterminism or a different machine)"
             lines.append("  likely cause: " + ("; ".join(changes) if changes else unchanged))
             return verdict

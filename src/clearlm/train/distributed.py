@@ -59,13 +59,13 @@ def barrier(w: World) -> None:
         dist.barrier()
 
 
-def all_sum(value: float, w: World, device: torch.device) -> float:
-    """The sum of a number over all ranks."""
+def shared_path(path: str, w: World) -> str:
+    """Rank 0's `path`, on every rank (for a scratch folder that all ranks must use)."""
     if not w.distributed:
-        return value
-    t = torch.tensor(value, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
+        return path
+    holder = [path]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def wrap(model: Transformer, strategy: str, w: World, device: torch.device) -> nn.Module:
