@@ -247,3 +247,13 @@ def test_tail_validation_holds_out_the_end_of_a_text_file_from_a_line_start(tmp_
     short = SourceConfig(path="short.txt", tail_validation=0.5)
     with pytest.raises(InputError, match=r"too short to hold out its last 0\.5"):
         list(read_source(short, tmp_path))
+
+
+def test_a_split_field_in_user_metadata_does_not_decide_the_split(tmp_path):
+    rows = [{"id": f"d{i}", "text": f"document number {i} " * 5, "metadata": {"split": "test"}} for i in range(60)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "out").mkdir()
+    cfg = DataConfig(sources=[SourceConfig(path="docs.jsonl")], validation_fraction=0.2)
+    metrics = build_corpus(cfg, tmp_path, tmp_path / "out")
+    assert metrics["documents"]["train"] + metrics["documents"]["validation"] == 60
+    assert metrics["documents"]["validation"] > 0

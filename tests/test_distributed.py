@@ -85,10 +85,12 @@ def test_fsdp2_saved_on_two_processes_resumes_on_one_and_the_reverse(folder):
     [
         (['train.optimizer="muon"', FSDP2], "is not supported: Muon orthogonalises whole matrices"),
         (["train.grad_accum_steps=3"], "must be a multiple of their number (2)"),
+        ([], "`clearlm data` runs in one process; under torchrun only"),
     ],
 )
 def test_what_two_processes_cannot_run_is_a_one_line_error(folder, overrides, message):
-    result = _clearlm(["train", "tiny.toml", "--workdir", "bad", *[a for o in overrides for a in ("--set", o)]],
+    command = "data" if not overrides else "train"
+    result = _clearlm([command, "tiny.toml", "--workdir", "bad", *[a for o in overrides for a in ("--set", o)]],
                       folder, 2)  # fmt: skip
     assert result.returncode != 0
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]

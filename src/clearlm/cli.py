@@ -115,16 +115,22 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _pipeline(recipe: str | None, overrides: list[str] | None, workdir: Path) -> Pipeline:
-    """The recipe's pipeline; under torchrun only rank 0 reports."""
+def _pipeline(recipe: str | None, overrides: list[str] | None, workdir: Path, command: str = "") -> Pipeline:
+    """The recipe's pipeline; under torchrun only rank 0 reports, and only `train` and `run` may run there
+    (the one-process commands name themselves in `command`)."""
+    if command and world().distributed:
+        raise ClearlmError(f"`clearlm {command}` runs in one process; under torchrun only `train`, `run` and "
+                           f"`verify` use several (run `clearlm {command}` without torchrun)")  # fmt: skip
     return Pipeline(load_recipe(recipe, overrides or []), workdir, RichReporter() if world().main else Reporter())
 
 
-def _worker(pipe: Pipeline, resume: bool, stop_after: int | None = None) -> bool:
-    """On a torchrun rank other than 0: take part in pretraining, then stop (rank 0 does the rest)."""
+def _worker(pipe: Pipeline, resume: bool, stop_after: int | None = None, pretrains: bool = True) -> bool:
+    """On a torchrun rank other than 0: take part in pretraining (when the command pretrains), then stop;
+    rank 0 does the rest."""
     if world().main:
         return False
-    pipe.train(resume=resume, stop_after=stop_after)
+    if pretrains:
+        pipe.train(resume=resume, stop_after=stop_after)
     return True
 
 
@@ -176,7 +182,7 @@ def run(
     """Run every stage of a recipe (data, tokenizer, shards, train, eval, release); up-to-date ones are skipped."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
-        if _worker(pipe, resume):
+        if _worker(pipe, resume, pretrains=pipe.pretrains()):
             return
         art = pipe.run("release", resume=resume)
         _summary(pipe)
@@ -187,7 +193,7 @@ def run(
 def data(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
     """Build the corpus, train the tokenizer and write token shards."""
     with _user_errors():
-        pipe = _pipeline(recipe, set_, workdir)
+        pipe = _pipeline(recipe, set_, workdir, "data")
         pipe.run("shards")
         _summary(pipe)
 
@@ -221,7 +227,7 @@ def sft(
 ) -> None:  # fmt: skip
     """Supervised fine-tuning on chat data (the recipe's [sft] section), after pretraining if needed."""
     with _user_errors():
-        pipe = _pipeline(recipe, set_, workdir)
+        pipe = _pipeline(recipe, set_, workdir, "sft")
         art = pipe.sft(resume=resume, stop_after=stop_after)
         if art is None:
             console.print(f"sft: stopped after step {stop_after}; continue with --resume")
@@ -239,7 +245,7 @@ def dpo(
 ) -> None:  # fmt: skip
     """Preference tuning (the recipe's [dpo] section), after SFT and pretraining if needed."""
     with _user_errors():
-        pipe = _pipeline(recipe, set_, workdir)
+        pipe = _pipeline(recipe, set_, workdir, "dpo")
         art = pipe.dpo(resume=resume, stop_after=stop_after)
         if art is None:
             console.print(f"dpo: stopped after step {stop_after}; continue with --resume")
@@ -291,7 +297,7 @@ def eval_(
             return
         if tasks or task_file or bpb or preferences:
             raise InputError(f"{target}: not a model folder (no config.json)")
-        pipe = _pipeline(target, set_, workdir)
+        pipe = _pipeline(target, set_, workdir, "eval")
         pipe.run("eval")
         _summary(pipe)
 
@@ -327,7 +333,7 @@ def _print_results(title: str, results: dict[str, Any]) -> None:
 def release(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs")) -> None:
     """Assemble the release folder (running any stage that is not up to date)."""
     with _user_errors():
-        pipe = _pipeline(recipe, set_, workdir)
+        pipe = _pipeline(recipe, set_, workdir, "release")
         art = pipe.run("release")
         _summary(pipe)
         console.print(f"release: [bold]{art.path}[/]")

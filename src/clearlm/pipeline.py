@@ -453,6 +453,12 @@ class Pipeline:
             cfg = self.recipe.sft
         return None
 
+    def pretrains(self) -> bool:
+        """Whether `run` trains the recipe's own model (so that every torchrun rank must take part)."""
+        return self.outside_base() is None or any(
+            c is not None and c.base == "pretrain" for c in (self.recipe.sft, self.recipe.dpo)
+        )
+
     def _require_train(self, resume: bool) -> Artifact:
         art = self.train(resume=resume)
         if art is None:  # pragma: no cover - only stop_after returns None

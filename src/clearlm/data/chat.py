@@ -186,7 +186,7 @@ def _read_rows(path: Path, parse: Callable[[Any], T]) -> Iterator[tuple[str, T |
         items = enumerate(rows if isinstance(rows, list) else [rows], start=1)
         label = "item"
     else:
-        items = ((n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+        items = ((n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip())
         label = "line"
     for n, raw in items:
         where = f"{path}:{n}" if label == "line" else f"{path} item {n}"

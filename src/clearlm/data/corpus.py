@@ -35,7 +35,7 @@ from clearlm.data.dedup import ExactDedup, MinHashDedup
 from clearlm.data.documents import Document, in_fraction
 from clearlm.data.executor import Executor
 from clearlm.data.plots import length_histogram
-from clearlm.data.sources import BadRecord, files_digest, read_source, source_files, source_root
+from clearlm.data.sources import FIXED_SPLIT, BadRecord, files_digest, read_source, source_files, source_root
 from clearlm.data.steps import build_steps
 from clearlm.errors import InputError
 from clearlm.recipe import DataConfig
@@ -313,9 +313,9 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
                     entry["text"] = record["original"]
                 removed_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 continue
-            split = doc["metadata"].get("split") or (
-                "validation" if in_fraction(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
-            )
+            split = doc["metadata"].get(FIXED_SPLIT)
+            if split not in SPLITS:
+                split = "validation" if in_fraction(doc["metadata"]["split_key"], cfg.validation_fraction) else "train"
             weight = record["weight"]
             n = copies(doc["id"], weight)
             mix = mixing[doc["source"]]

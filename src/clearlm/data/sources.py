@@ -19,6 +19,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".md")
 _STAMP = "1970-01-01T00:00:00"
+FIXED_SPLIT = "clearlm_split"  # metadata key of documents whose split the reader decided (tail_validation)
 
 
 def _kind(path: Path) -> str | None:
@@ -193,7 +194,10 @@ def _text_documents(path: Path, root: Path, source: str, license: str, tail: flo
     if tail is not None:
         cut = int(len(text) * (1 - tail))
         cut = cut if cut == 0 or text[cut - 1] == "\n" else text.find("\n", cut) + 1 or len(text)
-        parts = [("#train", text[:cut], {"split": "train"}), ("#validation", text[cut:], {"split": "validation"})]
+        parts = [
+            ("#train", text[:cut], {FIXED_SPLIT: "train"}),
+            ("#validation", text[cut:], {FIXED_SPLIT: "validation"}),
+        ]
         if not text[:cut].strip() or not text[cut:].strip():
             raise BadRecord(str(path), f"too short to hold out its last {tail:g} for validation")
     for suffix, part, split in parts:

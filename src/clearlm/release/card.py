@@ -71,12 +71,25 @@ def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any
     return lines
 
 
+_ARCHITECTURES = {"llama": "Llama-family", "olmo2": "OLMo 2"}
+
+
+def optimizer_summary(t: dict[str, Any]) -> str:
+    return f"Muon (hidden matrices, lr {t['muon_lr']}) with AdamW" if t.get("optimizer") == "muon" else "AdamW"
+
+
+def schedule_summary(t: dict[str, Any]) -> str:
+    if t.get("schedule") == "wsd":
+        return f"warmup-stable-decay (last {t['decay_fraction']:g} of the steps decaying)"
+    return "cosine"
+
+
 def _training_lines(t: dict[str, Any], train: dict[str, Any]) -> list[str]:
     return [
         "## Training",
         "",
-        f"{train['steps']} steps of AdamW (lr {t['lr']}, warmup {t['warmup_steps']}, "
-        f"cosine to {t['min_lr_ratio']} x lr, weight decay {t['weight_decay']}), "
+        f"{train['steps']} steps of {optimizer_summary(t)} (lr {t['lr']}, warmup {t['warmup_steps']}, "
+        f"{schedule_summary(t)} to {t['min_lr_ratio']} x lr, weight decay {t['weight_decay']}), "
         f"{train['tokens']:,} tokens in {train['train_seconds']:.0f} s "
         f"({train['tokens_per_s'] or 0:,.0f} tokens/s). Final training loss {train['final_loss']:.4f}; "
         f"validation loss {train['initial_val_loss']:.4f} at initialisation, {train['val_loss']:.4f} at the end. "
@@ -108,7 +121,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         **hf_license(rel["weights_license"]),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["clearlm", "llama", *(["fully-open"] if train else [])],
+        "tags": ["clearlm", ctx["model"]["architecture"], *(["fully-open"] if train else [])],
         **({"base_model": ctx["base_model"]["folder"]} if ctx["base_model"] else {}),
         "datasets": sorted(data["licenses"]),
         "metrics": ["bits_per_byte"],
@@ -186,8 +199,8 @@ def model_card(ctx: dict[str, Any]) -> str:
         "",
         "## Model",
         "",
-        f"Llama-family decoder: {ctx['parameters']:,} parameters, d_model {m['d_model']}, {m['n_layers']} layers, "
-        f"{m['n_heads']} heads, context {m['context']}, vocabulary {ctx['vocab_size']}, "
+        f"{_ARCHITECTURES[m['architecture']]} decoder: {ctx['parameters']:,} parameters, d_model {m['d_model']}, "
+        f"{m['n_layers']} layers, {m['n_heads']} heads, context {m['context']}, vocabulary {ctx['vocab_size']}, "
         f"tied embeddings: {m['tie_embeddings']}.",
         "",
         *(_training_lines(recipe["train"], train) if train else _base_model_lines(ctx["base_model"])),

@@ -11,6 +11,8 @@ import html
 import math
 from typing import Any
 
+from clearlm.release.card import optimizer_summary, schedule_summary
+
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 _W, _H, _PAD = 560, 220, 44
 
@@ -199,7 +201,7 @@ def technical_report(
             ["architecture", "parameters", "d_model", "layers", "heads", "context", "vocabulary"],
             [
                 [
-                    recipe["model"]["architecture"] if train else "llama",
+                    m["architecture"],
                     f"{ctx['parameters']:,}",
                     m["d_model"],
                     m["n_layers"],
@@ -218,7 +220,8 @@ def technical_report(
         t, log = recipe["train"], logs["training"]
         out += [
             "<h2>Training</h2>",
-            f"<p>AdamW, learning rate {t['lr']} with {t['warmup_steps']} warmup steps, "
+            f"<p>{_esc(optimizer_summary(t))}, {_esc(schedule_summary(t))} schedule, learning rate {t['lr']} "
+            f"with {t['warmup_steps']} warmup steps, "
             f"micro-batch {t['micro_batch_size']} x {t['grad_accum_steps']} accumulation, seed {recipe['seed']}. "
             f"{train['tokens']:,} tokens in {train['train_seconds']:.0f} s.</p>",
             line_chart("Loss", {"training loss": curve(log, "loss"), "validation loss": curve(log, "val_loss")}),

@@ -153,8 +153,9 @@ def verify_release(
     with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as own:
         scratch = shared_path(own, w)  # under torchrun every rank re-runs training in rank 0's folder
         pipe = Pipeline(loaded, Path(scratch), reporter)
-        if not w.main:
-            pipe.train()
+        if not w.main:  # the other ranks only take part in pretraining
+            if "train" in lineage:
+                pipe.train()
             return Verdict(True, [])
         stages = [stage for stage in STAGES if stage in lineage]
         rerun = {stage: pipe.train() if stage == "train" else getattr(pipe, stage)() for stage in stages}
@@ -179,7 +180,7 @@ def verify_release(
                                  f"({copy.relative_to(folder)})")  # fmt: skip
             changes = _environment_changes(lineage)
             trained_on, here = lineage[stage].get("world_size", 1), world().size
-            if trained_on != here:
+            if stage == "train" and trained_on != here:
                 changes.insert(0, f"trained on {trained_on} processes, re-run on {here} (sums in another order); run "
                                   f"`torchrun --nproc_per_node {trained_on} -m clearlm verify` to match")  # fmt: skip
             unchanged = "none of the recorded library versions changed (nondeterminism or a different machine)"

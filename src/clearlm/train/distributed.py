@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,9 @@ def world() -> World:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # gloo for CPU tensors beside NCCL for GPU ones (a recipe may train on the CPU of a GPU machine); the
+        # timeout is long because the other ranks wait while rank 0 builds the data stages
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(hours=2))
     return World(rank, size, local)
 
 

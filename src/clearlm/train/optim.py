@@ -57,7 +57,9 @@ class Muon(torch.optim.Optimizer):
         batch (a handful of batched matmuls instead of one small loop per matrix)."""
         nesterov = []
         for p in params:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buf = self.state[p]["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             nesterov.append(p.grad.lerp(buf, momentum))
         updates: list[torch.Tensor] = [torch.empty(0)] * len(params)
