@@ -560,3 +560,13 @@ def test_growing_the_vocabulary_keeps_old_logits_and_starts_new_rows_at_the_mean
     after = model(ids)
     assert torch.allclose(after[..., :50], before) and model.cfg.vocab_size == 53
     assert torch.allclose(model.embed_tokens.weight[50], model.embed_tokens.weight[:50].mean(0))
+    padded = Transformer(TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, context=16,
+                                           tie_embeddings=False))  # fmt: skip
+    padded.init_weights(0)
+    old_head = padded.lm_head.weight.detach().clone()
+    padded.grow_vocab(52, new_ids=[50, 51])  # a tokenizer of 50 tokens in an embedding padded to 64
+    assert padded.cfg.vocab_size == 64, "a padded embedding already has the rows"
+    others = torch.ones(64, dtype=torch.bool)
+    others[[50, 51]] = False
+    assert torch.allclose(padded.lm_head.weight[51], old_head[others].mean(0))
+    assert torch.equal(padded.lm_head.weight[:50], old_head[:50])

@@ -125,7 +125,7 @@ def base_model(folder: Path, tok_cfg: TokenizerConfig) -> tuple[Transformer, Tok
     missing = [t for t in (tok_cfg.eos_token, tok_cfg.pad_token, *tok_cfg.special_tokens) if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens(missing)
-        model.grow_vocab(max(tok.get_vocab_size(), model.cfg.vocab_size))
+        model.grow_vocab(tok.get_vocab_size(), [tok.token_to_id(t) for t in missing])
     return model, tok
 
 

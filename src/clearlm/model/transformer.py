@@ -10,6 +10,7 @@ measured slower, because their backward has to concatenate the gradients again.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -234,26 +235,35 @@ class Transformer(nn.Module):
         return fused_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss,
                                    self.compile_loss)  # fmt: skip
 
-    def grow_vocab(self, vocab_size: int) -> None:
-        """More token rows (for added special tokens): new embedding and output rows start at the mean of
-        the existing ones, as transformers' `resize_token_embeddings(mean_resizing=True)` does, so new
-        tokens begin neutral instead of random."""
+    def grow_vocab(self, vocab_size: int, new_ids: Sequence[int] = ()) -> None:
+        """Rows for added special tokens: rows beyond the old vocabulary, and the `new_ids` that fell inside
+        it (a padded embedding's untrained rows), start at the mean of the other rows, as transformers'
+        `resize_token_embeddings(mean_resizing=True)` does, so new tokens begin neutral, not random."""
         old = self.cfg.vocab_size
-        if vocab_size <= old:
+        reused = sorted(i for i in new_ids if i < old)
+        if vocab_size <= old and not reused:
             return
-        embed = nn.Embedding(vocab_size, self.cfg.d_model)
+        size = max(vocab_size, old)
+        kept = torch.ones(old, dtype=torch.bool)
+        kept[reused] = False
+
+        def grown(weight: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(size, self.cfg.d_model, dtype=weight.dtype)
+            mean = weight[kept].mean(0)
+            out[:old], out[old:] = weight, mean
+            out[reused] = mean
+            return out
+
         with torch.no_grad():
-            embed.weight[:old] = self.embed_tokens.weight
-            embed.weight[old:] = self.embed_tokens.weight.mean(0)
-        head = nn.Linear(self.cfg.d_model, vocab_size, bias=False)
-        if self.cfg.tie_embeddings:
-            head.weight = embed.weight
-        else:
-            with torch.no_grad():
-                head.weight[:old] = self.lm_head.weight
-                head.weight[old:] = self.lm_head.weight.mean(0)
+            embed = nn.Embedding(size, self.cfg.d_model)
+            embed.weight.copy_(grown(self.embed_tokens.weight))
+            head = nn.Linear(self.cfg.d_model, size, bias=False)
+            if self.cfg.tie_embeddings:
+                head.weight = embed.weight
+            else:
+                head.weight.copy_(grown(self.lm_head.weight))
         self.embed_tokens, self.lm_head = embed, head
-        self.cfg = replace(self.cfg, vocab_size=vocab_size)
+        self.cfg = replace(self.cfg, vocab_size=size)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
