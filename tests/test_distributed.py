@@ -83,7 +83,6 @@ def test_fsdp2_saved_on_two_processes_resumes_on_one_and_the_reverse(folder):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (['train.optimizer="muon"', FSDP2], "is not supported: Muon orthogonalises whole matrices"),
         (["train.grad_accum_steps=3"], "must be a multiple of their number (2)"),
         ([], "`clearlm data` runs in one process; under torchrun only"),
     ],
@@ -136,3 +135,12 @@ def test_a_release_trained_on_two_processes_verifies_bit_for_bit_on_two(folder):
     assert "trained on 2 processes, re-run on 1" in " ".join((one.stdout + one.stderr).split())
     two = _clearlm(["verify", str(release), "--base-dir", "."], folder, 2)
     assert two.returncode == 0 and "reproduced bit-for-bit" in two.stdout + two.stderr, two.stderr[-2000:]
+
+
+def test_muon_under_fsdp2_on_two_processes_equals_one_process(folder):
+    muon = ['train.optimizer="muon"', 'model.architecture="olmo2"']
+    args = [a for o in muon for a in ("--set", o)]
+    _train(folder, "muon-one", 1, *args)
+    _train(folder, "muon-fsdp2", 2, *args, "--set", FSDP2)
+    one, two = _losses(_run_dir(folder, "muon-one")), _losses(_run_dir(folder, "muon-fsdp2"))
+    assert two == pytest.approx(one, rel=1e-5) and one != _losses(_run_dir(folder, "one"))

@@ -95,11 +95,6 @@ def check_supported(cfg: TrainConfig, w: World) -> None:
             f"train.grad_accum_steps ({cfg.grad_accum_steps}) counts micro-batches over all processes and must be a "
             f"multiple of their number ({w.size}), so that every process runs as many"
         )
-    if w.distributed and cfg.distributed == "fsdp2" and cfg.optimizer == "muon":
-        raise RecipeError(
-            'train.optimizer = "muon" with train.distributed = "fsdp2" is not supported: Muon orthogonalises whole '
-            'matrices and FSDP2 shards them; use distributed = "ddp"'
-        )
 
 
 def sync_gradients(engine: nn.Module, sync: bool) -> None:

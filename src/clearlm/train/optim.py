@@ -3,8 +3,10 @@
 
 Muon follows Keller Jordan's reference (modded-nanogpt): Nesterov momentum, orthogonalised by five
 Newton-Schulz iterations, scaled by sqrt(max(1, rows/cols)), with decoupled weight decay as in
-Moonlight. It is written here rather than imported because no released package provides it for the
-torch this project pins, and it is one short function plus a step loop.
+Moonlight. Under FSDP2 each sharded matrix is gathered whole, orthogonalised (every rank computes
+the same update) and cut back to the rank's shard. It is written here rather than imported because
+no released package provides it for the torch this project pins, and it is one short function plus
+a step loop.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from clearlm.recipe import DPOConfig, SFTConfig, TrainConfig
 
@@ -33,6 +36,18 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if tall else x).to(g.dtype)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a (possibly FSDP2-sharded) tensor: Newton-Schulz needs all of it."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(update: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`update` laid out as `param` is: each rank keeps its own shard of the (identical) whole update."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
+    return update
 
 
 class Muon(torch.optim.Optimizer):
@@ -67,10 +82,10 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
         for shape, indices in by_shape.items():
-            orthogonal = newton_schulz(torch.stack([nesterov[i] for i in indices]))
+            orthogonal = newton_schulz(torch.stack([_whole(nesterov[i]) for i in indices]))
             orthogonal *= max(1.0, shape[-2] / shape[-1]) ** 0.5
             for k, i in enumerate(indices):
-                updates[i] = orthogonal[k]
+                updates[i] = _like(orthogonal[k], params[i])
         return updates
 
     def _adamw_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
