@@ -84,14 +84,6 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: floa
     return grad_norm
 
 
-def train_step(
-    model: nn.Module, opt: torch.optim.Optimizer, micro_batches: list[torch.Tensor], grad_clip: float
-) -> tuple[float, float]:
-    """One optimizer step in one process: (mean loss per target token, gradient norm)."""
-    loss, _ = accumulate_gradients(model, micro_batches)
-    return loss, optimizer_step(model, opt, grad_clip)
-
-
 def compile_blocks(model: Transformer, device: torch.device) -> str | None:
     """torch.compile each block (as torchtitan does) and the elementwise work of each loss chunk (the loss is a
     custom autograd function whose matmuls stay eager).
