@@ -134,6 +134,13 @@ def _worker(pipe: Pipeline, resume: bool, stop_after: int | None = None, pretrai
     return True
 
 
+def _stopped(stage: str, art: Artifact | None, stop_after: int | None) -> bool:
+    """True (and says how to go on) when `--stop-after` interrupted the stage before it finished."""
+    if art is None:
+        console.print(f"{stage}: stopped after step {stop_after}; continue with --resume")
+    return art is None
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"clearlm {__version__}")
@@ -204,18 +211,14 @@ def train(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("runs"),
     resume: ResumeOpt = False,
-    stop_after: Annotated[
-        int | None, typer.Option(help="stop (as if interrupted) after this many steps; continue with --resume")
-    ] = None,
+    stop_after: StopOpt = None,
 ) -> None:
     """Pretrain the model (building the data stages first if needed)."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
         if _worker(pipe, resume, stop_after):
             return
-        art = pipe.train(resume=resume, stop_after=stop_after)
-        if art is None:
-            console.print(f"train: stopped after step {stop_after}; continue with --resume")
+        if _stopped("train", pipe.train(resume=resume, stop_after=stop_after), stop_after):
             return
         _summary(pipe)
 
@@ -229,8 +232,7 @@ def sft(
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir, "sft")
         art = pipe.sft(resume=resume, stop_after=stop_after)
-        if art is None:
-            console.print(f"sft: stopped after step {stop_after}; continue with --resume")
+        if _stopped("sft", art, stop_after):
             return
         _summary(pipe)
         m = art.metrics
@@ -247,8 +249,7 @@ def dpo(
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir, "dpo")
         art = pipe.dpo(resume=resume, stop_after=stop_after)
-        if art is None:
-            console.print(f"dpo: stopped after step {stop_after}; continue with --resume")
+        if _stopped("dpo", art, stop_after):
             return
         m = art.metrics
         _summary(pipe)

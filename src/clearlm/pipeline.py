@@ -326,11 +326,7 @@ class Pipeline:
         """Supervised fine-tuning of the recipe's model (or of `sft.base`, a model folder) on chat data;
         None when `stop_after` stopped it (continue with `resume`)."""
         if "sft" not in self._done:
-            cfg, base = self.recipe.sft, self.loaded.base_dir
-            if cfg is None:
-                raise RecipeError("the recipe has no [sft] section")
-            inputs = self._post_training_inputs(cfg)
-            files, extra = post_training_sources(cfg, base, self.recipe.tokenizer)
+            cfg, inputs, files, extra = self._post_training_setup("sft")
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
@@ -358,11 +354,7 @@ class Pipeline:
         """Preference tuning of the SFT model (or `dpo.base`) against a reference whose log-probabilities
         are computed once and stored in the artifact (and reused on resume); None when stopped early."""
         if "dpo" not in self._done:
-            cfg, base = self.recipe.dpo, self.loaded.base_dir
-            if cfg is None:
-                raise RecipeError("the recipe has no [dpo] section")
-            inputs = self._post_training_inputs(cfg)
-            files, extra = post_training_sources(cfg, base, self.recipe.tokenizer)
+            cfg, inputs, files, extra = self._post_training_setup("dpo")
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
@@ -380,7 +372,7 @@ class Pipeline:
                 pad_id = tok.token_to_id(self.recipe.tokenizer.pad_token)
                 reference = model
                 if cfg.reference:
-                    reference, ref_tok = base_model(base / cfg.reference, self.recipe.tokenizer)
+                    reference, ref_tok = base_model(self.loaded.base_dir / cfg.reference, self.recipe.tokenizer)
                     if ref_tok.get_vocab() != tok.get_vocab():
                         raise RecipeError(f"dpo.reference: {cfg.reference}: its tokenizer differs from the policy's")
                 cache, before_path = out / "reference_logps.safetensors", out / "held_out_before.json"
@@ -425,6 +417,15 @@ class Pipeline:
         if art is not None:
             self._done[kind] = art
         return art
+
+    def _post_training_setup(self, kind: str) -> tuple[Any, dict[str, Artifact], list[Path], dict[str, Any]]:
+        """The stage's config, input artifacts, data files and the digests that identify its other inputs."""
+        cfg = getattr(self.recipe, kind)
+        if cfg is None:
+            raise RecipeError(f"the recipe has no [{kind}] section")
+        inputs = self._post_training_inputs(cfg)
+        files, extra = post_training_sources(cfg, self.loaded.base_dir, self.recipe.tokenizer)
+        return cfg, inputs, files, extra
 
     def _post_training_inputs(self, cfg: SFTConfig | DPOConfig) -> dict[str, Artifact]:
         """The artifacts a post-training stage reads: the corpus for built-in sets, and the model (with the

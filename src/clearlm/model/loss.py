@@ -40,10 +40,10 @@ def _chunk(
     exp_sum = logits.sub_(peak).exp_().sum(dim=-1)  # in place: no second logits-sized buffer
     lse = peak.squeeze(1) + exp_sum.log()
     ce = ((lse - picked) * valid).sum()
-    z = (lse.square() * valid).sum() * z_loss
+    z = (lse.square() * valid).sum() * z_loss if z_loss else torch.zeros_like(ce)
     if not needs_grad:
         return ce, z, None
-    scale = (1.0 + 2.0 * z_loss * lse) / exp_sum
+    scale = (1.0 + 2.0 * z_loss * lse) / exp_sum if z_loss else exp_sum.reciprocal()
     probs = logits.mul_(scale[:, None])
     probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
     probs *= valid[:, None]
@@ -110,11 +110,3 @@ def fused_cross_entropy(
     """
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, needs_grad, float(z_loss), compiled)
-
-
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of -log softmax(hidden @ weight.T)[target]; rows with target -100 are skipped.
-
-    hidden: [N, d], weight: [V, d], targets: [N]. Returns a float32 scalar.
-    """
-    return fused_cross_entropy(hidden, weight, targets)[0]

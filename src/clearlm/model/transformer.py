@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clearlm.model.loss import fused_cross_entropy, linear_cross_entropy_sum
+from clearlm.model.loss import fused_cross_entropy
 
 ARCHITECTURES = ("llama", "olmo2")
 
@@ -225,13 +225,14 @@ class Transformer(nn.Module):
 
     def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Summed next-token cross-entropy (targets -100 ignored), without materialising the logits."""
-        h = self.hidden_states(idx, segments)
-        return linear_cross_entropy_sum(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        return self.loss_parts(idx, targets, 0.0, segments)[0]
 
-    def loss_parts(self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_parts(
+        self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float, segments: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cross-entropy + z_loss * sum of log Z squared, that z term alone and detached), both summed over
         target tokens: the first is what pretraining backpropagates, the second lets it log both parts."""
-        h = self.hidden_states(idx)
+        h = self.hidden_states(idx, segments)
         return fused_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), z_loss,
                                    self.compile_loss)  # fmt: skip
 

@@ -33,14 +33,19 @@ def save_state(state: dict[str, torch.Tensor], path: Path, tied: bool) -> None:
     os.replace(tmp, path)
 
 
+def tied(model: nn.Module) -> bool:
+    """Whether the model shares its embedding with its output layer (stored once, as the embedding)."""
+    return bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
-    save_state(model.state_dict(), path, getattr(getattr(model, "cfg", None), "tie_embeddings", False))
+    save_state(model.state_dict(), path, tied(model))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
+    shared = {"lm_head.weight"} if tied(model) else set()
+    if set(missing) - shared or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from clearlm.model.weights import WEIGHTS, save_state
+from clearlm.model.weights import WEIGHTS, save_state, tied
 
 OPTIMIZER, STATE = "optimizer.safetensors", "state.json"
 
@@ -35,10 +35,6 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 def _full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_state_dict(model, opt, options=options)
-
-
-def _tied(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "cfg", None), "tie_embeddings", False))
 
 
 def save_checkpoint(
@@ -59,7 +55,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_state(weights, tmp / WEIGHTS, _tied(model))
+    save_state(weights, tmp / WEIGHTS, tied(model))
     tensors = {f"state.{name}.{key}": torch.as_tensor(value).detach().to("cpu").contiguous()
                for name, entry in optim["state"].items() for key, value in entry.items()}  # fmt: skip
     tensors["rng.torch"] = torch.get_rng_state()
@@ -94,7 +90,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     """Restore weights, optimizer state and RNG (every rank reads the files) and return the trainer state."""
     state = json.loads((path / STATE).read_text())
     weights = load_file(str(path / WEIGHTS))
-    if _tied(model):
+    if tied(model):
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     tensors = load_file(str(path / OPTIMIZER))
     per_param: dict[str, dict[str, torch.Tensor]] = {}
