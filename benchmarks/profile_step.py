@@ -8,10 +8,9 @@ optimizer), printed as the top operators by device time (CUDA) or CPU time.
 from __future__ import annotations
 
 import argparse
-import contextlib
-from typing import Any
 
 import torch
+from step_options import add_step_options, autocast
 from torch.profiler import ProfilerActivity, profile
 
 from clearlm.model.transformer import Transformer, TransformerConfig
@@ -22,16 +21,8 @@ from clearlm.train.optim import build_optimizer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--d-model", type=int, default=192)
-    ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--n-heads", type=int, default=6)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
+    add_step_options(ap)
     ap.add_argument("--architecture", choices=("llama", "olmo2"), default="llama")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after three warm-up steps)")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
@@ -48,12 +39,8 @@ def main() -> None:
     opt = build_optimizer(model, TrainConfig())
     batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1), device=device)
 
-    def autocast() -> Any:
-        bf16 = args.precision == "bf16"
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     def step() -> None:
-        accumulate_gradients(model, [batch], autocast=autocast())
+        accumulate_gradients(model, [batch], autocast=autocast(args))
         optimizer_step(model, opt, 1.0)
 
     for _ in range(3):

@@ -3,7 +3,8 @@
 Both models get the same dimensions, batch, optimizer (AdamW), thread count and data; each is timed
 over the same number of full training steps (forward, loss, backward, clipping, optimizer step)
 after warm-up steps, alternating rounds so that machine noise hits both alike. Prints tokens/s,
-the ratio, and the share of the machine's measured fp32 matmul peak each one reaches (MFU).
+the ratio, and the share of the machine's measured fp32 matmul peak each one reaches (MFU); the peak is
+measured in every round and the highest kept, so a slow phase of a shared machine cannot inflate MFU.
 With `--allocator tuned` (the default) glibc keeps freed memory for both models, as `clearlm train`
 does; `--allocator default` leaves glibc as it is for both, which is what a transformers user gets.
 
@@ -19,7 +20,6 @@ GPU's dense bf16 peak from clearlm's datasheet table.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from step_options import add_step_options, autocast
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clearlm.model.transformer import Transformer, TransformerConfig
@@ -51,19 +52,11 @@ def hf_step(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--d-model", type=int, default=192)
-    ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--n-heads", type=int, default=6)
-    ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
+    add_step_options(ap)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--allocator", choices=("tuned", "default"), default="tuned")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,10 +86,6 @@ def main() -> None:
     opt_theirs = build_optimizer(theirs, tcfg)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1), device=device)
     tokens = args.batch * cfg.context
-    bf16 = args.precision == "bf16"
-
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     hf_model: torch.nn.Module = theirs
     if args.compile:
@@ -106,7 +95,7 @@ def main() -> None:
         hf_model = torch.compile(theirs)
 
     def ours_step() -> None:
-        accumulate_gradients(ours, [batch], autocast=autocast())
+        accumulate_gradients(ours, [batch], autocast=autocast(args))
         optimizer_step(ours, opt_ours, 1.0)
 
     def sync() -> None:
@@ -115,13 +104,16 @@ def main() -> None:
 
     runners = {
         "clearlm": ours_step,
-        "transformers": lambda: hf_step(hf_model, opt_theirs, batch, 1.0, autocast()),
+        "transformers": lambda: hf_step(hf_model, opt_theirs, batch, 1.0, autocast(args)),
     }
     for run in runners.values():
         for _ in range(3 if args.compile else 2):
             run()
     best = dict.fromkeys(runners, float("inf"))
+    peaks = []
     for _ in range(args.rounds):
+        if device.type == "cpu":  # this machine's speed drifts: the peak is the best seen across the rounds
+            peaks.append(measure_matmul_peak(args.threads, repeats=2))
         for name, run in runners.items():
             sync()
             start = time.perf_counter()
@@ -135,7 +127,7 @@ def main() -> None:
         peak = gpu_peak_flops(gpu) or float("nan")
         machine = f"{gpu} (dense bf16 peak {peak / 1e12:.0f} TFLOP/s from the datasheet table)"
     else:
-        peak = measure_matmul_peak(args.threads)
+        peak = max(peaks)
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} threads"
     flops = ours.flops_per_token()
     results = {

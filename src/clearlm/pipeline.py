@@ -27,7 +27,7 @@ from clearlm.data.instructions import LICENSE as INSTRUCTIONS_LICENSE
 from clearlm.data.instructions import stdlib_function_examples, stdlib_function_pairs
 from clearlm.data.shards import write_shards
 from clearlm.data.sources import files_digest
-from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
+from clearlm.data.tokenizer import load_tokenizer, own_tokenizer, train_tokenizer
 from clearlm.errors import ArtifactError, RecipeError
 from clearlm.eval.harness import evaluate_tasks
 from clearlm.eval.perplexity import domain_bits_per_byte
@@ -281,7 +281,7 @@ class Pipeline:
             data = self.data()
             final, train = self.final_model(resume)
             inputs = {"data": data, final: train}
-            if not (train.path / "tokenizer.json").is_file():  # post-training stages keep their tokenizer
+            if not own_tokenizer(train.path):
                 inputs["tokenizer"] = self.tokenizer()
             tok_dir = inputs.get("tokenizer", train).path
             cfg = self.recipe.eval
@@ -441,7 +441,7 @@ class Pipeline:
         """Where post-training starts: an earlier stage's model (and the recipe's tokenizer), or a folder's."""
         if cfg.base in inputs:
             art = inputs[cfg.base]
-            tok_dir = art.path if (art.path / "tokenizer.json").is_file() else inputs["tokenizer"].path
+            tok_dir = art.path if own_tokenizer(art.path) else inputs["tokenizer"].path
             return load_model(art.path), load_tokenizer(tok_dir)
         return base_model(self.loaded.base_dir / cfg.base, self.recipe.tokenizer)
 

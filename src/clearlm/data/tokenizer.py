@@ -14,6 +14,12 @@ from clearlm.recipe import TokenizerConfig
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def own_tokenizer(model_dir: Path) -> bool:
+    """Whether a model folder holds its tokenizer: post-training stages save theirs (with the chat tokens they
+    added) beside the weights; a pretrained model uses the tokenizer stage's."""
+    return (model_dir / TOKENIZER_FILE).is_file()
+
+
 def special_tokens(cfg: TokenizerConfig) -> list[str]:
     """Special tokens in id order: end-of-text first, then padding, then the reserved ones."""
     return list(dict.fromkeys([cfg.eos_token, cfg.pad_token, *cfg.special_tokens]))

@@ -4,7 +4,7 @@ The full [tokens, vocabulary] logits never exist: each chunk's logits are made, 
 loss and, when gradients are needed, straight into the gradients of the hidden states and of the
 output weight (as Liger-Kernel's fused linear cross-entropy does). Backward then only scales the
 stored gradients, so no matmul is recomputed. This saves the largest activation of a small model
-and runs the softmax on cache-sized blocks, which is most of the speed-up on CPU.
+and makes the softmax passes over a chunk rather than the whole logits.
 
 The optional z-loss (PaLM, OLMo 2) adds `z * log(Z)^2` per token, Z the softmax normaliser; its
 gradient with respect to the logits is `2 z log(Z) softmax`, folded into the same pass.
@@ -22,9 +22,10 @@ IGNORE_INDEX = -100
 
 
 def _chunk_rows(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: about 4 MiB of float32 logits on CPU (cache-sized), 1 GiB on a GPU (a few large
-    matmuls keep its tensor cores busy; small chunks would leave it waiting on kernel launches)."""
-    budget = (1 << 28) if device.type == "cuda" else (1 << 20)
+    """Rows per chunk: about 16 MiB of float32 logits on CPU, 1 GiB on a GPU. Larger chunks make larger, more
+    efficient matmuls; on a 2-core EPYC 16 MiB (1024 rows of a 4096 vocabulary) measured 12 % faster than
+    4 MiB and than unchunked logits. On a GPU a few large matmuls keep its tensor cores busy."""
+    budget = (1 << 28) if device.type == "cuda" else (1 << 22)
     return max(1, min(n_rows, budget // max(vocab, 1)))
 
 

@@ -35,7 +35,7 @@ from clearlm.artifacts import Artifact, environment
 from clearlm.data.card import post_training_section, tokens_section
 from clearlm.data.chat import CHAT_TEMPLATE
 from clearlm.data.documents import read_jsonl
-from clearlm.data.tokenizer import load_tokenizer
+from clearlm.data.tokenizer import load_tokenizer, own_tokenizer
 from clearlm.eval.generate import generate
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.hf import save_hf
@@ -139,7 +139,7 @@ def build_release(
     data, evaluation, train = artifacts["data"], artifacts["eval"], artifacts.get("train")
     tok_cfg = recipe.tokenizer
     final = artifacts.get("dpo") or artifacts.get("sft") or artifacts["train"]
-    tok_dir = final.path if (final.path / "tokenizer.json").is_file() else artifacts["tokenizer"].path
+    tok_dir = final.path if own_tokenizer(final.path) else artifacts["tokenizer"].path
     tok = load_tokenizer(tok_dir)
     eos_id, pad_id = tok.token_to_id(tok_cfg.eos_token), tok.token_to_id(tok_cfg.pad_token)
     model = load_model(final.path)

@@ -85,8 +85,9 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: floa
 
 
 def compile_blocks(model: Transformer, device: torch.device) -> str | None:
-    """torch.compile each block (as torchtitan does) and the elementwise work of each loss chunk (the loss is a
-    custom autograd function whose matmuls stay eager).
+    """torch.compile each block (as torchtitan does) and, on GPUs, the elementwise work of each loss chunk (the
+    loss is a custom autograd function whose matmuls stay eager). On CPU the compiled loss chunk measured ~7 %
+    slower per step than eager (whose in-place passes stay in cache), so it is left eager there.
     A tiny function is compiled first, so that a platform without a working compiler toolchain gives a
     message and eager training instead of a failure at the first step."""
     try:
@@ -97,7 +98,7 @@ def compile_blocks(model: Transformer, device: torch.device) -> str | None:
         return f"train.compile: torch.compile does not work here ({type(err).__name__}: {first}); training without it"
     for block in model.layers:
         block.compile()
-    model.compile_loss = True
+    model.compile_loss = device.type == "cuda"
     return None
 
 
