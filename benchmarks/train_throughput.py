@@ -2,9 +2,11 @@
 
 Both models get the same dimensions, batch, optimizer (AdamW), thread count and data; each is timed
 over the same number of full training steps (forward, loss, backward, clipping, optimizer step)
-after warm-up steps, alternating rounds so that machine noise hits both alike. Prints tokens/s,
-the ratio, and the share of the machine's measured fp32 matmul peak each one reaches (MFU); the peak is
+after warm-up steps, alternating rounds so that machine noise hits both alike. Prints tokens/s, the
+ratio, and the share of the machine's measured fp32 matmul peak each one reaches (MFU); the peak is
 measured in every round and the highest kept, so a slow phase of a shared machine cannot inflate MFU.
+A third row times clearlm's step's matmul and attention kernels alone (replayed with the same shapes and
+layouts): the step time, and MFU, that no implementation could beat if all other work were free.
 With `--allocator tuned` (the default) glibc keeps freed memory for both models, as `clearlm train`
 does; `--allocator default` leaves glibc as it is for both, which is what a transformers user gets.
 
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from step_options import add_step_options, autocast
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clearlm.model.transformer import Transformer, TransformerConfig
@@ -36,6 +39,30 @@ from clearlm.recipe import TrainConfig
 from clearlm.train.loop import accumulate_gradients, compile_blocks, optimizer_step
 from clearlm.train.optim import build_optimizer
 from clearlm.train.perf import gpu_peak_flops, keep_freed_memory, measure_matmul_peak
+
+
+class KernelLog(TorchDispatchMode):
+    """Keeps a copy of the operands of every matmul and attention kernel a step runs (the work its FLOPs count),
+    so that those kernels can be timed alone: the step time, and MFU, that no implementation on the same
+    kernel libraries could beat if everything else (norms, activations, optimizer) were free."""
+
+    MATMULS = ("mm", "addmm", "addmm_", "bmm", "baddbmm")
+    ATTENTION = ("scaled_dot_product", "efficient_attention", "flash_attention", "cudnn_attention")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.__name__.split(".")[0]
+        if name in self.MATMULS or any(part in name for part in self.ATTENTION):
+            copies = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, copies, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+    def replay(self) -> None:
+        for func, operands, kwargs in self.calls:
+            func(*operands, **kwargs)
 
 
 def hf_step(
@@ -102,9 +129,13 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    probe = Transformer(cfg).to(device).train()  # eager, so that every kernel passes the dispatcher
+    with KernelLog() as kernels:
+        accumulate_gradients(probe, [batch], autocast=autocast(args))
     runners = {
         "clearlm": ours_step,
         "transformers": lambda: hf_step(hf_model, opt_theirs, batch, 1.0, autocast(args)),
+        "kernels alone": kernels.replay,
     }
     for run in runners.values():
         for _ in range(3 if args.compile else 2):
@@ -140,9 +171,9 @@ def main() -> None:
     for name, seconds in best.items():
         results[name] = {"tokens_per_s": tokens / seconds, "mfu": flops * tokens / seconds / peak}
     results["ratio"] = results["clearlm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
-    print(f"{'model':<14}{'tokens/s':>12}{'MFU':>8}")
+    print(f"{'model':<15}{'tokens/s':>12}{'MFU':>8}")
     for name in runners:
-        print(f"{name:<14}{results[name]['tokens_per_s']:>12,.0f}{results[name]['mfu']:>8.1%}")
+        print(f"{name:<15}{results[name]['tokens_per_s']:>12,.0f}{results[name]['mfu']:>8.1%}")
     print(f"ratio clearlm/transformers: {results['ratio']:.2f}x   (peak {peak / 1e9:.1f} GFLOP/s; {machine})")
     if args.json:
         with open(args.json, "w") as f:
