@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_tiny_recipe
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from clearlm.pipeline import Pipeline, Reporter
@@ -76,8 +77,15 @@ def test_fsdp2_saved_on_two_processes_resumes_on_one_and_the_reverse(folder):
     _train(folder, "b", 2, "--set", FSDP2, "--resume")
     run = _run_dir(folder, "b")
     assert _losses(run) == pytest.approx(reference, rel=1e-5)
-    state = json.loads((run / "checkpoints" / "step-0000008" / "state.json").read_text())
+    last = run / "checkpoints" / "step-0000008"
+    state = json.loads((last / "state.json").read_text())
     assert state["position"] == 8 * 8, "the data position counts global windows: 8 steps of 4 x 2"
+    shards = sorted((last / "optimizer").iterdir())
+    assert len(shards) == 2, "each process wrote its own optimizer shards"
+    rows = safe_open(last / "model.safetensors", "pt").get_slice("embed_tokens.weight").get_shape()[0]
+    halves = [safe_open(s, "pt").get_slice("embed_tokens.weight.exp_avg").get_shape()[0] for s in shards]
+    assert halves == [rows // 2, rows // 2]
+    assert {p.suffix for p in last.rglob("*") if p.is_file()} == {".safetensors", ".json"}, "nothing pickled"
 
 
 @pytest.mark.parametrize(

@@ -4,37 +4,77 @@ Everything is stored without pickle, so a release's checkpoints are safe to open
 checkpoint directory is written under a temporary name and renamed, so a crash never leaves a
 half-written checkpoint that resume would pick up.
 
-The state is taken and restored through `torch.distributed.checkpoint.state_dict` as full (unsharded)
-tensors keyed by parameter name: the same files come from one process, DDP or FSDP2, so a run saved
-with any number of processes resumes with any other (the data position is global, too). Every rank
-takes part in gathering the state; rank 0 writes it.
+The weights are gathered whole (`torch.distributed.checkpoint.state_dict`, full tensors keyed by
+parameter name) and written by rank 0, since the release, evaluation and `verify` read them as one file.
+The optimizer state, two or three times larger, is written by `torch.distributed.checkpoint` itself:
+each rank writes its own shards in parallel, as safetensors files whose metadata records each shard's
+offsets (its Hugging Face storage writer, so no pickled `.metadata` file), and loading reshards them to
+whatever the resuming run holds. A run saved with any number of processes, DDP or FSDP2, resumes with
+any other (the data position is global, too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from clearlm.model.weights import WEIGHTS, save_state, tied
+from clearlm.train.distributed import SINGLE, World, barrier
 
-OPTIMIZER, STATE = "optimizer.safetensors", "state.json"
+OPTIMIZER, RNG, STATE = "optimizer", "rng.safetensors", "state.json"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
 
-def _full_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, opt, options=options)
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Without a process group DCP saves and loads in this one process, as meant, but warns each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _sort_metadata(file: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` entries sorted. safetensors writes them in hash
+    order, which changes from run to run; sorted, identical runs give byte-identical shards (as `verify` checks)."""
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    os.replace(tmp, file)
+
+
+def _optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], list[Any]]:
+    """This rank's optimizer state as flat `name.key` tensors (DTensor shards under FSDP2), and the param
+    groups; an optimizer that has not stepped yet gets zero-filled state of the right shapes to load into."""
+    optim = get_optimizer_state_dict(model, opt)
+    flat = {f"{name}.{key}": value for name, entry in optim["state"].items() for key, value in entry.items()}
+    return flat, optim["param_groups"]
 
 
 def save_checkpoint(
@@ -44,34 +84,33 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
     state: dict[str, Any],
     keep_optimizer: bool,
-    main: bool = True,
+    w: World = SINGLE,
 ) -> Path:
-    """Write checkpoint `step` (every rank must call this; only `main` writes)."""
-    weights, optim = _full_state(model, opt)
+    """Write checkpoint `step` (every rank must call this: each writes its optimizer shards, rank 0 the rest)."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optimizer, param_groups = _optimizer_tensors(model, opt)
     final = checkpoint_dir(root, step)
-    if not main:
-        return final
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
+    if w.main and tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    barrier(w)
+    with _one_process_is_meant():
+        dcp.save(optimizer, storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER), save_distributed=True))
+    if not w.main:
+        return final
+    for shard in (tmp / OPTIMIZER).glob("*.safetensors"):  # every rank's writes are done when save returns
+        _sort_metadata(shard)
     save_state(weights, tmp / WEIGHTS, tied(model))
-    tensors = {f"state.{name}.{key}": torch.as_tensor(value).detach().to("cpu").contiguous()
-               for name, entry in optim["state"].items() for key, value in entry.items()}  # fmt: skip
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / OPTIMIZER))
-    (tmp / STATE).write_text(
-        json.dumps({**state, "step": step, "param_groups": optim["param_groups"]}, indent=2) + "\n"
-    )
+    rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+    save_file(rng, str(tmp / RNG))
+    (tmp / STATE).write_text(json.dumps({**state, "step": step, "param_groups": param_groups}, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     if not keep_optimizer:
         for older in root.glob("step-*"):
             if older != final and (older / OPTIMIZER).exists():
-                (older / OPTIMIZER).unlink()
+                shutil.rmtree(older / OPTIMIZER)
     return final
 
 
@@ -87,21 +126,22 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer state and RNG (every rank reads the files) and return the trainer state."""
+    """Restore weights, optimizer state and RNG (every rank reads what it holds) and return the trainer state."""
     state = json.loads((path / STATE).read_text())
     weights = load_file(str(path / WEIGHTS))
     if tied(model):
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    tensors = load_file(str(path / OPTIMIZER))
-    per_param: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("state."):
-            param, key = name.removeprefix("state.").rsplit(".", 1)
-            per_param.setdefault(param, {})[key] = value
-    optim = {"state": per_param, "param_groups": state["param_groups"]}
-    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=True, strict=True))  # fmt: skip
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+    optimizer, _ = _optimizer_tensors(model, opt)
+    with _one_process_is_meant():
+        dcp.load(optimizer, storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
+    per_param: dict[str, dict[str, Any]] = {}
+    for name, value in optimizer.items():
+        param, key = name.rsplit(".", 1)
+        per_param.setdefault(param, {})[key] = value
+    set_optimizer_state_dict(model, opt, {"state": per_param, "param_groups": state["param_groups"]})
+    rng = load_file(str(path / RNG))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state

@@ -276,7 +276,7 @@ def pretrain(
         log(record)
         if _on_schedule(done, cfg) or done == end:
             checkpoint.save_checkpoint(ckpt_root, done, model, opt, state,
-                                       keep_optimizer=cfg.keep_optimizer == "all", main=w.main)  # fmt: skip
+                                       keep_optimizer=cfg.keep_optimizer == "all", w=w)  # fmt: skip
         state["step"] = done
 
     barrier(w)
