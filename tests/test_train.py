@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import TrainConfig, load_recipe
+from clearlm.train.checkpoint import load_checkpoint, save_checkpoint
 from clearlm.train.loop import accumulate_gradients
 from clearlm.train.optim import build_optimizer, lr_at, newton_schulz, set_lr
 
@@ -128,3 +129,34 @@ def test_training_log_and_checkpoints(tiny_run):
     assert not (art.path / "checkpoints" / "step-0000004" / "optimizer").exists()
     assert (art.path / "checkpoints" / "step-0000008" / "optimizer").exists()
     assert art.metrics["val_loss"] < art.metrics["initial_val_loss"]
+
+
+class _CountingSGD(torch.optim.SGD):
+    """SGD that also keeps a plain-number count per parameter, as some optimizers keep their step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["count"] = self.state[p].get("count", 0) + 1
+        return super().step(closure)
+
+
+def test_checkpoint_round_trips_optimizer_state_that_is_a_plain_number(tmp_path):
+    def setup() -> tuple[Transformer, torch.optim.Optimizer]:
+        model = Transformer(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, context=8))
+        model.init_weights(0)
+        return model, _CountingSGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, opt = setup()
+    for _ in range(3):
+        accumulate_gradients(model, [torch.randint(0, 32, (2, 9))])
+        opt.step()
+        opt.zero_grad()
+    path = save_checkpoint(tmp_path, 3, model, opt, {"position": 0}, keep_optimizer=True)
+    again, opt_again = setup()
+    load_checkpoint(path, again, opt_again)
+    ours, theirs = opt.state_dict()["state"], opt_again.state_dict()["state"]
+    assert [int(s["count"]) for s in theirs.values()] == [3] * len(ours)
+    for key in ours:
+        torch.testing.assert_close(theirs[key]["momentum_buffer"], ours[key]["momentum_buffer"], rtol=0, atol=0)

@@ -56,24 +56,27 @@ def _one_process_is_meant() -> Iterator[None]:
 
 
 def _sort_metadata(file: Path) -> None:
-    """Rewrite a safetensors header with its `__metadata__` entries sorted. safetensors writes them in hash
-    order, which changes from run to run; sorted, identical runs give byte-identical shards (as `verify` checks)."""
-    raw = file.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
-    os.replace(tmp, file)
+    """Rewrite a safetensors header in place with its `__metadata__` entries sorted. safetensors writes them in
+    hash order, which changes from run to run; sorted, identical runs give byte-identical shards (as `verify`
+    checks). The same entries in compact JSON take the same bytes, so the tensor data is not touched."""
+    with file.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:
+            raise ValueError(f"{file}: the sorted safetensors header does not fit in place")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
 
 
 def _optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], list[Any]]:
-    """This rank's optimizer state as flat `name.key` tensors (DTensor shards under FSDP2), and the param
-    groups; an optimizer that has not stepped yet gets zero-filled state of the right shapes to load into."""
+    """This rank's optimizer state as flat `name.key` tensors (DTensor shards under FSDP2; a number becomes a
+    0-d tensor, since DCP would write it as raw bytes that break the safetensors file), and the param groups.
+    An optimizer that has not stepped yet gets zero-filled state of the right shapes to load into."""
     optim = get_optimizer_state_dict(model, opt)
-    flat = {f"{name}.{key}": value for name, entry in optim["state"].items() for key, value in entry.items()}
+    flat = {f"{name}.{key}": value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+            for name, entry in optim["state"].items() for key, value in entry.items()}  # fmt: skip
     return flat, optim["param_groups"]
 
 
