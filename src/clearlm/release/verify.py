@@ -179,7 +179,7 @@ def verify_release(
                     lines.append(f"  largest absolute weight difference: {verdict.max_weight_diff:.3g} "
                                  f"({copy.relative_to(folder)})")  # fmt: skip
             changes = _environment_changes(lineage)
-            trained_on, here = lineage[stage].get("world_size", 1), world().size
+            trained_on, here = lineage[stage].get("world_size", 1), w.size
             if stage == "train" and trained_on != here:
                 changes.insert(0, f"trained on {trained_on} processes, re-run on {here} (sums in another order); run "
                                   f"`torchrun --nproc_per_node {trained_on} -m clearlm verify` to match")  # fmt: skip

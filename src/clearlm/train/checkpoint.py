@@ -70,14 +70,14 @@ def _sort_metadata(file: Path) -> None:
         f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
 
 
-def _optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], list[Any]]:
-    """This rank's optimizer state as flat `name.key` tensors (DTensor shards under FSDP2; a number becomes a
-    0-d tensor, since DCP would write it as raw bytes that break the safetensors file), and the param groups.
-    An optimizer that has not stepped yet gets zero-filled state of the right shapes to load into."""
+def _optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's optimizer state by parameter name (DTensor shards under FSDP2; a number becomes a 0-d tensor,
+    since DCP would write it as raw bytes that break the safetensors file), and the param groups. An optimizer
+    that has not stepped yet gets zero-filled state of the right shapes to load into."""
     optim = get_optimizer_state_dict(model, opt)
-    flat = {f"{name}.{key}": value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            for name, entry in optim["state"].items() for key, value in entry.items()}  # fmt: skip
-    return flat, optim["param_groups"]
+    optim["state"] = {name: {key: value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+                             for key, value in entry.items()} for name, entry in optim["state"].items()}  # fmt: skip
+    return optim
 
 
 def save_checkpoint(
@@ -91,14 +91,14 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` (every rank must call this: each writes its optimizer shards, rank 0 the rest)."""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    optimizer, param_groups = _optimizer_tensors(model, opt)
+    optim = _optimizer_state(model, opt)
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if w.main and tmp.exists():
         shutil.rmtree(tmp)
     barrier(w)
     with _one_process_is_meant():
-        dcp.save(optimizer, storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER), save_distributed=True))
+        dcp.save(optim["state"], storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER), save_distributed=True))
     if not w.main:
         return final
     for shard in (tmp / OPTIMIZER).glob("*.safetensors"):  # every rank's writes are done when save returns
@@ -106,7 +106,8 @@ def save_checkpoint(
     save_state(weights, tmp / WEIGHTS, tied(model))
     rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     save_file(rng, str(tmp / RNG))
-    (tmp / STATE).write_text(json.dumps({**state, "step": step, "param_groups": param_groups}, indent=2) + "\n")
+    trainer = {**state, "step": step, "param_groups": optim["param_groups"]}
+    (tmp / STATE).write_text(json.dumps(trainer, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -135,14 +136,10 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     if tied(model):
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
-    optimizer, _ = _optimizer_tensors(model, opt)
-    with _one_process_is_meant():
-        dcp.load(optimizer, storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
-    per_param: dict[str, dict[str, Any]] = {}
-    for name, value in optimizer.items():
-        param, key = name.rsplit(".", 1)
-        per_param.setdefault(param, {})[key] = value
-    set_optimizer_state_dict(model, opt, {"state": per_param, "param_groups": state["param_groups"]})
+    optim = _optimizer_state(model, opt)
+    with _one_process_is_meant():  # in place, each tensor keyed `name.key` as DCP flattens nested state
+        dcp.load(optim["state"], storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
+    set_optimizer_state_dict(model, opt, {"state": optim["state"], "param_groups": state["param_groups"]})
     rng = load_file(str(path / RNG))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
