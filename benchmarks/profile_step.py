@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_options import add_step_options, autocast
+from step_options import add_step_options, clearlm_step
 from torch.profiler import ProfilerActivity, profile
 
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.recipe import TrainConfig
-from clearlm.train.loop import accumulate_gradients, compile_blocks, optimizer_step
+from clearlm.train.loop import compile_blocks
 from clearlm.train.optim import build_optimizer
 
 
@@ -39,16 +39,12 @@ def main() -> None:
     opt = build_optimizer(model, TrainConfig())
     batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1), device=device)
 
-    def step() -> None:
-        accumulate_gradients(model, [batch], autocast=autocast(args))
-        optimizer_step(model, opt, 1.0)
-
     for _ in range(3):
-        step()
+        clearlm_step(model, opt, batch, args)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
-            step()
+            clearlm_step(model, opt, batch, args)
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

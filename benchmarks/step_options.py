@@ -1,5 +1,5 @@
-"""Options shared by the training-step benchmarks (`train_throughput.py`, `profile_step.py`): the model's
-dimensions, the device, precision and compile, and the autocast context they imply."""
+"""What the training-step benchmarks (`train_throughput.py`, `profile_step.py`) share: the options (the
+model's dimensions, device, precision, compile), the autocast context they imply, and clearlm's step."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import contextlib
 from typing import Any
 
 import torch
+from torch import nn
+
+from clearlm.train.loop import accumulate_gradients, optimizer_step
 
 
 def add_step_options(ap: argparse.ArgumentParser) -> None:
@@ -27,3 +30,9 @@ def autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]
     if args.precision == "bf16":
         return torch.autocast(args.device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def clearlm_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, args: argparse.Namespace) -> None:
+    """One training step as `clearlm train` runs it: fused loss and backward, clipping at 1.0, optimizer step."""
+    accumulate_gradients(model, [batch], autocast=autocast(args))
+    optimizer_step(model, opt, 1.0)

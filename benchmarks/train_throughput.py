@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from step_options import add_step_options, autocast
+from step_options import add_step_options, autocast, clearlm_step
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.recipe import TrainConfig
-from clearlm.train.loop import accumulate_gradients, compile_blocks, optimizer_step
+from clearlm.train.loop import accumulate_gradients, compile_blocks
 from clearlm.train.optim import build_optimizer
 from clearlm.train.perf import gpu_peak_flops, keep_freed_memory, measure_matmul_peak
 
@@ -121,10 +121,6 @@ def main() -> None:
             raise SystemExit(message)
         hf_model = torch.compile(theirs)
 
-    def ours_step() -> None:
-        accumulate_gradients(ours, [batch], autocast=autocast(args))
-        optimizer_step(ours, opt_ours, 1.0)
-
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -133,7 +129,7 @@ def main() -> None:
     with KernelLog() as kernels:
         accumulate_gradients(probe, [batch], autocast=autocast(args))
     runners = {
-        "clearlm": ours_step,
+        "clearlm": lambda: clearlm_step(ours, opt_ours, batch, args),
         "transformers": lambda: hf_step(hf_model, opt_theirs, batch, 1.0, autocast(args)),
         "kernels alone": kernels.replay,
     }
