@@ -160,3 +160,27 @@ def test_checkpoint_round_trips_optimizer_state_that_is_a_plain_number(tmp_path)
     assert [int(s["count"]) for s in theirs.values()] == [3] * len(ours)
     for key in ours:
         torch.testing.assert_close(theirs[key]["momentum_buffer"], ours[key]["momentum_buffer"], rtol=0, atol=0)
+
+
+def test_checkpoint_resumes_when_a_parameter_never_had_a_gradient(tmp_path):
+    def setup() -> tuple[Transformer, torch.optim.Optimizer]:
+        model = Transformer(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, context=8))
+        model.init_weights(0)
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))  # in no forward, so no state
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, opt = setup()
+    for _ in range(2):
+        accumulate_gradients(model, [torch.randint(0, 32, (2, 9))])
+        opt.step()
+        opt.zero_grad()
+    assert model.unused not in opt.state
+    path = save_checkpoint(tmp_path, 2, model, opt, {"position": 0}, keep_optimizer=True)
+    again, opt_again = setup()
+    load_checkpoint(path, again, opt_again)
+    assert again.unused not in opt_again.state, "no state is invented for it: the run continues as it would have"
+    ours, theirs = opt.state_dict()["state"], opt_again.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        for name in ours[key]:
+            torch.testing.assert_close(theirs[key][name], ours[key][name], rtol=0, atol=0)

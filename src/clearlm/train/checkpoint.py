@@ -137,9 +137,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     optim = _optimizer_state(model, opt)
-    with _one_process_is_meant():  # in place, each tensor keyed `name.key` as DCP flattens nested state
-        dcp.load(optim["state"], storage_reader=HuggingFaceStorageReader(str(path / OPTIMIZER)))
-    set_optimizer_state_dict(model, opt, {"state": optim["state"], "param_groups": state["param_groups"]})
+    reader = HuggingFaceStorageReader(str(path / OPTIMIZER))
+    saved = reader.read_metadata().state_dict_metadata  # each tensor keyed `name.key`, as DCP flattens nested state
+    # A parameter that never had a gradient has no state in the saved run, so it gets none here either.
+    optim["state"] = {name: entry for name, entry in optim["state"].items()
+                      if all(f"{name}.{key}" in saved for key in entry)}  # fmt: skip
+    with _one_process_is_meant():
+        dcp.load(optim["state"], storage_reader=reader)
+    loaded = {"state": optim["state"], "param_groups": state["param_groups"]}
+    set_optimizer_state_dict(model, opt, loaded, options=StateDictOptions(strict=False))  # keeps it left out
     rng = load_file(str(path / RNG))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
