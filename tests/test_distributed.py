@@ -145,10 +145,46 @@ def test_a_release_trained_on_two_processes_verifies_bit_for_bit_on_two(folder):
     assert two.returncode == 0 and "reproduced bit-for-bit" in two.stdout + two.stderr, two.stderr[-2000:]
 
 
-def test_muon_under_fsdp2_on_two_processes_equals_one_process(folder):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_muon_on_two_processes_equals_one_process(folder, strategy):
     muon = ['train.optimizer="muon"', 'model.architecture="olmo2"']
     args = [a for o in muon for a in ("--set", o)]
-    _train(folder, "muon-one", 1, *args)
-    _train(folder, "muon-fsdp2", 2, *args, "--set", FSDP2)
-    one, two = _losses(_run_dir(folder, "muon-one")), _losses(_run_dir(folder, "muon-fsdp2"))
+    if not (folder / "muon-one").exists():
+        _train(folder, "muon-one", 1, *args)
+    _train(folder, f"muon-{strategy}", 2, *args, "--set", f'train.distributed="{strategy}"')
+    one, two = _losses(_run_dir(folder, "muon-one")), _losses(_run_dir(folder, f"muon-{strategy}"))
     assert two == pytest.approx(one, rel=1e-5) and one != _losses(_run_dir(folder, "one"))
+
+
+_DEALT_OUT = """
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from clearlm.train.distributed import world
+from clearlm.train.optim import _orthogonalised, _replicated_updates, _sharded_updates
+
+w = world()
+torch.manual_seed(0)
+# 3 matrices of 5 rows: one rank orthogonalises a zero pad, and FSDP2 shards hold 3 and 2 rows;
+# 1 row: the second rank's shard is empty
+for shape, count in (((5, 3), 3), ((1, 4), 1)):
+    mats = [torch.randn(shape) for _ in range(count)]
+    expected = _orthogonalised(torch.stack(mats))
+    mesh = init_device_mesh("cpu", (w.size,))
+    sharded = _sharded_updates([distribute_tensor(m, mesh, [Shard(0)]) for m in mats])
+    for e, s, r in zip(expected, sharded, _replicated_updates(mats, w), strict=True):
+        torch.testing.assert_close(s.full_tensor(), e, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r, e, rtol=0, atol=1e-6)
+print("dealt out and gathered back: equal", w.rank)
+"""
+
+
+def test_muon_newton_schulz_dealt_out_over_ranks_equals_one_process(tmp_path):
+    script = tmp_path / "dealt.py"
+    script.write_text(_DEALT_OUT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(launcher, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("equal") == 2

@@ -204,7 +204,7 @@ def pretrain(
             if w.main:
                 note(message)
     engine = wrap(model, cfg.distributed, w, device)
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg, w)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else None
     dtype = shards_meta["dtype"]
     train_windows = _sampler(shards_dir, "train", dtype, mcfg.context, recipe.seed)

@@ -3,10 +3,12 @@
 
 Muon follows Keller Jordan's reference (modded-nanogpt): Nesterov momentum, orthogonalised by five
 Newton-Schulz iterations, scaled by sqrt(max(1, rows/cols)), with decoupled weight decay as in
-Moonlight. Under FSDP2 each sharded matrix is gathered whole, orthogonalised (every rank computes
-the same update) and cut back to the rank's shard. It is written here rather than imported because
-no released package provides it for the torch this project pins, and it is one short function plus
-a step loop.
+Moonlight. Across processes the Newton-Schulz work is dealt out, as in modded-nanogpt: each rank
+orthogonalises every N-th matrix of a shape. Under DDP (every rank holds every whole matrix) the
+ranks then all-gather the updates; under FSDP2 one all-to-all brings each matrix's shards to the rank
+that owns it and a second sends each rank its shard of every update, so no rank gathers the whole
+model. It is written here rather than imported because no released package provides it for the
+torch this project pins.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
+from clearlm.errors import TrainingError
 from clearlm.recipe import DPOConfig, SFTConfig, TrainConfig
+from clearlm.train.distributed import SINGLE, World
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # modded-nanogpt's quintic: fast, singular values near 1
 
@@ -38,23 +43,65 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x.mT if tall else x).to(g.dtype)
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole matrix of a (possibly FSDP2-sharded) tensor: Newton-Schulz needs all of it."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def _orthogonalised(mats: torch.Tensor) -> torch.Tensor:
+    """Muon's update for a [n, rows, cols] batch: Newton-Schulz, scaled by sqrt(max(1, rows/cols))."""
+    return newton_schulz(mats) * max(1.0, mats.size(-2) / mats.size(-1)) ** 0.5
 
 
-def _like(update: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`update` laid out as `param` is: each rank keeps its own shard of the (identical) whole update."""
-    if isinstance(param, DTensor):
-        return distribute_tensor(update, param.device_mesh, param.placements, src_data_rank=None)
-    return update
+def _dealt(mats: list[torch.Tensor], world: int) -> tuple[int, list[torch.Tensor]]:
+    """Matrix k goes to rank k % world as the (k // world)-th of its batch; zero matrices pad the list to a
+    multiple of the world size (their update is zero and is dropped)."""
+    chunks = -(-len(mats) // world)
+    return chunks, mats + [torch.zeros_like(mats[0])] * (chunks * world - len(mats))
+
+
+def _replicated_updates(mats: list[torch.Tensor], w: World) -> list[torch.Tensor]:
+    """Updates of whole matrices that every rank of `w` holds (one process, or DDP after its all-reduce)."""
+    if not w.distributed:
+        return list(_orthogonalised(torch.stack(mats)))
+    chunks, padded = _dealt(mats, w.size)
+    own = _orthogonalised(torch.stack(padded[w.rank :: w.size]))
+    every = own.new_empty((w.size * chunks, *own.shape[1:]))  # [q * chunks + c]: rank q's c-th, matrix c*size + q
+    dist.all_gather_into_tensor(every, own)
+    return list(every.unflatten(0, (w.size, chunks)).transpose(0, 1).flatten(0, 1)[: len(mats)])
+
+
+def _sharded_updates(mats: list[DTensor]) -> list[DTensor]:
+    """Updates of FSDP2 matrices (rows sharded over the ranks as torch.chunk cuts them), each rank sending and
+    receiving only shards: an all-to-all assembles every matrix on the rank that owns it, a second returns
+    each rank its shard of every update."""
+    first = mats[0]
+    if first.device_mesh.ndim != 1 or first.placements != (Shard(0),):
+        raise TrainingError(f"Muon under FSDP2 expects rows sharded over one mesh dimension, got {first.placements}")
+    group = first.device_mesh.get_group()
+    world = dist.get_world_size(group)
+    rows, cols = first.shape
+    span = -(-rows // world)  # rows per rank; the last ranks may hold fewer, or none
+    local = [m.to_local() for m in mats]
+    chunks, padded = _dealt(local, world)
+    send = local[0].new_zeros((world, chunks, span, cols))  # [q, c]: this rank's rows of matrix c*world + q
+    for k, shard in enumerate(padded):
+        send[k % world, k // world, : shard.size(0)] = shard
+    received = torch.empty_like(send)  # [q, c]: rank q's rows of matrix c*world + rank
+    dist.all_to_all_single(received, send, group=group)
+    whole = received.transpose(0, 1).reshape(chunks, world * span, cols)[:, :rows]
+    back = whole.new_zeros((chunks, world * span, cols))
+    back[:, :rows] = _orthogonalised(whole)
+    dist.all_to_all_single(received, back.unflatten(1, (world, span)).transpose(0, 1).contiguous(), group=group)
+    return [DTensor.from_local(received[k % world, k // world, : shard.size(0)], m.device_mesh, m.placements,
+                               run_check=False, shape=m.shape, stride=m.stride())
+            for k, (shard, m) in enumerate(zip(local, mats, strict=True))]  # fmt: skip
 
 
 class Muon(torch.optim.Optimizer):
-    """Groups with `use_muon` True get Muon; the others AdamW (embeddings, output layer, norms)."""
+    """Groups with `use_muon` True get Muon; the others AdamW (embeddings, output layer, norms). `w` is the
+    world whose ranks share the Newton-Schulz work (every rank of it must step together)."""
 
-    def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float = 1e-8) -> None:
+    def __init__(
+        self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float = 1e-8, w: World = SINGLE
+    ) -> None:
         super().__init__(groups, {"lr": 0.0, "weight_decay": 0.0, "momentum": 0.95, "betas": betas, "eps": eps})
+        self.world = w
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -81,11 +128,12 @@ class Muon(torch.optim.Optimizer):
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
-        for shape, indices in by_shape.items():
-            orthogonal = newton_schulz(torch.stack([_whole(nesterov[i]) for i in indices]))
-            orthogonal *= max(1.0, shape[-2] / shape[-1]) ** 0.5
-            for k, i in enumerate(indices):
-                updates[i] = _like(orthogonal[k], params[i])
+        for indices in by_shape.values():
+            mats = [nesterov[i] for i in indices]
+            sharded = isinstance(mats[0], DTensor)
+            orthogonal = _sharded_updates(mats) if sharded else _replicated_updates(mats, self.world)
+            for i, update in zip(indices, orthogonal, strict=True):
+                updates[i] = update
         return updates
 
     def _adamw_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -106,9 +154,11 @@ def _is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
     return p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig, w: World = SINGLE
+) -> torch.optim.Optimizer:
     """Matrices (embeddings included) decay; norms do not. Each group keeps its peak rate in `base_lr`, which
-    the schedule scales. AdamW uses torch's fused kernel (CPU and GPU)."""
+    the schedule scales. AdamW uses torch's fused kernel (CPU and GPU). `w`: the ranks training `model` together."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if getattr(cfg, "optimizer", "adamw") == "muon":
         betas = (cfg.beta1, cfg.beta2)
@@ -119,7 +169,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig) 
              "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
             {"params": [p for _, p in named if p.dim() < 2], "use_muon": False, "base_lr": cfg.lr, "weight_decay": 0.0},
         ]  # fmt: skip
-        return Muon([g for g in groups if g["params"]], betas=betas)
+        return Muon([g for g in groups if g["params"]], betas=betas, w=w)
     groups = [
         {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr},
