@@ -146,12 +146,13 @@ def test_a_release_trained_on_two_processes_verifies_bit_for_bit_on_two(folder):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_muon_on_two_processes_equals_one_process(folder, strategy):
-    muon = ['train.optimizer="muon"', 'model.architecture="olmo2"']
+def test_muon_on_two_processes_stopped_and_resumed_equals_one_process(folder, strategy):
+    muon = ['train.optimizer="muon"', 'model.architecture="olmo2"', f'train.distributed="{strategy}"']
     args = [a for o in muon for a in ("--set", o)]
     if not (folder / "muon-one").exists():
         _train(folder, "muon-one", 1, *args)
-    _train(folder, f"muon-{strategy}", 2, *args, "--set", f'train.distributed="{strategy}"')
+    _train(folder, f"muon-{strategy}", 2, *args, "--stop-after", "4")
+    _train(folder, f"muon-{strategy}", 2, *args, "--resume")
     one, two = _losses(_run_dir(folder, "muon-one")), _losses(_run_dir(folder, f"muon-{strategy}"))
     assert two == pytest.approx(one, rel=1e-5) and one != _losses(_run_dir(folder, "one"))
 
@@ -174,8 +175,8 @@ for shape, count in (((5, 3), 3), ((1, 4), 1)):
     mesh = init_device_mesh("cpu", (w.size,))
     sharded = _sharded_updates([distribute_tensor(m, mesh, [Shard(0)]) for m in mats])
     for e, s, r in zip(expected, sharded, _replicated_updates(mats, w), strict=True):
-        torch.testing.assert_close(s.full_tensor(), e, rtol=0, atol=1e-6)
-        torch.testing.assert_close(r, e, rtol=0, atol=1e-6)
+        torch.testing.assert_close(s.full_tensor(), e, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r, e, rtol=0, atol=1e-5)
 print("dealt out and gathered back: equal", w.rank)
 """
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clearlm.errors import ArtifactError
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import TrainConfig, load_recipe
@@ -184,3 +185,13 @@ def test_checkpoint_resumes_when_a_parameter_never_had_a_gradient(tmp_path):
     for key in ours:
         for name in ours[key]:
             torch.testing.assert_close(theirs[key][name], ours[key][name], rtol=0, atol=0)
+
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, "optimizer_state_of": [*state["optimizer_state_of"], "x"]}))
+    with pytest.raises(ArtifactError, match=r"state\.json: optimizer state of a parameter this model lacks: x"):
+        load_checkpoint(path, *setup())
+    (path / "state.json").write_text(json.dumps(state))
+    for shard in (path / "optimizer").glob("*.safetensors"):
+        shard.unlink()  # state that was saved and is lost must not become an empty state silently
+    with pytest.raises(ArtifactError, match=r"optimizer: \d+ optimizer tensors are missing \(first: embed_tokens"):
+        load_checkpoint(path, *setup())

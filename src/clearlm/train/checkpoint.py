@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from clearlm.errors import ArtifactError
 from clearlm.model.weights import WEIGHTS, save_state, tied
 from clearlm.train.distributed import SINGLE, World, barrier
 
@@ -106,7 +107,9 @@ def save_checkpoint(
     save_state(weights, tmp / WEIGHTS, tied(model))
     rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     save_file(rng, str(tmp / RNG))
-    trainer = {**state, "step": step, "param_groups": optim["param_groups"]}
+    # which parameters had optimizer state: one that never had a gradient has none, and must get none on resume
+    held = sorted(optim["state"])
+    trainer = {**state, "step": step, "param_groups": optim["param_groups"], "optimizer_state_of": held}
     (tmp / STATE).write_text(json.dumps(trainer, indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
@@ -137,11 +140,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
         weights["lm_head.weight"] = weights["embed_tokens.weight"]
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
     optim = _optimizer_state(model, opt)
+    held = set(state["optimizer_state_of"])
+    if unknown := held - optim["state"].keys():
+        raise ArtifactError(f"{path / STATE}: optimizer state of a parameter this model lacks: {min(unknown)}")
+    optim["state"] = {name: entry for name, entry in optim["state"].items() if name in held}
     reader = HuggingFaceStorageReader(str(path / OPTIMIZER))
     saved = reader.read_metadata().state_dict_metadata  # each tensor keyed `name.key`, as DCP flattens nested state
-    # A parameter that never had a gradient has no state in the saved run, so it gets none here either.
-    optim["state"] = {name: entry for name, entry in optim["state"].items()
-                      if all(f"{name}.{key}" in saved for key in entry)}  # fmt: skip
+    if missing := sorted(f"{name}.{key}" for name, entry in optim["state"].items() for key in entry
+                         if f"{name}.{key}" not in saved):  # fmt: skip
+        raise ArtifactError(f"{path / OPTIMIZER}: {len(missing)} optimizer tensors are missing (first: {missing[0]})")
     with _one_process_is_meant():
         dcp.load(optim["state"], storage_reader=reader)
     loaded = {"state": optim["state"], "param_groups": state["param_groups"]}

@@ -60,7 +60,7 @@ def _replicated_updates(mats: list[torch.Tensor], w: World) -> list[torch.Tensor
     if not w.distributed:
         return list(_orthogonalised(torch.stack(mats)))
     chunks, padded = _dealt(mats, w.size)
-    own = _orthogonalised(torch.stack(padded[w.rank :: w.size]))
+    own = _orthogonalised(torch.stack(padded[w.rank :: w.size])).contiguous()  # as collectives need it
     every = own.new_empty((w.size * chunks, *own.shape[1:]))  # [q * chunks + c]: rank q's c-th, matrix c*size + q
     dist.all_gather_into_tensor(every, own)
     return list(every.unflatten(0, (w.size, chunks)).transpose(0, 1).flatten(0, 1)[: len(mats)])
@@ -71,8 +71,9 @@ def _sharded_updates(mats: list[DTensor]) -> list[DTensor]:
     receiving only shards: an all-to-all assembles every matrix on the rank that owns it, a second returns
     each rank its shard of every update."""
     first = mats[0]
-    if first.device_mesh.ndim != 1 or first.placements != (Shard(0),):
-        raise TrainingError(f"Muon under FSDP2 expects rows sharded over one mesh dimension, got {first.placements}")
+    for m in mats:
+        if m.device_mesh != first.device_mesh or m.device_mesh.ndim != 1 or m.placements != (Shard(0),):
+            raise TrainingError(f"Muon under FSDP2 expects rows sharded over one mesh dimension, got {m.placements}")
     group = first.device_mesh.get_group()
     world = dist.get_world_size(group)
     rows, cols = first.shape
