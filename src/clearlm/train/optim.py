@@ -79,9 +79,9 @@ def _sharded_updates(mats: list[DTensor]) -> list[DTensor]:
     rows, cols = first.shape
     span = -(-rows // world)  # rows per rank; the last ranks may hold fewer, or none
     local = [m.to_local() for m in mats]
-    chunks, padded = _dealt(local, world)
+    chunks = -(-len(local) // world)
     send = local[0].new_zeros((world, chunks, span, cols))  # [q, c]: this rank's rows of matrix c*world + q
-    for k, shard in enumerate(padded):
+    for k, shard in enumerate(local):  # the slots past the last matrix stay zero: padding, as `_dealt` adds
         send[k % world, k // world, : shard.size(0)] = shard
     received = torch.empty_like(send)  # [q, c]: rank q's rows of matrix c*world + rank
     dist.all_to_all_single(received, send, group=group)
