@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny recipe over a tiny corpus, one pipeline run reused by many tests, and a small
-chat tokenizer and decoder for the post-training tests."""
+"""Shared fixtures: a tiny recipe over a tiny corpus (and one with every stage), one pipeline run reused by
+many tests, and a small chat tokenizer and decoder for the post-training tests."""
 
 from __future__ import annotations
 
@@ -84,6 +84,31 @@ def write_tiny_recipe(folder: Path, steps: int = 8) -> Path:
     corpus = write_corpus(folder)
     recipe = folder / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(corpus=corpus.name, steps=steps))
+    return recipe
+
+
+def write_all_stages_recipe(folder: Path) -> Path:
+    """The tiny corpus through every stage (pretraining, SFT and DPO with checkpoints every step or few,
+    eval, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's result then depends
+    on its thread count on this kind of machine, so an inherited thread count would show."""
+    recipe = write_tiny_recipe(folder, steps=10)
+    rng = random.Random(7)
+
+    def answer() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(120))
+
+    chats = [{"messages": [{"role": "user", "content": f"Write about {w}."},
+                           {"role": "assistant", "content": answer()}]} for w in WORDS * 4]  # fmt: skip
+    pairs = [{"prompt": f"Write about {w}.", "chosen": answer(), "rejected": answer()} for w in WORDS * 2]
+    (folder / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    text = recipe.read_text().replace("d_model = 32", "d_model = 64").replace("context = 32", "context = 128")
+    text = text.replace("micro_batch_size = 4", "micro_batch_size = 8")
+    text += ('\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\nepochs = 1\nmicro_batch_size = 16\n'
+             "checkpoint_interval = 1\n"
+             '\n[dpo]\ndata = [{ path = "pairs.jsonl", license = "CC0-1.0" }]\nepochs = 2\nmicro_batch_size = 8\n'
+             "held_out_fraction = 0.25\ncheckpoint_interval = 1\n")  # fmt: skip
+    recipe.write_text(text)
     return recipe
 
 

@@ -148,10 +148,12 @@ class ArtifactStore:
         metrics: dict[str, Any],
         seconds: float,
         sources: Any = None,
+        numerics: dict[str, Any] | None = None,
     ) -> Artifact:
         """Hash every output, write the manifest and rename the directory into place.
 
-        `sources` identifies raw inputs that are not artifacts (source files, the built-in corpus).
+        `sources` identifies raw inputs that are not artifacts (source files, the built-in corpus); `numerics`,
+        the thread count and math-library modes the stage ran with, joins the environment.
         """
         partial = self.partial_path(kind, digest)
         manifest = {
@@ -163,7 +165,7 @@ class ArtifactStore:
             "inputs": {name: art.ref() for name, art in sorted(inputs.items())},
             "sources": sources,
             "outputs": {p.relative_to(partial).as_posix(): sha256_file(p) for p in _output_files(partial)},
-            "environment": environment(),
+            "environment": {**environment(), **(numerics or {})},
             "command": sys.argv,
             "seconds": round(seconds, 3),
             "metrics": metrics,
@@ -173,7 +175,9 @@ class ArtifactStore:
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        return Artifact(kind, digest, final, manifest)
+        # as later runs will read it (keys sorted, tuples as lists), so nothing downstream depends on whether
+        # this stage was built in this process or found on disk
+        return Artifact(kind, digest, final, json.loads((final / MANIFEST).read_text()))
 
 
 def check_outputs(artifact: Artifact) -> list[str]:

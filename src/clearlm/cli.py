@@ -374,7 +374,9 @@ def verify(
     base_dir: Annotated[Path | None, typer.Option(help="where the recipe's data paths resolve (default: cwd)")] = None,
     workdir: Annotated[Path | None, typer.Option(help="where the scratch re-run goes (default: the temp dir)")] = None,
 ) -> None:
-    """Check RELEASE against its manifest, re-run its recipe and compare every stage bit for bit."""
+    """Check RELEASE against its manifest, re-run its recipe and compare every stage bit for bit.
+
+    Exit status: 0 reproduced bit for bit, 1 a real difference, 3 a difference no larger than float rounding."""
     from clearlm.release.verify import verify_release
 
     with _user_errors():
@@ -384,6 +386,10 @@ def verify(
             return
         for line in verdict.lines:
             console.print(line, highlight=False)
+        if verdict.rounding:
+            console.print(f"[yellow]reproduced only to float rounding[/]: first difference at {verdict.stage}",
+                          highlight=False)  # fmt: skip
+            raise typer.Exit(3)
         if not verdict.reproduced:
             console.print(f"[red]not reproduced[/]: first difference at {verdict.stage}", highlight=False)
             raise typer.Exit(1)

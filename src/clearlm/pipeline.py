@@ -35,6 +35,7 @@ from clearlm.eval.results import write_samples
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model, save_model
+from clearlm.numerics import begin_stage, stage_threads
 from clearlm.recipe import DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
@@ -130,13 +131,24 @@ def base_model(folder: Path, tok_cfg: TokenizerConfig) -> tuple[Transformer, Tok
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedRecipe, workdir: Path, reporter: Reporter | None = None) -> None:
+    """The recipe's stages in `workdir`. `threads` fixes a stage's thread count (as `verify` does, to re-run a
+    stage with the count its artifact recorded); otherwise it is `train.threads`, else this process's cores."""
+
+    def __init__(
+        self, loaded: LoadedRecipe, workdir: Path, reporter: Reporter | None = None,
+        threads: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
         self.loaded = loaded
         self.recipe = loaded.recipe
         self.workdir = Path(workdir)
         self.store = ArtifactStore(self.workdir / "artifacts")
         self.reporter = reporter or Reporter()
+        self.threads = threads or {}
         self._done: dict[str, Artifact] = {}
+
+    def _begin(self, kind: str, processes: int = 1) -> dict[str, Any]:
+        """Set the process state the stage's numbers depend on, whatever ran before it (see `numerics`)."""
+        return begin_stage(self.threads.get(kind) or stage_threads(self.recipe.train.threads, processes))
 
     @property
     def artifacts(self) -> dict[str, Artifact]:
@@ -151,6 +163,7 @@ class Pipeline:
         build: Callable[[Path], dict[str, Any] | None],
         extra: Any = None,
         keep_partial: bool = False,
+        processes: int = 1,
     ) -> Artifact | None:
         digest = compute_digest(kind, config, inputs, extra)
         found = self.store.lookup(kind, digest)
@@ -160,6 +173,7 @@ class Pipeline:
         self.reporter.stage_started(kind)
         started = time.perf_counter()
         work = self.store.start(kind, digest, keep_partial=keep_partial)
+        numerics = self._begin(kind, processes)
         try:
             metrics = build(work)
         except BaseException:
@@ -169,7 +183,7 @@ class Pipeline:
         if metrics is None:
             return None
         seconds = time.perf_counter() - started
-        art = self.store.finish(kind, digest, config, inputs, metrics, seconds, sources=extra)
+        art = self.store.finish(kind, digest, config, inputs, metrics, seconds, sources=extra, numerics=numerics)
         self.reporter.stage_finished(kind, art)
         return art
 
@@ -248,10 +262,11 @@ class Pipeline:
             if not w.main:
                 if self.store.lookup("train", digest) is None:
                     barrier(w)
+                    self._begin("train", w.size)
                     run(self.store.partial_path("train", digest))
                 return None
             self._announce_resume("train", digest, resume)
-            art = self._stage("train", config, inputs, build, keep_partial=resume)
+            art = self._stage("train", config, inputs, build, keep_partial=resume, processes=w.size)
             if art is None:
                 return None
             self._done["train"] = art

@@ -249,7 +249,7 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, gt=0)
     checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final")
     keep_optimizer: Literal["last", "all"] = "last"
-    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    threads: int = Field(0, ge=0, description="torch threads of every stage; 0 = this process's share of the cores")
     device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 

@@ -15,6 +15,7 @@ from clearlm.eval.preference import preference_accuracy, read_preferences
 from clearlm.eval.results import describe_inputs
 from clearlm.eval.scoring import Encoder
 from clearlm.eval.taskspec import resolve_tasks
+from clearlm.numerics import begin_stage, stage_threads
 from clearlm.recipe import SourceConfig
 from clearlm.release.load import bos_token_id, load_release
 
@@ -38,6 +39,7 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
     specs = resolve_tasks(req.tasks, req.task_files)
     if not (specs or req.bpb_files or req.preference_files):
         raise InputError("nothing to evaluate: pass --tasks (see --list), --task-file, --bpb or --preferences")
+    numerics = begin_stage(stage_threads(0))  # the same scores whatever the process did before
     model, tok, eos_id = load_release(req.model)
     prefix_id = bos_token_id(req.model, eos_id)
     started = time.perf_counter()
@@ -70,6 +72,7 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
             "reference": str(req.reference) if req.reference else None,
             "seconds": round(time.perf_counter() - started, 3),
         },
+        "numerics": numerics,
         **describe_inputs(req.model, specs, req.data_dir),
     }  # fmt: skip
     return results, samples, meta

@@ -7,24 +7,31 @@
    outputs (data, tokenizer, shards, training, evaluation) are compared with the sha256s recorded in
    `lineage.json`. Files that hold wall-clock times (the training log, checkpoint state) are
    compared without those fields, against the copies in the release where there is one.
-The first stage that differs is reported with its files, the largest weight difference, and the
-library versions that changed, the likely cause.
+The first stage that differs is reported with its files, the largest weight difference, the first
+training step that differs, and the likely cause (library versions, thread counts or math-library modes that
+changed). A difference no larger than float rounding (the runs part by at most `ROUNDING`, relatively, at
+their first differing step or result) is reported as such, apart from a real difference.
+Each stage re-runs with the thread count its artifact recorded: a sum split over another number of threads
+rounds differently.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
 
-from clearlm.artifacts import MANIFEST, environment, sha256_file
+from clearlm.artifacts import MANIFEST, sha256_file
 from clearlm.data.corpus import data_identity
 from clearlm.errors import InputError
+from clearlm.numerics import stage_threads
 from clearlm.pipeline import Pipeline, Reporter, post_training_sources
 from clearlm.recipe import load_recipe
 from clearlm.train.distributed import shared_path, world
@@ -33,6 +40,10 @@ STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
 TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json"), "sft": ("log.jsonl",), "dpo": ("log.jsonl",)}
 LOG_COPIES = {"train": "training/log.jsonl", "sft": "post_training/sft_log.jsonl", "dpo": "post_training/dpo_log.jsonl"}
 _TIME_KEYS = {"seconds", "tokens_per_s", "mfu", "train_seconds", "elapsed"}
+# The largest relative difference counted as float rounding where two runs first part: float32 carries ~6e-8,
+# and a step's sums and a result's means gather a few hundred such roundings. Any change of data, settings
+# or code moves a loss, a learning rate or a score by far more.
+ROUNDING = 1e-5
 
 
 @dataclass
@@ -42,6 +53,7 @@ class Verdict:
     stage: str | None = None
     files: list[str] = field(default_factory=list)
     max_weight_diff: float | None = None
+    rounding: bool = False  # the first difference is no larger than float rounding
 
 
 def integrity(folder: Path) -> list[str]:
@@ -71,12 +83,51 @@ def _jsonl(path: Path) -> list[Any]:
     return [_without_times(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _weight_diff(release_weights: Path, rerun_weights: Path) -> float:
-    """Largest absolute difference between the release's weights (transformers' names) and the re-run's."""
+def _weight_diff(release_weights: Path, rerun_weights: Path) -> tuple[float, float]:
+    """Largest absolute difference between the release's weights (transformers' names) and the re-run's, and
+    the largest absolute weight (its scale)."""
     left = {k.removeprefix("model."): v for k, v in load_file(release_weights).items()}
     right = {k.removeprefix("model."): v for k, v in load_file(rerun_weights).items()}
     common = [k for k in left.keys() & right.keys() if left[k].shape == right[k].shape]
-    return max(((left[k].float() - right[k].float()).abs().max().item() for k in common), default=float("inf"))
+    diff = max(((left[k].float() - right[k].float()).abs().max().item() for k in common), default=math.inf)
+    return diff, max((left[k].float().abs().max().item() for k in common), default=0.0)
+
+
+def _relative_difference(a: Any, b: Any) -> float:
+    """The largest relative difference between the numbers of two JSON values; inf where they differ otherwise
+    (other keys, lengths or text)."""
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        if a == b or (a != a and b != b):  # equal, or both NaN
+            return 0.0
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return math.inf
+        return abs(a - b) / max(abs(a), abs(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return math.inf
+        return max((_relative_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return math.inf
+        return max(map(_relative_difference, a, b), default=0.0)
+    return 0.0 if a == b else math.inf
+
+
+def _divergence(stage: str, release: Path, rerun: Any) -> tuple[int | None, float]:
+    """Where the re-run first parts from the release, and by how much (relative): the first differing step of
+    a training log, or the evaluation's results and samples; (None, 0.0) when those agree."""
+    if stage in LOG_COPIES:
+        for ours, theirs in zip_longest(_jsonl(release / LOG_COPIES[stage]), _jsonl(rerun.path / "log.jsonl")):
+            if ours != theirs:
+                return (ours or theirs).get("step"), _relative_difference(ours, theirs)
+        return None, 0.0
+    if stage == "eval":
+        results = _relative_difference(json.loads((release / "eval" / "results.json").read_text()), rerun.metrics)
+        samples = [(release / "eval" / "samples.jsonl", rerun.path / "samples.jsonl")]
+        return None, max([results] + [_relative_difference(_jsonl(a), _jsonl(b)) for a, b in samples
+                                      if a.is_file() and b.is_file()])  # fmt: skip
+    return None, math.inf  # data, tokenizer and shards hold no float results: any difference is real
 
 
 def _release_copy(folder: Path, stage: str, stages: list[str]) -> Path | None:
@@ -112,11 +163,15 @@ def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Pa
     return differ + [rel for rel in produced if rel not in recorded["outputs"]], timed
 
 
-def _environment_changes(lineage: dict[str, Any]) -> list[str]:
-    now = environment()
-    then = next(iter(lineage.values()))["environment"]
+def _environment_changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Library versions, thread counts and math-library modes that differ between the release's stage and here."""
     return [f"{k} {then.get(k)} (release) vs {now.get(k)} (here)" for k in sorted(set(then) | set(now))
             if k not in ("platform", "cpu_count") and then.get(k) != now.get(k)]  # fmt: skip
+
+
+def _recorded_threads(lineage: dict[str, Any], stages: list[str]) -> dict[str, int]:
+    """The thread count each stage recorded (releases made before clearlm recorded it have none)."""
+    return {s: lineage[s]["environment"]["threads"] for s in stages if "threads" in lineage[s].get("environment", {})}
 
 
 def verify_release(
@@ -152,12 +207,15 @@ def verify_release(
     w = world()
     with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as own:
         scratch = shared_path(own, w)  # under torchrun every rank re-runs training in rank 0's folder
-        pipe = Pipeline(loaded, Path(scratch), reporter)
+        stages = [stage for stage in STAGES if stage in lineage]
+        pipe = Pipeline(loaded, Path(scratch), reporter, threads=_recorded_threads(lineage, stages))
         if not w.main:  # the other ranks only take part in pretraining
             if "train" in lineage:
                 pipe.train()
             return Verdict(True, [])
-        stages = [stage for stage in STAGES if stage in lineage]
+        pinned = {s: n for s, n in pipe.threads.items() if n != stage_threads(0, lineage[s].get("world_size", 1))}
+        if pinned:
+            pipe.reporter.note(f"re-running with the thread counts the release recorded, not this machine's: {pinned}")
         rerun = {stage: pipe.train() if stage == "train" else getattr(pipe, stage)() for stage in stages}
         lines = []
         for stage in stages:
@@ -169,21 +227,29 @@ def verify_release(
                 lines.append(f"{stage}: reproduced bit-for-bit, {len(lineage[stage]['outputs'])} files{note}")
                 continue
             verdict = Verdict(False, lines, stage=stage, files=differ)
-            lines.append(f"{stage}: differs: {', '.join(differ[:8])}")
-            if "model.safetensors" in differ:
-                copy = _release_copy(folder, stage, stages)
-                if copy is None:
-                    lines.append(f"  the release holds no copy of the {stage} weights to measure the difference")
-                else:
-                    verdict.max_weight_diff = _weight_diff(copy, rerun[stage].path / "model.safetensors")
-                    lines.append(f"  largest absolute weight difference: {verdict.max_weight_diff:.3g} "
-                                 f"({copy.relative_to(folder)})")  # fmt: skip
-            changes = _environment_changes(lineage)
+            step, relative = _divergence(stage, folder, rerun[stage])
+            details = [f"first at step {step}"] if step is not None else []
+            details += [f"largest relative difference there {relative:.2g}"] if 0 < relative < math.inf else []
+            verdict.rounding = 0 < relative <= ROUNDING
+            if "model.safetensors" in differ and (copy := _release_copy(folder, stage, stages)) is not None:
+                verdict.max_weight_diff, scale = _weight_diff(copy, rerun[stage].path / "model.safetensors")
+                details.insert(0, f"max |Δ| {verdict.max_weight_diff:.3g} in the weights ({copy.relative_to(folder)})")
+                if relative == 0:  # the log agrees to the last step: only that step's update can differ
+                    verdict.rounding = 0 < verdict.max_weight_diff <= ROUNDING * scale
+            elif "model.safetensors" in differ:
+                details.append(f"the release holds no copy of the {stage} weights to measure the difference")
+            kind = "differs at float-rounding level" if verdict.rounding else "differs"
+            lines.append(f"{stage}: {kind} ({'; '.join(details)}): {', '.join(differ[:8])}" if details
+                         else f"{stage}: {kind}: {', '.join(differ[:8])}")  # fmt: skip
+            changes = _environment_changes(lineage[stage]["environment"], rerun[stage].manifest["environment"])
             trained_on, here = lineage[stage].get("world_size", 1), w.size
             if stage == "train" and trained_on != here:
                 changes.insert(0, f"trained on {trained_on} processes, re-run on {here} (sums in another order); run "
                                   f"`torchrun --nproc_per_node {trained_on} -m clearlm verify` to match")  # fmt: skip
-            unchanged = "none of the recorded library versions changed (nondeterminism or a different machine)"
+            unchanged = (
+                "none of the recorded library versions, thread counts or math-library modes changed "
+                "(a kernel that is not deterministic here, or another CPU)"
+            )
             lines.append("  likely cause: " + ("; ".join(changes) if changes else unchanged))
             return verdict
     return Verdict(True, lines)

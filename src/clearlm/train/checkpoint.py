@@ -110,7 +110,7 @@ def save_checkpoint(
     # which parameters had optimizer state: one that never had a gradient has none, and must get none on resume
     held = sorted(optim["state"])
     trainer = {**state, "step": step, "param_groups": optim["param_groups"], "optimizer_state_of": held}
-    (tmp / STATE).write_text(json.dumps(trainer, indent=2) + "\n")
+    (tmp / STATE).write_text(json.dumps(trainer, indent=2, sort_keys=True) + "\n")  # the same bytes after a resume
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

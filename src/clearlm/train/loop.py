@@ -29,7 +29,7 @@ from clearlm.recipe import Recipe, TrainConfig
 from clearlm.train import checkpoint
 from clearlm.train.distributed import SINGLE, World, barrier, check_supported, sync_gradients, wrap
 from clearlm.train.optim import build_optimizer, lr_factor, set_lr
-from clearlm.train.perf import device_peak_flops, keep_freed_memory
+from clearlm.train.perf import device_peak_flops
 
 LOG = "log.jsonl"
 StepCallback = Callable[[dict[str, Any]], None]
@@ -102,13 +102,6 @@ def compile_blocks(model: Transformer, device: torch.device) -> str | None:
     return None
 
 
-def available_cpus() -> int:
-    """Cores this process may use (affinity-aware, unlike os.cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 @torch.no_grad()
 def validation_loss(
     engine: nn.Module, sampler: WindowSampler, cfg: TrainConfig, device: torch.device,
@@ -176,14 +169,11 @@ def pretrain(
     """Train from scratch (or resume) into `out`; return summary metrics. Stops early at `stop_after`.
 
     Under torchrun every rank calls this with the same `out`; rank 0 writes the log, the checkpoints and
-    the model, the others only compute."""
+    the model, the others only compute. It runs with the process's thread count: the pipeline sets it for the
+    stage (`clearlm.numerics.begin_stage`)."""
     cfg = recipe.train
-    threads = cfg.threads or max(1, available_cpus() // w.size)
-    torch.set_num_threads(threads)
     device = pick_device(cfg, w)
-    if device.type == "cpu":
-        keep_freed_memory()
-    else:
+    if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     check_supported(cfg, w)
     note = on_note or (lambda _: None)
@@ -223,7 +213,7 @@ def pretrain(
     barrier(w)
 
     flops_per_token = model.flops_per_token()
-    peak = device_peak_flops(device, threads, cfg.peak_flops)
+    peak = device_peak_flops(device, torch.get_num_threads(), cfg.peak_flops)
     windows_per_step = cfg.micro_batch_size * cfg.grad_accum_steps
     tokens_per_step = windows_per_step * mcfg.context
     end = min(cfg.max_steps, stop_after) if stop_after else cfg.max_steps

@@ -1,10 +1,12 @@
 """Throughput accounting for model FLOPs use (MFU): on CPU the machine's fp32 matmul peak, measured once
 and cached; on GPU the named device's dense bf16 tensor-core peak from its datasheet (or the recipe's
-`train.peak_flops`), never one card's constant for all."""
+`train.peak_flops`), never one card's constant for all.
+
+Measuring the peak leaves nothing behind in the process (its random operands come from a generator of its
+own, the thread count is restored), so a run with a cold cache computes the same numbers as a warm one."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -24,7 +26,8 @@ def measure_matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        gen = torch.Generator().manual_seed(0)  # never the global generator, which checkpoints record
+        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
         torch.mm(a, b)
         best = float("inf")
         for _ in range(repeats):
@@ -87,21 +90,3 @@ def device_peak_flops(device: torch.device, threads: int, override: float | None
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
     return cpu_matmul_peak(threads)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to reuse freed memory instead of returning it to the OS after every large tensor.
-
-    By default glibc serves allocations above a (dynamic) threshold with fresh mmap pages, so each
-    new activation pays one page fault per 4 KiB; PyTorch's CPU allocator has no cache of its own.
-    This is what preloading jemalloc or tcmalloc achieves, done in-process. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest threshold glibc accepts on 64-bit
-    ok &= libc.mallopt(m_trim_threshold, 1 << 30)
-    ok &= libc.mallopt(m_top_pad, 64 << 20)
-    return bool(ok)
