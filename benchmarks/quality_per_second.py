@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from clearlm.numerics import keep_freed_memory
 from clearlm.pipeline import Pipeline
 from clearlm.recipe import load_recipe
+from clearlm.train.perf import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 

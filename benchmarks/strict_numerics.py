@@ -17,6 +17,8 @@ import platform
 import subprocess
 import sys
 
+from clearlm.numerics import available_cpus
+
 STEP = """
 import hashlib, json, sys, time
 import torch
@@ -58,25 +60,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=available_cpus())
     args = ap.parse_args()
     best: dict[str, float] = {}
     seen: dict[str, str] = {}
-    weights: dict[str, dict[int, str]] = {name: {} for name in MODES}
+    weights: dict[str, set[tuple[int, str]]] = {name: set() for name in MODES}  # (threads, digest) of every run
     for _ in range(args.rounds):
         for name, mode in MODES.items():
             result = measure(mode, args.threads, args.steps)
             best[name] = min(best.get(name, float("inf")), result["seconds"])
             seen[name] = result["mode"]
-            weights[name][args.threads] = result["weights"]
+            weights[name].add((args.threads, result["weights"]))
     for name, mode in MODES.items():
-        weights[name][1] = measure(mode, 1, args.steps)["weights"]
+        weights[name].add((1, measure(mode, 1, args.steps)["weights"]))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
     print(f"machine: {machine}; quickstart model (d 192, 4 layers, context 256, batch 16, Muon), "
           f"{args.steps} steps, best of {args.rounds} rounds")  # fmt: skip
-    print(f"{'MKL mode':<30} {'s/step':>8} {'vs default':>10}  weights with 1 and {args.threads} threads")
+    print(f"{'MKL mode':<30} {'s/step':>8} {'vs default':>10}  weights of every round, 1 and {args.threads} threads")
     for name in MODES:
-        same = "identical" if len(set(weights[name].values())) == 1 else "differ"
+        same = "identical" if len({digest for _, digest in weights[name]}) == 1 else "differ"
         label = f"{name} ({seen[name]})"
         print(f"{label:<30} {best[name]:8.3f} {best[name] / best['MKL default']:9.2f}x  {same}")
 

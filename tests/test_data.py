@@ -257,3 +257,19 @@ def test_a_split_field_in_user_metadata_does_not_decide_the_split(tmp_path):
     metrics = build_corpus(cfg, tmp_path, tmp_path / "out")
     assert metrics["documents"]["train"] + metrics["documents"]["validation"] == 60
     assert metrics["documents"]["validation"] > 0
+
+
+def test_an_empty_text_file_is_a_counted_reject(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(6):
+        (notes / f"n{i}.txt").write_text(f"some words in note number {i}\n")
+    (notes / "empty.txt").write_text("")
+    (notes / "blank.md").write_text("  \n\n")
+    (tmp_path / "out").mkdir()
+    cfg = DataConfig(sources=[SourceConfig(path="notes", license="CC0-1.0")], validation_fraction=0.3)
+    metrics = build_corpus(cfg, tmp_path, tmp_path / "out")
+    assert metrics["documents"]["train"] + metrics["documents"]["validation"] == 6
+    assert metrics["rejects"] == {"the file has no text": 2}
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["where"].rsplit("/", 1)[-1] for r in rejects) == ["blank.md", "empty.txt"]

@@ -15,11 +15,9 @@ import pytest
 import torch
 from conftest import write_all_stages_recipe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kill_trials import STAGES, first_difference, stage_outputs
-
 from clearlm.artifacts import sha256_file
-from clearlm.numerics import begin_stage, numerics
+from clearlm.numerics import available_cpus, begin_stage, numerics, stage_threads
+from clearlm.release.compare import STAGES, first_difference, stage_outputs
 from clearlm.release.verify import verify_release
 from clearlm.train.perf import measure_matmul_peak
 
@@ -89,7 +87,9 @@ def test_every_stage_gives_the_same_bytes_whatever_ran_before_it_in_the_process(
     for history in ("fresh", "resumed", "loaded"):
         assert first_difference(together, stage_outputs(tmp_path / history)) is None, history
     manifest = json.loads(next((tmp_path / "fresh" / "artifacts").glob("sft-*[!l]/manifest.json")).read_text())
-    assert manifest["environment"]["threads"] == numerics()["threads"] != 1, "the stage set its threads itself"
+    assert manifest["environment"]["threads"] == stage_threads(0), "the stage set its threads itself"
+    if available_cpus() > 1:
+        assert manifest["environment"]["threads"] != 1, "not the count the disturbance left"
 
 
 def _edited(release: Path, to: Path, rel: str, edit) -> Path:
@@ -103,10 +103,12 @@ def _edited(release: Path, to: Path, rel: str, edit) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif("mkl_cbwr" not in numerics(), reason="the rounding case changes MKL's mode; this torch has no MKL")
 def test_verify_tells_a_float_rounding_difference_from_a_real_one(reference, tmp_path):
     folder = reference[1]
     release = folder / "together" / "tiny" / "release"
-    # MKL outside its strict reproducible mode: its sums are split another way, the last bits change
+    # MKL outside its strict reproducible mode: its sums are split another way, the last bits change (on the
+    # x86-64 CPUs this was tried on; a CPU where both modes agree would make this case reproduce exactly)
     env = {**os.environ, "MKL_CBWR": "AUTO", "XDG_CACHE_HOME": str(folder / "warm-cache")}
     rounding = subprocess.run([sys.executable, "-m", "clearlm", "verify", str(release), "--base-dir", str(folder),
                                "--workdir", str(tmp_path)], env=env, capture_output=True, text=True)  # fmt: skip

@@ -232,3 +232,30 @@ def test_language_identification_keeps_english_and_records_the_score():
     german = "Der schnelle braune Fuchs springt über den faulen Hund und läuft dann schnell nach Hause."
     assert _run("language", german) == Removed("language_de")
     assert _run("language", german, languages=["de"])["metadata"]["language"] == "de"
+
+
+PII_VALUES = [("email", "jane.doe@example.org"), ("ip", "203.0.113.42"), ("phone", "555-123-4567"),
+              ("phone", "(555) 123-4567"), ("phone", "+1 555 123 4567")]  # fmt: skip
+AROUND = [(" ", "."), (" ", ","), (" ", ";"), (" ", ":"), (" ", "!"), (" ", "?"), ("(", ")"), ("[", "]"), ("{", "}"),
+          ("<", ">"), ('"', '"'), ("'", "'"), ("“", "”"), ("\n", "\n"), ("\t", "\r\n"), (" ", ".)")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "value"), PII_VALUES)
+@pytest.mark.parametrize(("before", "after"), AROUND)
+def test_every_pii_kind_is_masked_beside_punctuation_brackets_quotes_and_line_ends(kind, value, before, after):
+    from clearlm.data.pii import PATTERNS, MaskPII
+    from clearlm.recipe import PIIStep
+
+    doc = {"id": "d", "text": f"Reach it at{before}{value}{after} today", "source": "s"}
+    masked = MaskPII(PIIStep(type="pii"))(doc)
+    assert masked.doc["text"] == f"Reach it at{before}{PATTERNS[kind][1]}{after} today"
+    assert masked.counts == {kind: 1}
+
+
+@pytest.mark.parametrize("text", ["Version 1.2.3.4.5 is out.", "Build 10.0.0.256 failed.", "See 1.2.3.4.5."])
+def test_dotted_numbers_that_are_not_addresses_stay(text):
+    from clearlm.data.pii import MaskPII
+    from clearlm.recipe import PIIStep
+
+    doc = {"id": "d", "text": text, "source": "s"}
+    assert MaskPII(PIIStep(type="pii"))(doc) is doc

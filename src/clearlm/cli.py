@@ -275,6 +275,7 @@ def eval_(
     num_fewshot: Annotated[int, typer.Option(min=0)] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items of each task")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: all cores); scores are exact per count")] = 0,
     output: Annotated[Path | None, typer.Option(help="where results.json and samples.jsonl go")] = None,
     list_tasks: Annotated[bool, typer.Option("--list", help="list the built-in tasks and exit")] = False,
     set_: SetOpt = None,
@@ -288,7 +289,7 @@ def eval_(
         if target is not None and (Path(target) / "config.json").is_file():
             req = EvalRequest(
                 Path(target), [t.strip() for t in (tasks or "").split(",") if t.strip()], task_file or [], data_dir,
-                bpb or [], preferences or [], reference, num_fewshot, limit, batch_size,
+                bpb or [], preferences or [], reference, num_fewshot, limit, batch_size, threads,
             )  # fmt: skip
             results, samples, meta = evaluate_model(req)
             out = output or workdir / "eval" / Path(target).resolve().name

@@ -35,7 +35,7 @@ from clearlm.eval.results import write_samples
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model, save_model
-from clearlm.numerics import begin_stage, stage_threads
+from clearlm.numerics import begin_stage, cnr_not_in_effect, stage_threads
 from clearlm.recipe import DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
@@ -50,6 +50,7 @@ from clearlm.train.dpo import (
     truncate,
 )
 from clearlm.train.loop import pretrain
+from clearlm.train.perf import keep_freed_memory
 from clearlm.train.sft import prepare, train_sft
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval", "release")
@@ -145,10 +146,17 @@ class Pipeline:
         self.reporter = reporter or Reporter()
         self.threads = threads or {}
         self._done: dict[str, Artifact] = {}
+        self._warned = False
 
     def _begin(self, kind: str, processes: int = 1) -> dict[str, Any]:
-        """Set the process state the stage's numbers depend on, whatever ran before it (see `numerics`)."""
-        return begin_stage(self.threads.get(kind) or stage_threads(self.recipe.train.threads, processes))
+        """Set the process state the stage's numbers depend on, whatever ran before it (see `numerics`), and
+        the allocator options training wants, for every stage alike."""
+        keep_freed_memory()
+        info = begin_stage(self.threads.get(kind) or stage_threads(self.recipe.train.threads, processes))
+        if (warning := cnr_not_in_effect(info)) and not self._warned:
+            self.reporter.note(warning)
+            self._warned = True
+        return info
 
     @property
     def artifacts(self) -> dict[str, Artifact]:

@@ -12,7 +12,8 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 PATTERNS = {
     "email": (re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
               "|||EMAIL_ADDRESS|||"),
-    "ip": (re.compile(rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?![\w.])"), "|||IP_ADDRESS|||"),
+    # not inside a longer dotted number (1.2.3.4.5), but a sentence's full stop may follow
+    "ip": (re.compile(rf"(?<!\w)(?<!\d\.)(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.\d)"), "|||IP_ADDRESS|||"),
     "phone": (re.compile(r"(?<![\w+])(?:\+?1[-. ])?\(?\d{3}\)?[-. ]\d{3}[-. ]\d{4}(?!\w)"), "|||PHONE_NUMBER|||"),
 }  # fmt: skip
 

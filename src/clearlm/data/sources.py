@@ -189,6 +189,8 @@ def _text_documents(path: Path, root: Path, source: str, license: str, tail: flo
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise BadRecord(str(path), "not valid UTF-8 text") from None
+    if not text.strip():
+        raise BadRecord(str(path), "the file has no text")
     rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
     parts: list[tuple[str, str, dict[str, Any]]] = [("", text, {})]
     if tail is not None:

@@ -32,6 +32,7 @@ class EvalRequest:
     num_fewshot: int = 0
     limit: int | None = None
     batch_size: int = 16
+    threads: int = 0  # 0: this process's cores; a sum split over another count of threads rounds differently
 
 
 def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
@@ -39,7 +40,7 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
     specs = resolve_tasks(req.tasks, req.task_files)
     if not (specs or req.bpb_files or req.preference_files):
         raise InputError("nothing to evaluate: pass --tasks (see --list), --task-file, --bpb or --preferences")
-    numerics = begin_stage(stage_threads(0))  # the same scores whatever the process did before
+    numerics = begin_stage(stage_threads(req.threads))  # the same scores whatever the process did before
     model, tok, eos_id = load_release(req.model)
     prefix_id = bos_token_id(req.model, eos_id)
     started = time.perf_counter()

@@ -34,12 +34,12 @@ from clearlm.errors import InputError
 from clearlm.numerics import stage_threads
 from clearlm.pipeline import Pipeline, Reporter, post_training_sources
 from clearlm.recipe import load_recipe
+from clearlm.release.compare import jsonl
 from clearlm.train.distributed import shared_path, world
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
 TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json"), "sft": ("log.jsonl",), "dpo": ("log.jsonl",)}
 LOG_COPIES = {"train": "training/log.jsonl", "sft": "post_training/sft_log.jsonl", "dpo": "post_training/dpo_log.jsonl"}
-_TIME_KEYS = {"seconds", "tokens_per_s", "mfu", "train_seconds", "elapsed"}
 # The largest relative difference counted as float rounding where two runs first part: float32 carries ~6e-8,
 # and a step's sums and a result's means gather a few hundred such roundings. Any change of data, settings
 # or code moves a loss, a learning rate or a score by far more.
@@ -69,18 +69,6 @@ def integrity(folder: Path) -> list[str]:
     problems += [f"{p.relative_to(folder).as_posix()}: not in manifest" for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed]  # fmt: skip
     return problems
-
-
-def _without_times(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _without_times(v) for k, v in obj.items() if k not in _TIME_KEYS}
-    if isinstance(obj, list):
-        return [_without_times(v) for v in obj]
-    return obj
-
-
-def _jsonl(path: Path) -> list[Any]:
-    return [_without_times(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _weight_diff(release_weights: Path, rerun_weights: Path) -> tuple[float, float]:
@@ -118,14 +106,14 @@ def _divergence(stage: str, release: Path, rerun: Any) -> tuple[int | None, floa
     """Where the re-run first parts from the release, and by how much (relative): the first differing step of
     a training log, or the evaluation's results and samples; (None, 0.0) when those agree."""
     if stage in LOG_COPIES:
-        for ours, theirs in zip_longest(_jsonl(release / LOG_COPIES[stage]), _jsonl(rerun.path / "log.jsonl")):
+        for ours, theirs in zip_longest(jsonl(release / LOG_COPIES[stage]), jsonl(rerun.path / "log.jsonl")):
             if ours != theirs:
                 return (ours or theirs).get("step"), _relative_difference(ours, theirs)
         return None, 0.0
     if stage == "eval":
         results = _relative_difference(json.loads((release / "eval" / "results.json").read_text()), rerun.metrics)
         samples = [(release / "eval" / "samples.jsonl", rerun.path / "samples.jsonl")]
-        return None, max([results] + [_relative_difference(_jsonl(a), _jsonl(b)) for a, b in samples
+        return None, max([results] + [_relative_difference(jsonl(a), jsonl(b)) for a, b in samples
                                       if a.is_file() and b.is_file()])  # fmt: skip
     return None, math.inf  # data, tokenizer and shards hold no float results: any difference is real
 
@@ -156,7 +144,7 @@ def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Pa
         if any(fnmatch(rel, pattern) for pattern in TIMED.get(stage, ())):
             if rel == "log.jsonl":
                 timed.append(rel)
-                if _jsonl(release / LOG_COPIES[stage]) != _jsonl(rerun.path / rel):
+                if jsonl(release / LOG_COPIES[stage]) != jsonl(rerun.path / rel):
                     differ.append(rel)
             continue
         differ.append(rel)
@@ -164,14 +152,19 @@ def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Pa
 
 
 def _environment_changes(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Library versions, thread counts and math-library modes that differ between the release's stage and here."""
-    return [f"{k} {then.get(k)} (release) vs {now.get(k)} (here)" for k in sorted(set(then) | set(now))
-            if k not in ("platform", "cpu_count") and then.get(k) != now.get(k)]  # fmt: skip
+    """What the release's stage recorded (library versions, thread count, MKL mode and code path) that differs
+    here; what it did not record is left out, except an MKL mode that releases made before clearlm set one lack."""
+    changes = [f"{k} {then[k]} (release) vs {now.get(k)} (here)" for k in sorted(then)
+               if k not in ("platform", "cpu_count") and then[k] != now.get(k)]  # fmt: skip
+    if "mkl_cbwr" in now and "mkl_cbwr" not in then:
+        changes.append("the release recorded no MKL mode (made before clearlm chose one): MKL_CBWR=BRANCH_OFF in "
+                       "the environment re-runs it in MKL's default mode")  # fmt: skip
+    return changes
 
 
 def _recorded_threads(lineage: dict[str, Any], stages: list[str]) -> dict[str, int]:
     """The thread count each stage recorded (releases made before clearlm recorded it have none)."""
-    return {s: lineage[s]["environment"]["threads"] for s in stages if "threads" in lineage[s].get("environment", {})}
+    return {s: env["threads"] for s in stages if "threads" in (env := lineage[s].get("environment") or {})}
 
 
 def verify_release(
@@ -213,7 +206,8 @@ def verify_release(
             if "train" in lineage:
                 pipe.train()
             return Verdict(True, [])
-        pinned = {s: n for s, n in pipe.threads.items() if n != stage_threads(0, lineage[s].get("world_size", 1))}
+        own = loaded.recipe.train.threads
+        pinned = {s: n for s, n in pipe.threads.items() if n != stage_threads(own, lineage[s].get("world_size", 1))}
         if pinned:
             pipe.reporter.note(f"re-running with the thread counts the release recorded, not this machine's: {pinned}")
         rerun = {stage: pipe.train() if stage == "train" else getattr(pipe, stage)() for stage in stages}
@@ -241,7 +235,8 @@ def verify_release(
             kind = "differs at float-rounding level" if verdict.rounding else "differs"
             lines.append(f"{stage}: {kind} ({'; '.join(details)}): {', '.join(differ[:8])}" if details
                          else f"{stage}: {kind}: {', '.join(differ[:8])}")  # fmt: skip
-            changes = _environment_changes(lineage[stage]["environment"], rerun[stage].manifest["environment"])
+            recorded_env = lineage[stage].get("environment") or {}
+            changes = _environment_changes(recorded_env, rerun[stage].manifest["environment"])
             trained_on, here = lineage[stage].get("world_size", 1), w.size
             if stage == "train" and trained_on != here:
                 changes.insert(0, f"trained on {trained_on} processes, re-run on {here} (sums in another order); run "
