@@ -1,6 +1,7 @@
 """kill -9 at random moments: does `clearlm run --resume` always finish with what an uninterrupted run makes?
 
-One uninterrupted `clearlm run` of a small recipe with every stage is the reference; it also times each stage.
+One uninterrupted `clearlm run` of a small recipe with every stage is the reference (a second one must agree
+with it, or no kill can be judged); it also times each stage.
 Each trial starts the same run in a fresh work directory, picks a stage at random, waits until the run says it
 is building that stage, waits a random part of the stage's reference duration and kills the whole process
 group with SIGKILL; then it runs `clearlm run --resume` to the end. After every trial it checks:
@@ -47,7 +48,7 @@ def incomplete_artifacts(workdir: Path) -> list[str]:
     missing or differs from its digest."""
     bad = []
     for art in sorted((workdir / "artifacts").iterdir()) if (workdir / "artifacts").is_dir() else []:
-        if art.name.endswith(".partial"):
+        if art.name.endswith(".partial") or art.name.startswith("."):  # work in progress; the locks
             continue
         try:
             manifest = json.loads((art / MANIFEST).read_text())
@@ -189,12 +190,18 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="kill-trials-"))
     rng = random.Random(args.seed)
 
-    ref = Run(command(args.recipe, sets, root / "reference"))
-    if ref.finish() != 0:
-        sys.exit("the reference run failed:\n" + "\n".join(line for _, line in ref.lines[-20:]))
-    reference, windows = stage_outputs(root / "reference"), ref.windows()
-    print(f"reference run: {ref.lines[-1][0]:.1f} s; stages: "
-          + ", ".join(f"{s} {d:.1f} s" for s, d in windows.items()), flush=True)  # fmt: skip
+    refs = []
+    for k in (1, 2):
+        refs.append(ref := Run(command(args.recipe, sets, root / f"reference-{k}")))
+        if ref.finish() != 0:
+            sys.exit("a reference run failed:\n" + "\n".join(line for _, line in ref.lines[-20:]))
+    reference, windows = stage_outputs(root / "reference-1"), refs[0].windows()
+    # two uninterrupted runs must agree before any kill is judged against them
+    unreproducible = first_difference(reference, stage_outputs(root / "reference-2"))
+    print(f"reference run: {refs[0].lines[-1][0]:.1f} s; stages: "
+          + ", ".join(f"{s} {d:.1f} s" for s, d in windows.items())
+          + f"; a second uninterrupted run {'differs: ' + unreproducible if unreproducible else 'agrees'}",
+          flush=True)  # fmt: skip
 
     records, hits = [], Counter()
     for k in range(args.trials):
@@ -206,13 +213,16 @@ def main() -> None:
         print(f"trial {k + 1:3d}: killed {record['delay']:5.2f} s into {stage:<9} (hit: {record['hit']:<15}) "
               f"checkpoints {record['checkpoints'] or '-'}: {status}", flush=True)  # fmt: skip
     failed = [r for r in records if r["problems"]]
-    print(f"\n{len(records)} trials, {len(records) - len(failed)} ok, {len(failed)} with a problem")
+    print(
+        f"\n{len(records)} trials, {len(records) - len(failed)} ok, {len(failed)} with a problem"
+        + ("; the two uninterrupted runs differ" if unreproducible else "")
+    )
     print("kill points per stage: " + ", ".join(f"{s} {n}" for s, n in sorted(hits.items())))
     resumed = Counter(s for r in records for s in r["checkpoints"])
     print("resumed from a checkpoint: " + (", ".join(f"{s} {n}" for s, n in sorted(resumed.items())) or "none"))
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if failed or unreproducible else 0)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 An artifact's digest hashes its kind, its config, its inputs' digests and the clearlm version, so a
 stage whose digest already exists on disk can be skipped, and a changed setting re-runs exactly the
 stages downstream of it. Stages write into `<name>.partial/` and the directory is renamed into place
-only when its manifest is complete, so a half-written artifact never looks finished.
+only when its manifest is complete, so a half-written artifact never looks finished. One process at a
+time builds an artifact: it holds the artifact's lock (`flock`, which the kernel releases when the
+process dies, even by kill -9), and another run that needs the same artifact waits, then finds it built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -15,6 +18,7 @@ import os
 import platform
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -22,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from clearlm import __version__
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 MANIFEST = "manifest.json"
 _ENV_PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pydantic")
@@ -131,6 +140,35 @@ class ArtifactStore:
             return None
         return Artifact(kind, digest, path, manifest)
 
+    @contextlib.contextmanager
+    def building(self, kind: str, digest: str, note: Callable[[str], None]) -> Iterator[None]:
+        """Hold the artifact's lock while building it. If another process holds it, say which and wait; if the
+        last holder died while building (its record is still in the lock file), say that its work is taken over."""
+        if fcntl is None:  # pragma: no cover - Windows: no advisory locks here; one run per work directory
+            yield
+            return
+        lock = self.root / ".locks" / f"{self.path_for(kind, digest).name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                note(f"{kind}: waiting for {_holder(f) or 'another process'}, which is building it")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            else:
+                if holder := _holder(f):
+                    note(f"{kind}: {holder} stopped while building it (killed?); taking over its work")
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)}))
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()  # an empty lock file: its last holder finished
+                f.flush()
+
     def start(self, kind: str, digest: str, keep_partial: bool = False) -> Path:
         """A clean (or, with keep_partial, the existing) working directory for building an artifact."""
         partial = self.partial_path(kind, digest)
@@ -178,6 +216,18 @@ class ArtifactStore:
         # as later runs will read it (keys sorted, tuples as lists), so nothing downstream depends on whether
         # this stage was built in this process or found on disk
         return Artifact(kind, digest, final, json.loads((final / MANIFEST).read_text()))
+
+
+def _holder(lock_file: Any) -> str | None:
+    """The process a lock file names ("process 123 (clearlm run ...)"), or None when it names none."""
+    lock_file.seek(0)
+    try:
+        record = json.loads(lock_file.read() or "null")
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or "pid" not in record:
+        return None
+    return f"process {record['pid']} ({record.get('command', '?')[:80]})"
 
 
 def check_outputs(artifact: Artifact) -> list[str]:

@@ -172,12 +172,26 @@ class Pipeline:
         extra: Any = None,
         keep_partial: bool = False,
         processes: int = 1,
+        resume: bool | None = None,
     ) -> Artifact | None:
+        """Find the stage's artifact, or build it holding its lock (another run may be building it: then wait
+        and find it). `resume` (for stages that checkpoint) says whether an interrupted build continues."""
         digest = compute_digest(kind, config, inputs, extra)
         found = self.store.lookup(kind, digest)
-        if found:
-            self.reporter.stage_skipped(kind, found)
-            return found
+        if found is None:
+            with self.store.building(kind, digest, self.reporter.note):
+                found = self.store.lookup(kind, digest)
+                if found is None:
+                    if resume is not None:
+                        self._announce_resume(kind, digest, resume)
+                    return self._build(kind, digest, config, inputs, build, extra, keep_partial, processes)
+        self.reporter.stage_skipped(kind, found)
+        return found
+
+    def _build(
+        self, kind: str, digest: str, config: Any, inputs: dict[str, Artifact],
+        build: Callable[[Path], dict[str, Any] | None], extra: Any, keep_partial: bool, processes: int,
+    ) -> Artifact | None:  # fmt: skip
         self.reporter.stage_started(kind)
         started = time.perf_counter()
         work = self.store.start(kind, digest, keep_partial=keep_partial)
@@ -273,16 +287,13 @@ class Pipeline:
                     self._begin("train", w.size)
                     run(self.store.partial_path("train", digest))
                 return None
-            self._announce_resume("train", digest, resume)
-            art = self._stage("train", config, inputs, build, keep_partial=resume, processes=w.size)
+            art = self._stage("train", config, inputs, build, keep_partial=resume, processes=w.size, resume=resume)
             if art is None:
                 return None
             self._done["train"] = art
         return self._done["train"]
 
     def _announce_resume(self, kind: str, digest: str, resume: bool) -> None:
-        if self.store.lookup(kind, digest):
-            return
         found = latest_checkpoint(self.store.partial_path(kind, digest) / "checkpoints")
         if found and resume:
             self.reporter.note(f"{kind}: resuming from {found.name}")
@@ -435,8 +446,7 @@ class Pipeline:
     ) -> Artifact | None:
         """Run (or find, or resume) an SFT or DPO stage; None when it stopped early."""
         config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
-        self._announce_resume(kind, compute_digest(kind, config, inputs, extra), resume)
-        art = self._stage(kind, config, inputs, build, extra=extra, keep_partial=resume)
+        art = self._stage(kind, config, inputs, build, extra=extra, keep_partial=resume, resume=resume)
         if art is not None:
             self._done[kind] = art
         return art

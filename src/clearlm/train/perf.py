@@ -52,7 +52,7 @@ def cpu_matmul_peak(threads: int) -> float:
         cache[key] = measure_matmul_peak(threads)
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(".tmp")
+            tmp = file.with_suffix(f".{os.getpid()}.tmp")  # two runs measuring at once never share one
             tmp.write_text(json.dumps(cache, indent=2))
             os.replace(tmp, file)
         except OSError:
