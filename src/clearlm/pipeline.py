@@ -36,7 +36,7 @@ from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model, save_model
 from clearlm.numerics import begin_stage, cnr_not_in_effect, stage_threads
-from clearlm.recipe import DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
+from clearlm.recipe import GUARD_SETTINGS, DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
 from clearlm.train.checkpoint import latest_checkpoint
@@ -247,7 +247,8 @@ class Pipeline:
         return self._done["shards"]
 
     def _train_config(self) -> dict[str, Any]:
-        return {"seed": self.recipe.seed, **self.recipe.model_dump(mode="json", include={"model", "train"})}
+        return {"seed": self.recipe.seed, "model": self.recipe.model.model_dump(mode="json"),
+                "train": self.recipe.train.model_dump(mode="json", exclude=GUARD_SETTINGS)}  # fmt: skip
 
     def train(self, resume: bool = False, stop_after: int | None = None) -> Artifact | None:
         """Train (or find) the model; None when `stop_after` interrupted it before max_steps, and on every
@@ -445,7 +446,7 @@ class Pipeline:
         resume: bool,
     ) -> Artifact | None:
         """Run (or find, or resume) an SFT or DPO stage; None when it stopped early."""
-        config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json")}
+        config = {"seed": self.recipe.seed, **cfg.model_dump(mode="json", exclude=GUARD_SETTINGS)}
         art = self._stage(kind, config, inputs, build, extra=extra, keep_partial=resume, resume=resume)
         if art is not None:
             self._done[kind] = art

@@ -216,6 +216,14 @@ class ModelConfig(_Section):
         return self
 
 
+SPIKE_FACTOR = 3.0
+SPIKE_HELP = ("stop when a step's loss exceeds this many times the median of the 20 steps before (and by over one "
+              "nat); 0 = only stop on a NaN or infinite loss")  # fmt: skip
+# Settings that only decide whether a run stops, not what it computes: left out of the stages' digests, so that
+# raising one lets --resume continue the same run.
+GUARD_SETTINGS = {"spike_factor"}
+
+
 class TrainConfig(_Section):
     max_steps: int = Field(1000, gt=0)
     micro_batch_size: int = Field(16, gt=0)
@@ -249,6 +257,7 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, gt=0)
     checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final")
     keep_optimizer: Literal["last", "all"] = "last"
+    spike_factor: float = Field(SPIKE_FACTOR, ge=0, description=SPIKE_HELP)
     threads: int = Field(0, ge=0, description="torch threads of every stage; 0 = this process's share of the cores")
     device: Literal["auto", "cpu", "cuda"] = "cpu"
 
@@ -311,6 +320,7 @@ class _PostTrainConfig(_Section):
     grad_accum_steps: int = Field(1, gt=0)
     max_length: int | None = Field(None, gt=1, description="tokens per example; default: the model's context")
     checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints to resume from; 0 = none")
+    spike_factor: float = Field(SPIKE_FACTOR, ge=0, description=SPIKE_HELP)
 
     @model_validator(mode="after")
     def _has_data(self) -> _PostTrainConfig:

@@ -67,6 +67,17 @@ def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict
     return metrics
 
 
+def window_documents(shards_dir: Path, split: str, spans: list[tuple[int, int]]) -> list[str]:
+    """The ids of the documents that the token spans [start, end) overlap, in document order."""
+    offsets = np.load(shards_dir / f"{split}.idx.npy")
+    wanted: set[int] = set()
+    for start, end in spans:
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        last = int(np.searchsorted(offsets, end - 1, side="right")) - 1
+        wanted.update(range(first, last + 1))
+    return [doc["id"] for i, doc in enumerate(read_jsonl(shards_dir / f"{split}.docs.jsonl")) if i in wanted]
+
+
 def open_tokens(shards_dir: Path, split: str, dtype: str) -> np.memmap:
     return np.memmap(shards_dir / f"{split}.bin", dtype=np.dtype(dtype), mode="r")
 
@@ -90,12 +101,15 @@ class WindowSampler:
         start = index * self.context
         return self.tokens[start : start + self.context + 1]
 
+    def span(self, position: int) -> tuple[int, int]:
+        """The token offsets [start, end) of the window at `position` of the shuffled stream."""
+        epoch, offset = divmod(position, self.n_windows)
+        start = int(self.permutation(epoch)[offset]) * self.context
+        return start, start + self.context + 1
+
     def batch(self, position: int, size: int) -> torch.Tensor:
         """Windows `position ..` of the endless shuffled stream, as int64 [size, context + 1]."""
-        rows = []
-        for pos in range(position, position + size):
-            epoch, offset = divmod(pos, self.n_windows)
-            rows.append(self.window(int(self.permutation(epoch)[offset])))
+        rows = [self.tokens[slice(*self.span(pos))] for pos in range(position, position + size)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def sequential(self, first: int, size: int) -> torch.Tensor:

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clearlm.data.shards import WindowSampler, open_tokens
-from clearlm.errors import InputError, RecipeError, TrainingError
+from clearlm.data.shards import WindowSampler, open_tokens, window_documents
+from clearlm.errors import InputError, RecipeError
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.model.weights import MODEL_CONFIG, WEIGHTS
 from clearlm.recipe import Recipe, TrainConfig
 from clearlm.train import checkpoint
 from clearlm.train.distributed import SINGLE, World, barrier, check_supported, sync_gradients, wrap
+from clearlm.train.guard import LossGuard
 from clearlm.train.optim import build_optimizer, lr_factor, set_lr
 from clearlm.train.perf import device_peak_flops
 
@@ -73,15 +74,12 @@ def accumulate_gradients(
     return total - z_total, z_total
 
 
-def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> float:
-    """Clip (0 = no clipping), step and clear gradients; returns the pre-clipping gradient norm."""
+def clip_gradients(model: nn.Module, grad_clip: float) -> float:
+    """Clip (0 = no clipping); returns the pre-clipping gradient norm, seen before the optimizer steps."""
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
 
 def compile_blocks(model: Transformer, device: torch.device) -> str | None:
@@ -149,6 +147,13 @@ def _sampler(shards_dir: Path, split: str, dtype: str, context: int, seed: int) 
     return WindowSampler(tokens, context, seed)
 
 
+def _describe_batch(windows: WindowSampler, shards_dir: Path, first: int, count: int) -> str:
+    spans = [windows.span(position) for position in range(first, first + count)]
+    ids = window_documents(shards_dir, "train", spans)
+    shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+    return f"training windows {first}-{first + count - 1} of the shuffled stream, {len(ids)} documents ({shown})"
+
+
 def _on_schedule(step: int, cfg: TrainConfig) -> bool:
     return step == cfg.max_steps or bool(cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)
 
@@ -211,6 +216,7 @@ def pretrain(
     elif log_path.exists() and w.main:
         log_path.unlink()
     barrier(w)
+    guard = LossGuard(cfg.spike_factor, "train", read_log(log_path) if found else [], ckpt_root)
 
     flops_per_token = model.flops_per_token()
     peak = device_peak_flops(device, torch.get_num_threads(), cfg.peak_flops)
@@ -242,9 +248,12 @@ def pretrain(
             batches.append(train_windows.batch(first, cfg.micro_batch_size).to(device, non_blocking=True))
         state["position"] += windows_per_step
         loss, z = accumulate_gradients(engine, batches, w, cfg.z_loss, autocast)
-        grad_norm = optimizer_step(model, opt, cfg.grad_clip)
-        if not math.isfinite(loss):
-            raise TrainingError(f"loss became {loss} at step {step + 1}; lower train.lr or raise train.warmup_steps")
+        grad_norm = clip_gradients(model, cfg.grad_clip)
+        taken = state["position"] - windows_per_step
+        guard.check(step + 1, loss, grad_norm, cfg.lr * factor,
+                    lambda: _describe_batch(train_windows, shards_dir, taken, windows_per_step))  # noqa: B023  # fmt: skip
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from clearlm.errors import TrainingError
 from clearlm.model.transformer import Transformer
 from clearlm.recipe import DPOConfig, SFTConfig
 from clearlm.train import checkpoint
-from clearlm.train.loop import optimizer_step, read_log, truncate_log
+from clearlm.train.guard import LossGuard
+from clearlm.train.loop import clip_gradients, read_log, truncate_log
 from clearlm.train.optim import build_optimizer
 
 StepFn = Callable[[list[int]], dict[str, float]]  # backward over these items; returns loss, tokens, metrics
@@ -42,6 +42,11 @@ def loss_ends(records: list[dict[str, Any]]) -> dict[str, float]:
             "final_loss": sum(r["loss"] for r in records[-n:]) / n}  # fmt: skip
 
 
+def _describe_items(items: list[int], n_items: int) -> str:
+    shown = ", ".join(str(i) for i in sorted(items)[:8]) + (", ..." if len(items) > 8 else "")
+    return f"examples {shown} of the {n_items} trained on (numbered after dropped rows)"
+
+
 def run_steps(
     model: Transformer,
     n_items: int,
@@ -57,6 +62,7 @@ def run_steps(
     """Train for `cfg.epochs`; None when `stop_after` stopped the run (resume it with `resume=True`)."""
     torch.manual_seed(seed)
     opt = build_optimizer(model, cfg)
+    section = "dpo" if isinstance(cfg, DPOConfig) else "sft"
     per_step = cfg.micro_batch_size * cfg.grad_accum_steps
     steps_per_epoch = math.ceil(n_items / per_step)
     total = cfg.epochs * steps_per_epoch
@@ -69,6 +75,7 @@ def run_steps(
     elif log_path.exists():
         log_path.unlink()
     end = max(start, min(total, stop_after)) if stop_after else total
+    guard = LossGuard(cfg.spike_factor, section, read_log(log_path) if found else [], ckpt_root)
     model.train()
     for step in range(start, end):
         epoch, k = divmod(step, steps_per_epoch)
@@ -77,13 +84,15 @@ def run_steps(
         for group in opt.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        metrics = step_fn(order[k * per_step : (k + 1) * per_step])
-        grad_norm = optimizer_step(model, opt, cfg.grad_clip)
+        items = order[k * per_step : (k + 1) * per_step]
+        metrics = step_fn(items)
+        grad_norm = clip_gradients(model, cfg.grad_clip)
+        guard.check(step + 1, metrics["loss"], grad_norm, lr, lambda: _describe_items(items, n_items))  # noqa: B023
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         tokens = metrics.pop("tokens")
         record = {"step": step + 1, "epoch": epoch + 1, **metrics, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / (time.perf_counter() - started)}  # fmt: skip
-        if not math.isfinite(record["loss"]):
-            raise TrainingError(f"loss became {record['loss']} at step {step + 1}; lower the learning rate")
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if on_step:
