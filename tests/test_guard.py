@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_decoder, write_tiny_recipe
 from safetensors.torch import load_file
 
 from clearlm.errors import TrainingError
@@ -16,7 +17,6 @@ from clearlm.recipe import SFTConfig, load_recipe
 from clearlm.train.checkpoint import latest_checkpoint
 from clearlm.train.guard import LossGuard
 from clearlm.train.posttrain import run_steps
-from conftest import tiny_decoder, write_tiny_recipe
 
 
 def _guard(tmp_path: Path, losses: list[float], norms: list[float] | None = None, factor: float = 3.0) -> LossGuard:

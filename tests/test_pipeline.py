@@ -198,6 +198,9 @@ def test_generate_on_a_folder_without_model_is_a_clear_error(tmp_path, tiny_run)
     shutil.copytree(tiny_run.artifacts["release"].path, broken)
     (broken / "model.safetensors").write_bytes(b"garbage")
     result = runner.invoke(app, ["generate", str(broken), "x"])
+    assert result.exit_code == 2 and "model.safetensors: its bytes differ from the sha256 in manifest" in result.output
+    (broken / "manifest.json").unlink()  # an ordinary model folder: nothing to check against
+    result = runner.invoke(app, ["generate", str(broken), "x"])
     assert result.exit_code == 2 and "cannot load the model" in result.output
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clearlm import __version__
+from clearlm.errors import ArtifactError
 
 try:
     import fcntl
@@ -169,6 +170,11 @@ class ArtifactStore:
                 f.truncate()  # an empty lock file: its last holder finished
                 f.flush()
 
+    def require_intact(self, art: Artifact) -> None:
+        """Check an artifact's files against its manifest before a stage reads them."""
+        require_intact(art.path, art.manifest.get("outputs", {}), MANIFEST,
+                       f"delete {art.path} and run again to rebuild it")  # fmt: skip
+
     def start(self, kind: str, digest: str, keep_partial: bool = False) -> Path:
         """A clean (or, with keep_partial, the existing) working directory for building an artifact."""
         partial = self.partial_path(kind, digest)
@@ -230,11 +236,45 @@ def _holder(lock_file: Any) -> str | None:
     return f"process {record['pid']} ({record.get('command', '?')[:80]})"
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def intact(file: Path, digest: str) -> bool:
+    """Whether `file` has this sha256. A file found intact earlier in this process and unchanged since (same size
+    and modification time) is not hashed again, so a run hashes each input once however many stages read it."""
+    try:
+        stat = file.stat()
+    except OSError:
+        return False
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, digest)
+    if key in _VERIFIED:
+        return True
+    if not file.is_file() or sha256_file(file) != digest:
+        return False
+    _VERIFIED.add(key)
+    return True
+
+
+def require_intact(
+    folder: Path, digests: dict[str, str], listed_in: str, remedy: str, only: Callable[[str], bool] | None = None
+) -> None:
+    """Raise ArtifactError naming the first file (relative names in `digests`) that is missing or whose bytes
+    differ from its recorded sha256: a flipped bit is caught when the file is next read, before anything uses it."""
+    for rel, digest in sorted(digests.items()):
+        if only is not None and not only(rel):
+            continue
+        file = folder / rel
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing, though {listed_in} lists it; {remedy}")
+        if not intact(file, digest):
+            raise ArtifactError(
+                f"{file}: its bytes differ from the sha256 in {listed_in} (changed or corrupted since it was "
+                f"written); {remedy}"
+            )
+
+
 def check_outputs(artifact: Artifact) -> list[str]:
     """Files whose content no longer matches the manifest (empty when the artifact is intact)."""
-    bad = []
-    for rel, digest in artifact.manifest.get("outputs", {}).items():
-        file = artifact.path / rel
-        if not file.is_file() or sha256_file(file) != digest:
-            bad.append(rel)
-    return bad
+    return [
+        rel for rel, digest in artifact.manifest.get("outputs", {}).items() if not intact(artifact.path / rel, digest)
+    ]

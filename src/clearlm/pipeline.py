@@ -192,6 +192,8 @@ class Pipeline:
         self, kind: str, digest: str, config: Any, inputs: dict[str, Artifact],
         build: Callable[[Path], dict[str, Any] | None], extra: Any, keep_partial: bool, processes: int,
     ) -> Artifact | None:  # fmt: skip
+        for art in inputs.values():  # a flipped bit in an input stops the stage before it reads the file
+            self.store.require_intact(art)
         self.reporter.stage_started(kind)
         started = time.perf_counter()
         work = self.store.start(kind, digest, keep_partial=keep_partial)
@@ -236,14 +238,12 @@ class Pipeline:
     def shards(self) -> Artifact:
         if "shards" not in self._done:
             data, tok_art = self.data(), self.tokenizer()
-            tok = load_tokenizer(tok_art.path)
-            eos_id = tok.token_to_id(self.recipe.tokenizer.eos_token)
-            self._done["shards"] = self._stage(
-                "shards",
-                {},
-                {"data": data, "tokenizer": tok_art},
-                lambda out: write_shards(tok, eos_id, data.path, out),
-            )
+
+            def build(out: Path) -> dict[str, Any]:
+                tok = load_tokenizer(tok_art.path)
+                return write_shards(tok, tok.token_to_id(self.recipe.tokenizer.eos_token), data.path, out)
+
+            self._done["shards"] = self._stage("shards", {}, {"data": data, "tokenizer": tok_art}, build)
         return self._done["shards"]
 
     def _train_config(self) -> dict[str, Any]:

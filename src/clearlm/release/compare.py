@@ -37,7 +37,7 @@ def jsonl(path: Path) -> list[Any]:
 
 def timed(rel: str) -> bool:
     """Files that hold wall-clock times, so that their digests differ between identical runs."""
-    return rel.endswith(("log.jsonl", "state.json"))
+    return rel.endswith(("log.jsonl", "state.json", "checksums.json"))  # a checkpoint's checksums: of its state too
 
 
 def comparable(path: Path, digest: str) -> Any:
@@ -47,6 +47,8 @@ def comparable(path: Path, digest: str) -> Any:
         return jsonl(path)
     if path.name == "state.json":
         return json.dumps(without_times(json.loads(path.read_text())))
+    if path.name == "checksums.json":
+        return json.dumps({rel: d for rel, d in json.loads(path.read_text()).items() if not timed(rel)})
     if path.name == "lineage.json":  # when each stage was made, and the digests of its timed files
         lineage = {stage: {key: {rel: d for rel, d in value.items() if not timed(rel)} if key == "outputs" else value
                            for key, value in entry.items() if key != "created"}

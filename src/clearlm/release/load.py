@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from tokenizers import Tokenizer
 
+from clearlm.artifacts import MANIFEST, require_intact
 from clearlm.errors import InputError
 from clearlm.model.auto import CausalLM, load_transformers_model
 from clearlm.model.hf import load_hf
@@ -22,6 +23,7 @@ def load_release(folder: Path) -> tuple[CausalLM, Tokenizer, int | None]:
     for name in ("config.json", "tokenizer.json"):
         if not (folder / name).is_file():
             raise InputError(f"{folder / name}: not found (expected a clearlm release or Llama model folder)")
+    _require_intact(folder)
     try:
         config = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -42,6 +44,18 @@ def load_release(folder: Path) -> tuple[CausalLM, Tokenizer, int | None]:
         raise InputError(f"{folder / 'tokenizer.json'}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
     eos = config.get("eos_token_id")
     return model, tok, eos if isinstance(eos, int) else None
+
+
+def _require_intact(folder: Path) -> None:
+    """A clearlm release lists every file's sha256 in its manifest: check the top-level files a model is loaded
+    from (not its datasets or checkpoints), so a damaged download is named rather than scored."""
+    try:
+        outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
+    except (OSError, ValueError, AttributeError):
+        return  # not a clearlm release: an ordinary model folder
+    if isinstance(outputs, dict) and all(isinstance(v, str) for v in outputs.values()):
+        require_intact(folder, outputs, MANIFEST, "the release is damaged: copy it again, or rebuild it (clearlm run)",
+                       only=lambda rel: "/" not in rel)  # fmt: skip
 
 
 def _special_token(folder: Path, name: str) -> str | None:

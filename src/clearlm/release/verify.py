@@ -38,7 +38,8 @@ from clearlm.release.compare import jsonl
 from clearlm.train.distributed import shared_path, world
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
-TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json"), "sft": ("log.jsonl",), "dpo": ("log.jsonl",)}
+TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json", "checkpoints/*/checksums.json"), "sft": ("log.jsonl",),
+         "dpo": ("log.jsonl",)}  # fmt: skip
 LOG_COPIES = {"train": "training/log.jsonl", "sft": "post_training/sft_log.jsonl", "dpo": "post_training/dpo_log.jsonl"}
 # The largest relative difference counted as float rounding where two runs first part: float32 carries ~6e-8,
 # and a step's sums and a result's means gather a few hundred such roundings. Any change of data, settings
@@ -134,8 +135,8 @@ def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Pa
     """(differing files, files compared without their wall-clock fields) for one stage.
 
     The training log is compared with the release's copy, fields holding times left out; checkpoint
-    state files hold the elapsed time and have no copy in the release, so they are not compared
-    (the checkpoints' weights and optimizer state are)."""
+    state files hold the elapsed time and have no copy in the release, so they are not compared, nor the
+    checksums that include them (the checkpoints' weights and optimizer state are)."""
     differ, timed = [], []
     produced = rerun.manifest["outputs"]
     for rel, digest in recorded["outputs"].items():

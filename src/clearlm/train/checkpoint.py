@@ -37,11 +37,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from clearlm.artifacts import require_intact, sha256_file, write_json_atomic
 from clearlm.errors import ArtifactError
 from clearlm.model.weights import WEIGHTS, save_state, tied
 from clearlm.train.distributed import SINGLE, World, barrier
 
-OPTIMIZER, RNG, STATE = "optimizer", "rng.safetensors", "state.json"
+OPTIMIZER, RNG, STATE, CHECKSUMS = "optimizer", "rng.safetensors", "state.json", "checksums.json"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -111,14 +112,40 @@ def save_checkpoint(
     held = sorted(optim["state"])
     trainer = {**state, "step": step, "param_groups": optim["param_groups"], "optimizer_state_of": held}
     (tmp / STATE).write_text(json.dumps(trainer, indent=2, sort_keys=True) + "\n")  # the same bytes after a resume
+    _write_checksums(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     if not keep_optimizer:
         for older in root.glob("step-*"):
             if older != final and (older / OPTIMIZER).exists():
-                shutil.rmtree(older / OPTIMIZER)
+                _drop_optimizer(older)
     return final
+
+
+def _write_checksums(folder: Path) -> None:
+    """Record every file's sha256: resume checks them, so a flipped bit is an error, not a silently other run."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    write_json_atomic(folder / CHECKSUMS, {p.relative_to(folder).as_posix(): sha256_file(p) for p in files})
+
+
+def _drop_optimizer(folder: Path) -> None:
+    """Delete an older checkpoint's optimizer state (its checksums first, so they never list a deleted file)."""
+    digests = json.loads((folder / CHECKSUMS).read_text())
+    write_json_atomic(folder / CHECKSUMS, {k: v for k, v in digests.items() if not k.startswith(OPTIMIZER + "/")})
+    shutil.rmtree(folder / OPTIMIZER)
+
+
+def _require_intact(path: Path) -> None:
+    try:
+        digests = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path / CHECKSUMS}: unreadable ({type(e).__name__}); cannot trust this checkpoint: "
+                            f"delete {path} to resume from an earlier one") from None  # fmt: skip
+    if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
+        raise ArtifactError(f"{path / CHECKSUMS}: not a map of file names to sha256s; delete {path} to resume from an "
+                            "earlier checkpoint")  # fmt: skip
+    require_intact(path, digests, CHECKSUMS, f"delete {path} to resume from an earlier checkpoint")
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -133,7 +160,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer state and RNG (every rank reads what it holds) and return the trainer state."""
+    """Restore weights, optimizer state and RNG (every rank reads what it holds) and return the trainer state.
+    Every file is first checked against the checkpoint's checksums."""
+    _require_intact(path)
     state = json.loads((path / STATE).read_text())
     weights = load_file(str(path / WEIGHTS))
     if tied(model):
