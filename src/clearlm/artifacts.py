@@ -180,6 +180,9 @@ class ArtifactStore:
         partial = self.partial_path(kind, digest)
         if partial.exists() and not keep_partial:
             shutil.rmtree(partial)
+        for stray in sorted(partial.rglob("*.tmp"), reverse=True) if partial.exists() else []:
+            # a write cut short (kill, full disk) before its rename: never complete, and not an output
+            shutil.rmtree(stray) if stray.is_dir() else stray.unlink(missing_ok=True)
         partial.mkdir(parents=True, exist_ok=True)
         return partial
 

@@ -26,6 +26,7 @@ from clearlm.eval.taskspec import builtin_tasks
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import load_recipe
 from clearlm.release.load import load_release
+from clearlm.storage import disk_full, failed_path, free_bytes, human
 from clearlm.train.distributed import world
 
 app = typer.Typer(
@@ -112,6 +113,13 @@ def _user_errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # a full disk outside a stage (a lock file, a report, an export)
+        if _state["debug"] or not (full := disk_full(e)):
+            raise
+        where = failed_path(full, Path.cwd())
+        console.print(f"[red]error:[/] {where}: no space left on the device ({human(free_bytes(where))} free); "
+                      "free space, then run again", highlight=False, soft_wrap=True)  # fmt: skip
         raise typer.Exit(2) from None
 
 

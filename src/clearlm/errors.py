@@ -19,3 +19,7 @@ class ArtifactError(ClearlmError):
 
 class TrainingError(ClearlmError):
     """Training cannot go on (for example, the loss diverged)."""
+
+
+class DiskFullError(ClearlmError):
+    """A write failed, or would fail, for lack of space."""

@@ -28,7 +28,7 @@ from clearlm.data.instructions import stdlib_function_examples, stdlib_function_
 from clearlm.data.shards import write_shards
 from clearlm.data.sources import files_digest
 from clearlm.data.tokenizer import load_tokenizer, own_tokenizer, train_tokenizer
-from clearlm.errors import ArtifactError, RecipeError
+from clearlm.errors import ArtifactError, DiskFullError, RecipeError
 from clearlm.eval.harness import evaluate_tasks
 from clearlm.eval.perplexity import domain_bits_per_byte
 from clearlm.eval.results import write_samples
@@ -39,6 +39,7 @@ from clearlm.numerics import begin_stage, cnr_not_in_effect, stage_threads
 from clearlm.recipe import GUARD_SETTINGS, DPOConfig, LoadedRecipe, SFTConfig, TokenizerConfig
 from clearlm.release.build import build_release
 from clearlm.release.load import load_release
+from clearlm.storage import bytes_under, disk_full, failed_path, free_bytes, human
 from clearlm.train.checkpoint import latest_checkpoint
 from clearlm.train.distributed import barrier, world
 from clearlm.train.dpo import (
@@ -55,6 +56,9 @@ from clearlm.train.sft import prepare, train_sft
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval", "release")
 RESUMABLE = ("data", "train", "sft", "dpo")
+_FROM_CHECKPOINT = "run again with --resume to continue from its last checkpoint"
+AFTER_DISK_FULL = {"data": "its finished parts are kept: run again", "train": _FROM_CHECKPOINT,
+                   "sft": _FROM_CHECKPOINT, "dpo": _FROM_CHECKPOINT}  # fmt: skip
 
 
 class Reporter:
@@ -200,16 +204,28 @@ class Pipeline:
         numerics = self._begin(kind, processes)
         try:
             metrics = build(work)
-        except BaseException:
+            if metrics is None:
+                return None
+            seconds = time.perf_counter() - started
+            art = self.store.finish(kind, digest, config, inputs, metrics, seconds, sources=extra, numerics=numerics)
+        except BaseException as err:
+            written = bytes_under(work)
             if kind not in RESUMABLE:  # a failed stage leaves nothing half-written; data and train keep their work
                 shutil.rmtree(work, ignore_errors=True)
+            if full := disk_full(err):
+                raise self._disk_full(kind, full, work, written) from None
             raise
-        if metrics is None:
-            return None
-        seconds = time.perf_counter() - started
-        art = self.store.finish(kind, digest, config, inputs, metrics, seconds, sources=extra, numerics=numerics)
         self.reporter.stage_finished(kind, art)
         return art
+
+    @staticmethod
+    def _disk_full(kind: str, err: Exception, work: Path, written: int) -> DiskFullError:
+        if isinstance(err, DiskFullError):  # a write that checked first says what it needs
+            return err
+        then = AFTER_DISK_FULL.get(kind, "its partial output was removed: run again")
+        where, free = failed_path(err, work), human(free_bytes(work))
+        return DiskFullError(f"{where}: no space left on the device ({free} free) while building {kind}, after "
+                             f"writing {human(written)}; {then} once space is freed")  # fmt: skip
 
     def data(self) -> Artifact:
         if "data" not in self._done:

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from clearlm.artifacts import require_intact, sha256_file, write_json_atomic
 from clearlm.errors import ArtifactError
 from clearlm.model.weights import WEIGHTS, save_state, tied
+from clearlm.storage import require_space
 from clearlm.train.distributed import SINGLE, World, barrier
 
 OPTIMIZER, RNG, STATE, CHECKSUMS = "optimizer", "rng.safetensors", "state.json", "checksums.json"
@@ -99,6 +100,7 @@ def save_checkpoint(
     if w.main and tmp.exists():
         shutil.rmtree(tmp)
     barrier(w)
+    require_space(root, _nbytes(optim["state"]) + (_nbytes(weights) if w.main else 0), f"checkpoint step {step}")
     with _one_process_is_meant():
         dcp.save(optim["state"], storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER), save_distributed=True))
     if not w.main:
@@ -121,6 +123,16 @@ def save_checkpoint(
             if older != final and (older / OPTIMIZER).exists():
                 _drop_optimizer(older)
     return final
+
+
+def _nbytes(tree: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict, as this rank writes them."""
+    if isinstance(tree, dict):
+        return sum(_nbytes(v) for v in tree.values())
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    return 0
 
 
 def _write_checksums(folder: Path) -> None:
