@@ -103,7 +103,7 @@ def run(tool: str, kind: str, steps: int, batch: int, workdir: Path) -> dict:
         from clearlm.data.chat import ChatTemplate, tokenize_pair
         from clearlm.recipe import DPOConfig
         from clearlm.train.dpo import TokenizedPair, answer_lengths, dpo_loss, reference_logps, sequence_logps, truncate
-        from clearlm.train.loop import optimizer_step
+        from clearlm.train.loop import clip_gradients
         from clearlm.train.sft import loss_sum, pad, prepare
 
         pad_id = tok.token_to_id("<|pad|>")
@@ -116,7 +116,9 @@ def run(tool: str, kind: str, steps: int, batch: int, workdir: Path) -> dict:
                 tokens += sum(len(it.inputs) + 1 for it in items[i * batch : (i + 1) * batch])
                 loss = loss_sum(model, batch_)
                 (loss / batch_.trained).backward()
-                optimizer_step(model, opt, 1.0)
+                clip_gradients(model, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
                 losses.append(loss.item() / batch_.trained)
         else:
             cfg = DPOConfig(builtin="stdlib-functions", loss="sigmoid", beta=0.1)
@@ -130,7 +132,9 @@ def run(tool: str, kind: str, steps: int, batch: int, workdir: Path) -> dict:
                 sl = slice(i * batch, (i + 1) * batch)
                 loss, _ = dpo_loss(chosen, rejected, ref[0][sl], ref[1][sl], answer_lengths(part), cfg)
                 loss.backward()
-                optimizer_step(model, opt, 1.0)
+                clip_gradients(model, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

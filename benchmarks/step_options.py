@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clearlm.train.loop import accumulate_gradients, optimizer_step
+from clearlm.train.loop import accumulate_gradients, clip_gradients
 
 
 def add_step_options(ap: argparse.ArgumentParser) -> None:
@@ -35,4 +35,6 @@ def autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]
 def clearlm_step(model: nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor, args: argparse.Namespace) -> None:
     """One training step as `clearlm train` runs it: fused loss and backward, clipping at 1.0, optimizer step."""
     accumulate_gradients(model, [batch], autocast=autocast(args))
-    optimizer_step(model, opt, 1.0)
+    clip_gradients(model, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)

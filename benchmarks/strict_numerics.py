@@ -25,7 +25,7 @@ import torch
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.numerics import begin_stage, numerics
 from clearlm.recipe import TrainConfig
-from clearlm.train.loop import accumulate_gradients, optimizer_step
+from clearlm.train.loop import accumulate_gradients, clip_gradients
 from clearlm.train.optim import build_optimizer
 
 threads, steps = int(sys.argv[1]), int(sys.argv[2])
@@ -40,7 +40,9 @@ for i, batch in enumerate(batches):
     if i == 2:  # two warm-up steps
         started = time.perf_counter()
     accumulate_gradients(model, [batch])
-    optimizer_step(model, opt, 1.0)
+    clip_gradients(model, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 seconds = (time.perf_counter() - started) / steps
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
 print(json.dumps({"mode": numerics().get("mkl_cbwr"), "seconds": seconds, "weights": digest}))

@@ -64,16 +64,25 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path: Path, tiny_recipe: Path, 
     with pytest.raises(ArtifactError) as err:
         Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").train(resume=True)
     _expect_named(err, target)
-    assert str(err.value).endswith(f"delete {ckpt} to resume from an earlier checkpoint")
+    assert str(err.value).endswith(f"delete {ckpt} to start from step 0")  # the only checkpoint
 
 
-def test_resume_refuses_a_checkpoint_without_its_checksums(tmp_path: Path, tiny_recipe: Path) -> None:
-    pipe = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs")
-    assert pipe.train(stop_after=4) is None
-    (ckpt,) = (tmp_path / "runs" / "artifacts").glob("train-*.partial/checkpoints/step-0000004")
-    (ckpt / "checksums.json").write_text("{")
-    with pytest.raises(ArtifactError, match=r"checksums.json: unreadable \(JSONDecodeError\); cannot trust"):
-        Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").train(resume=True)
+@pytest.mark.parametrize("damage", ["missing", "torn"])
+def test_resume_refuses_a_checkpoint_without_its_checksums(tmp_path: Path, tiny_recipe: Path, damage: str) -> None:
+    """The second checkpoint lost its checksums: not trusted, and the message says a resume would go back to the
+    first (which keeps its optimizer state when the run was stopped early)."""
+    pipe = Pipeline(load_recipe(tiny_recipe, ["train.keep_optimizer=all", "train.max_steps=12"]), tmp_path / "runs")
+    assert pipe.train(stop_after=8) is None
+    (root,) = (tmp_path / "runs" / "artifacts").glob("train-*.partial/checkpoints")
+    sums = root / "step-0000008" / "checksums.json"
+    sums.unlink() if damage == "missing" else sums.write_text("{")
+    kind = "FileNotFoundError" if damage == "missing" else "JSONDecodeError"
+    with pytest.raises(ArtifactError) as err:
+        Pipeline(load_recipe(tiny_recipe, ["train.keep_optimizer=all", "train.max_steps=12"]), tmp_path / "runs").train(
+            resume=True
+        )
+    assert str(err.value) == (f"{sums}: unreadable ({kind}), so this checkpoint cannot be trusted; delete "
+                              f"{root / 'step-0000008'} to resume from step-0000004")  # fmt: skip
 
 
 def test_older_checkpoints_list_only_the_files_they_keep(tmp_path: Path, tiny_recipe: Path) -> None:

@@ -40,7 +40,7 @@ def test_nan_at_the_first_step_blames_the_start_not_the_learning_rate(tmp_path: 
 
 def test_infinite_gradient_with_a_finite_loss_stops(tmp_path: Path) -> None:
     message = _stop(_guard(tmp_path, [4.0] * 6), 4.0, math.inf)
-    assert "the gradient norm is inf" in message and "divergence" in message
+    assert "the gradient norm is inf" in message and "the gradients overflowed" in message
 
 
 def test_spike_with_a_steady_gradient_points_at_the_batch(tmp_path: Path) -> None:
@@ -63,6 +63,7 @@ def test_spike_after_a_rising_gradient_norm_is_divergence(tmp_path: Path) -> Non
         ([9.0, 8.0, 7.0, 6.0], 30.0, 3.0),  # too few steps to judge
         ([2.0] * 10, 9.0, 0.0),  # factor 0: only non-finite values stop
         ([2.0] * 10, 5.9, 3.0),  # under the factor
+        ([0.0] * 10, 0.5, 3.0),  # a loss that underflowed to zero: no ratio to take
     ],
 )
 def test_no_stop(tmp_path: Path, history: list[float], loss: float, factor: float) -> None:
@@ -82,7 +83,7 @@ def test_pretraining_stops_before_the_bad_step_and_resumes_when_allowed(tmp_path
     message = str(err.value)
     assert message.startswith("training stopped at train step 6: the loss")
     assert "training windows 40-47 of the shuffled stream, " in message and "doc-" in message
-    assert "divergence" in message and "step-0000004, is kept" in message
+    assert "divergence" in message and "step-0000004, is kept (--resume continues from it with a higher" in message
     (partial,) = (tmp_path / "runs" / "artifacts").glob("train-*.partial")
     kept = latest_checkpoint(partial / "checkpoints")
     assert kept is not None and kept.name == "step-0000004"
@@ -103,8 +104,12 @@ def test_post_training_names_its_section_and_the_examples(tmp_path: Path) -> Non
     cfg = SFTConfig(builtin="stdlib-functions", micro_batch_size=2, epochs=1, checkpoint_interval=2)
     steps: list[list[int]] = []
 
+    at_bad_step: dict[str, torch.Tensor] = {}
+
     def step(items: list[int]) -> dict[str, float]:
         steps.append(items)
+        if len(steps) == 4:  # the weights as the bad step finds them
+            at_bad_step.update({k: v.clone() for k, v in model.state_dict().items()})
         loss = model(torch.tensor([[1, 2, 3, 4]]), targets=torch.tensor([[2, 3, 4, 5]]))[0]
         loss.backward()
         return {"loss": math.inf if len(steps) == 4 else loss.item(), "tokens": 4}
@@ -117,5 +122,6 @@ def test_post_training_names_its_section_and_the_examples(tmp_path: Path) -> Non
     assert f"examples {', '.join(map(str, sorted(steps[3])))} of the 10 trained on" in message
     assert "step-0000002, is kept" in message
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # steps 1-3 were taken
+    assert all(torch.equal(at_bad_step[k], v) for k, v in model.state_dict().items())  # the bad one was not
     kept = load_file(tmp_path / "checkpoints" / "step-0000002" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())

@@ -56,9 +56,6 @@ from clearlm.train.sft import prepare, train_sft
 
 STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval", "release")
 RESUMABLE = ("data", "train", "sft", "dpo")
-_FROM_CHECKPOINT = "run again with --resume to continue from its last checkpoint"
-AFTER_DISK_FULL = {"data": "its finished parts are kept: run again", "train": _FROM_CHECKPOINT,
-                   "sft": _FROM_CHECKPOINT, "dpo": _FROM_CHECKPOINT}  # fmt: skip
 
 
 class Reporter:
@@ -209,10 +206,11 @@ class Pipeline:
             seconds = time.perf_counter() - started
             art = self.store.finish(kind, digest, config, inputs, metrics, seconds, sources=extra, numerics=numerics)
         except BaseException as err:
-            written = bytes_under(work)
+            full = disk_full(err)
+            written = bytes_under(work) if full else 0
             if kind not in RESUMABLE:  # a failed stage leaves nothing half-written; data and train keep their work
                 shutil.rmtree(work, ignore_errors=True)
-            if full := disk_full(err):
+            if full:
                 raise self._disk_full(kind, full, work, written) from None
             raise
         self.reporter.stage_finished(kind, art)
@@ -220,12 +218,18 @@ class Pipeline:
 
     @staticmethod
     def _disk_full(kind: str, err: Exception, work: Path, written: int) -> DiskFullError:
-        if isinstance(err, DiskFullError):  # a write that checked first says what it needs
-            return err
-        then = AFTER_DISK_FULL.get(kind, "its partial output was removed: run again")
+        """One line: where, how much is free (or, for a write that checked first, how much it needs), and what to
+        do so that nothing kept is thrown away."""
+        if kind in ("train", "sft", "dpo"):
+            then = ("run again with --resume to continue from its last checkpoint"
+                    if latest_checkpoint(work / "checkpoints") else "run again")  # fmt: skip
+        else:
+            then = "run again: its finished parts are kept" if kind in RESUMABLE else "run again"
+        if isinstance(err, DiskFullError):
+            return DiskFullError(f"{err}; once space is freed, {then}")
         where, free = failed_path(err, work), human(free_bytes(work))
         return DiskFullError(f"{where}: no space left on the device ({free} free) while building {kind}, after "
-                             f"writing {human(written)}; {then} once space is freed")  # fmt: skip
+                             f"writing {human(written)}; once space is freed, {then}")  # fmt: skip
 
     def data(self) -> Artifact:
         if "data" not in self._done:

@@ -444,3 +444,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Lo
     if not file.is_file():
         raise RecipeError(f"{file}: recipe file not found (built-in recipes: {', '.join(BUILTIN_RECIPES)})")
     return parse_recipe(file.read_text(), str(file), file.resolve().parent, overrides)
+
+
+def without_guards(loaded: LoadedRecipe) -> LoadedRecipe:
+    """The recipe with its training guards off. They decide whether a run stops, never what it computes, so a
+    re-run of a finished run (`verify`) must not stop where the run itself was let through (a guard raised with
+    --set to resume it, or a release made before the guard existed)."""
+    recipe = loaded.recipe
+    off = {key: 0.0 for key in GUARD_SETTINGS}
+    update = {name: section.model_copy(update=off) for name in ("train", "sft", "dpo")
+              if (section := getattr(recipe, name)) is not None}  # fmt: skip
+    return loaded.model_copy(update={"recipe": recipe.model_copy(update=update)})

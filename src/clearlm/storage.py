@@ -8,6 +8,7 @@ library (safetensors, tokenizers, zstandard) that does not keep the errno.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 from pathlib import Path
@@ -20,11 +21,12 @@ MARGIN = 1 << 20  # what the logs, manifests and lock files written beside a lar
 
 
 def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 def free_bytes(path: Path) -> int:
@@ -36,30 +38,41 @@ def free_bytes(path: Path) -> int:
 
 
 def bytes_under(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) if Path(folder).exists() else 0
+    """Bytes of the files under `folder`; files that vanish meanwhile are not counted."""
+    total = 0
+    for p in Path(folder).rglob("*") if Path(folder).exists() else []:
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 def require_space(path: Path, needed: int, what: str) -> None:
-    """Raise DiskFullError before a write of `needed` bytes that the file system cannot take."""
+    """Raise DiskFullError before a write of `needed` bytes that the file system cannot take (the caller adds
+    what to do next)."""
     free = free_bytes(path)
     if needed + MARGIN > free:
-        raise DiskFullError(f"{path}: {what} needs {human(needed + MARGIN)} but {human(free)} is free there; "
-                            "free space, then run again")  # fmt: skip
+        raise DiskFullError(f"{path}: {what} needs {human(needed + MARGIN)} but {human(free)} is free there")
 
 
-def disk_full(err: BaseException) -> OSError | Exception | None:
-    """The error in `err`'s chain that says the disk is full, or None."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _CODES:
-            return seen
-        if isinstance(seen, Exception) and any(m in str(seen) for m in _MESSAGES):
-            return seen
-        seen = seen.__cause__ or seen.__context__
+def disk_full(err: BaseException) -> Exception | None:
+    """The error in `err`'s chain that says the disk is full (a DiskFullError, an OSError with ENOSPC or EDQUOT,
+    or a Rust library's error quoting the OS's message), or None."""
+    seen: set[int] = set()
+    at: BaseException | None = err
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        if isinstance(at, DiskFullError) or (isinstance(at, OSError) and at.errno in _CODES):
+            return at
+        if isinstance(at, Exception) and any(m in str(at) for m in _MESSAGES):
+            return at
+        at = at.__cause__ or at.__context__
     return None
 
 
 def failed_path(err: BaseException, default: Path) -> Path:
-    """The file a disk-full error names, else `default`."""
-    name = getattr(err, "filename", None)
-    return Path(name) if isinstance(name, (str, Path)) else default
+    """The file a disk-full error was writing: a copy's destination (`filename2`; `filename` is its source),
+    else the file it names, else `default`."""
+    for name in (getattr(err, "filename2", None), getattr(err, "filename", None)):
+        if isinstance(name, (str, Path)):
+            return Path(name)
+    return default

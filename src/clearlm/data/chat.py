@@ -176,22 +176,27 @@ def parse_sft_row(row: Any) -> Example:
 def _read_rows(path: Path, parse: Callable[[Any], T]) -> Iterator[tuple[str, T | BadRow]]:
     """(where, parsed row or bad row) for each line of a .jsonl file or each item of a .json array."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     if path.suffix == ".json":
         try:
-            rows = json.loads(text)
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield f"{path}", BadRow("not valid UTF-8")
+            return
         except json.JSONDecodeError as e:
             yield f"{path}", BadRow(f"invalid JSON ({e.msg})")
             return
         items = enumerate(rows if isinstance(rows, list) else [rows], start=1)
         label = "item"
     else:
-        items = ((n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip())
+        items = ((n, line) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip())
         label = "line"
     for n, raw in items:
         where = f"{path}:{n}" if label == "line" else f"{path} item {n}"
         try:
-            yield where, parse(json.loads(raw) if label == "line" else raw)
+            yield where, parse(json.loads(raw.decode("utf-8")) if label == "line" else raw)
+        except UnicodeDecodeError:
+            yield where, BadRow("not valid UTF-8")
         except json.JSONDecodeError as e:
             yield where, BadRow(f"invalid JSON ({e.msg})")
         except BadRow as e:

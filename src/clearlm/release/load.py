@@ -13,6 +13,9 @@ from clearlm.errors import InputError
 from clearlm.model.auto import CausalLM, load_transformers_model
 from clearlm.model.hf import load_hf
 
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                         "special_tokens_map.json", "generation_config.json"})  # fmt: skip
+
 
 def load_release(folder: Path) -> tuple[CausalLM, Tokenizer, int | None]:
     """Model, tokenizer and end-of-text id; one-line errors for a folder that is not a model.
@@ -47,15 +50,18 @@ def load_release(folder: Path) -> tuple[CausalLM, Tokenizer, int | None]:
 
 
 def _require_intact(folder: Path) -> None:
-    """A clearlm release lists every file's sha256 in its manifest: check the top-level files a model is loaded
-    from (not its datasets or checkpoints), so a damaged download is named rather than scored."""
+    """A clearlm release lists every file's sha256 in its manifest: check the files a model is loaded from (not
+    its cards, datasets or checkpoints, which a publisher may edit), so a damaged download is named, not scored."""
+    if not (folder / MANIFEST).is_file():
+        return  # an ordinary model folder
     try:
-        outputs = json.loads((folder / MANIFEST).read_text()).get("outputs")
-    except (OSError, ValueError, AttributeError):
-        return  # not a clearlm release: an ordinary model folder
+        outputs = json.loads((folder / MANIFEST).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{folder / MANIFEST}: unreadable, so the model's files cannot be checked; copy the release "
+                         "again, or remove the manifest to load the folder unchecked") from None  # fmt: skip
     if isinstance(outputs, dict) and all(isinstance(v, str) for v in outputs.values()):
         require_intact(folder, outputs, MANIFEST, "the release is damaged: copy it again, or rebuild it (clearlm run)",
-                       only=lambda rel: "/" not in rel)  # fmt: skip
+                       only=MODEL_FILES.__contains__)  # fmt: skip
 
 
 def _special_token(folder: Path, name: str) -> str | None:

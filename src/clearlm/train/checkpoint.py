@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -38,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from clearlm.artifacts import require_intact, sha256_file, write_json_atomic
-from clearlm.errors import ArtifactError
+from clearlm.errors import ArtifactError, DiskFullError
 from clearlm.model.weights import WEIGHTS, save_state, tied
 from clearlm.storage import require_space
 from clearlm.train.distributed import SINGLE, World, barrier
@@ -100,7 +101,7 @@ def save_checkpoint(
     if w.main and tmp.exists():
         shutil.rmtree(tmp)
     barrier(w)
-    require_space(root, _nbytes(optim["state"]) + (_nbytes(weights) if w.main else 0), f"checkpoint step {step}")
+    _require_space(root, _nbytes(optim["state"]) + (_nbytes(weights) if w.main else 0), step, w)
     with _one_process_is_meant():
         dcp.save(optim["state"], storage_writer=HuggingFaceStorageWriter(str(tmp / OPTIMIZER), save_distributed=True))
     if not w.main:
@@ -125,6 +126,24 @@ def save_checkpoint(
     return final
 
 
+def _require_space(root: Path, needed: int, step: int, w: World) -> None:
+    """Fail before writing when the checkpoint cannot fit: rank 0 decides for the bytes all ranks will write (to
+    the one file system they share) and tells the others, so that every rank stops, or none."""
+    sizes = [needed] * w.size
+    if w.distributed:
+        dist.all_gather_object(sizes, needed)
+    problem: list[str | None] = [None]
+    if w.main:
+        try:
+            require_space(root, sum(sizes), f"checkpoint step {step}")
+        except DiskFullError as e:
+            problem = [str(e)]
+    if w.distributed:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise DiskFullError(problem[0])
+
+
 def _nbytes(tree: Any) -> int:
     """Bytes of the tensors in a (nested) state dict, as this rank writes them."""
     if isinstance(tree, dict):
@@ -142,22 +161,27 @@ def _write_checksums(folder: Path) -> None:
 
 
 def _drop_optimizer(folder: Path) -> None:
-    """Delete an older checkpoint's optimizer state (its checksums first, so they never list a deleted file)."""
+    """Delete an older checkpoint's optimizer state: renamed away first (a half-deleted folder must not look
+    resumable; a resumed stage deletes stray `.tmp` names), then left out of the checksums, then deleted."""
+    doomed = folder / (OPTIMIZER + ".tmp")
+    os.replace(folder / OPTIMIZER, doomed)
     digests = json.loads((folder / CHECKSUMS).read_text())
     write_json_atomic(folder / CHECKSUMS, {k: v for k, v in digests.items() if not k.startswith(OPTIMIZER + "/")})
-    shutil.rmtree(folder / OPTIMIZER)
+    shutil.rmtree(doomed)
 
 
 def _require_intact(path: Path) -> None:
+    """Every file of the checkpoint as its checksums list it; the error says where a resume would start instead."""
+    others = [p for p in checkpoints(path.parent) if p != path and (p / OPTIMIZER).exists()]
+    remedy = f"delete {path} to resume from {others[-1].name}" if others else f"delete {path} to start from step 0"
     try:
         digests = json.loads((path / CHECKSUMS).read_text())
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path / CHECKSUMS}: unreadable ({type(e).__name__}); cannot trust this checkpoint: "
-                            f"delete {path} to resume from an earlier one") from None  # fmt: skip
+        raise ArtifactError(f"{path / CHECKSUMS}: unreadable ({type(e).__name__}), so this checkpoint cannot be "
+                            f"trusted; {remedy}") from None  # fmt: skip
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
-        raise ArtifactError(f"{path / CHECKSUMS}: not a map of file names to sha256s; delete {path} to resume from an "
-                            "earlier checkpoint")  # fmt: skip
-    require_intact(path, digests, CHECKSUMS, f"delete {path} to resume from an earlier checkpoint")
+        raise ArtifactError(f"{path / CHECKSUMS}: not a map of file names to sha256s; {remedy}")
+    require_intact(path, digests, CHECKSUMS, remedy)
 
 
 def checkpoints(root: Path) -> list[Path]:

@@ -42,7 +42,7 @@ class LossGuard:
             return
         raise TrainingError(
             f"training stopped at {self.section} step {step}: {problem}; batch: {batch()}; likely cause: "
-            f"{self._cause(grad_norm, lr)}; {self._kept()}"
+            f"{self._cause(grad_norm, lr)}; {self._kept(spike=math.isfinite(loss) and math.isfinite(grad_norm))}"
         )
 
     def _problem(self, loss: float, grad_norm: float) -> str | None:
@@ -54,7 +54,7 @@ class LossGuard:
         if self.factor <= 0 or len(recent) < MIN_HISTORY:
             return None
         median = statistics.median(recent)
-        if loss > self.factor * median and loss - median > MIN_RISE:
+        if median > 0 and loss > self.factor * median and loss - median > MIN_RISE:
             return (
                 f"the loss {loss:.4g} is {loss / median:.1f} times the median {median:.4g} of the {len(recent)} steps "
                 f"before ({self.section}.spike_factor = {self.factor:g})"
@@ -66,19 +66,25 @@ class LossGuard:
             return "the initial weights or this batch, since no update has been made yet"
         norms = [norm for _, norm in self.history[-WINDOW:]]
         typical = statistics.median(norms)
-        latest = max([*norms[-3:], grad_norm if math.isfinite(grad_norm) else math.inf])
+        advice = f"lower {self.section}.lr, lengthen the warm-up or clip harder ({self.section}.grad_clip)"
+        if not math.isfinite(grad_norm):
+            return f"the gradients overflowed at learning rate {lr:.3g} (norm {typical:.3g} before); {advice}"
+        latest = max([*norms[-3:], grad_norm])
         if latest > GROWTH * typical:
             return (
                 f"divergence: the gradient norm rose from {typical:.3g} to {latest:.3g} at learning rate {lr:.3g}; "
-                f"lower {self.section}.lr, lengthen the warm-up or clip harder ({self.section}.grad_clip)"
+                + advice
             )
         return (
             f"this batch rather than divergence (the gradient norm was steady near {typical:.3g}): look at its "
             f"data, or raise {self.section}.spike_factor if the rise is expected"
         )
 
-    def _kept(self) -> str:
+    def _kept(self, spike: bool) -> str:
+        """Where the run stands. Resuming replays the same steps, so it gets past a spike only with a higher
+        spike_factor (not part of the run's identity); other fixes (learning rate, clipping) start a new run."""
         found = latest_checkpoint(self.checkpoints)
         if found is None:
             return f"no checkpoint was written before it ({self.section}.checkpoint_interval keeps some)"
-        return f"the last good checkpoint, {found}, is kept (--resume continues from it)"
+        how = f" with a higher {self.section}.spike_factor" if spike else " only into the same fault"
+        return f"the last good checkpoint, {found}, is kept (--resume continues from it{how})"
