@@ -273,3 +273,31 @@ def test_an_empty_text_file_is_a_counted_reject(tmp_path):
     assert metrics["rejects"] == {"the file has no text": 2}
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["where"].rsplit("/", 1)[-1] for r in rejects) == ["blank.md", "empty.txt"]
+
+
+def test_a_link_out_of_a_source_folder_is_a_counted_reject_unless_named(tmp_path):
+    """A folder of data must not pull in files elsewhere through a symbolic link (`~/.ssh`, `/etc`); naming the
+    link in the recipe reads it."""
+    from clearlm.data.sources import read_source
+    from clearlm.recipe import SourceConfig
+
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps({"text": "the password is hunter2"}) + "\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(json.dumps({"text": "ordinary text"}) + "\n")
+    (data / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    (data / "nested").symlink_to(outside, target_is_directory=True)
+    links = {
+        "data": {data / "link.jsonl"},  # a folder is walked without entering linked folders
+        "data/**/*.jsonl": {data / "link.jsonl", data / "nested" / "secret.jsonl"},
+    }  # a glob enters them
+    for path, escaping in links.items():
+        rejects = []
+        texts = [d["text"] for d in read_source(SourceConfig(path=path), tmp_path, rejects.append)]
+        assert texts == ["ordinary text"], path
+        assert {r.where for r in rejects} == {str(p) for p in escaping}, path
+        assert all("a symbolic link out of the source's folder" in r.reason for r in rejects)
+    named = [d["text"] for d in read_source(SourceConfig(path="data/link.jsonl"), tmp_path)]
+    assert named == ["the password is hunter2"]

@@ -33,8 +33,10 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def source_files(cfg: SourceConfig, base_dir: Path) -> list[Path]:
-    """The files a source names, in a fixed order; a directory means every readable file under it."""
+def _found(cfg: SourceConfig, base_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(files to read, files that a folder or glob reaches through a symbolic link out of the source's folder).
+    A link out is read only when the recipe names it itself: a folder of data must not pull in `~/.ssh` or
+    `/etc` because someone left a link in it."""
     pattern = Path(cfg.path).expanduser()
     if not pattern.is_absolute():
         pattern = base_dir / pattern
@@ -49,7 +51,17 @@ def source_files(cfg: SourceConfig, base_dir: Path) -> list[Path]:
     files = sorted(p for p in matches if p.is_file() and _kind(p))
     if not files:
         raise InputError(f"{pattern}: no .jsonl(.gz/.zst), .parquet, .txt or .md files found")
-    return files
+    if matches == [pattern]:  # named by the recipe itself
+        return files, []
+    root = source_root(cfg, base_dir).resolve()
+    inside = [p for p in files if p.resolve().is_relative_to(root)]
+    return inside, [p for p in files if p not in inside]
+
+
+def source_files(cfg: SourceConfig, base_dir: Path) -> list[Path]:
+    """The files a source names, in a fixed order; a directory means every readable file under it (but not a
+    link out of it)."""
+    return _found(cfg, base_dir)[0]
 
 
 def files_digest(files: list[Path], root: Path) -> str:
@@ -234,8 +246,11 @@ def read_source(
     """Yield every document of a source. A bad record goes to `on_reject` (by default raised as a
     one-line error naming file, line and field); an unreadable file (corrupt or truncated
     compression) to `on_file_error`, after which reading goes on with the next file."""
-    files = source_files(cfg, base_dir)
+    files, links_out = _found(cfg, base_dir)
     root = source_root(cfg, base_dir)
+    for path in links_out:
+        on_reject(BadRecord(str(path), f"a symbolic link out of the source's folder (to {path.resolve()}); name it "
+                                       "in data.sources to read it"))  # fmt: skip
     for path in files:
         name = cfg.source or path.name.split(".")[0]
         kind = _kind(path)
