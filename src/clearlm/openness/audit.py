@@ -18,7 +18,7 @@ import stat
 import tarfile
 import zipfile
 from collections.abc import Iterator
-from fnmatch import fnmatch
+from fnmatch import translate
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,10 @@ _EVIDENCE: list[tuple[str, tuple[str, ...]]] = [
 _EXTRA = {"tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken"),
           "logs": ("*.log", "training/*.jsonl", "*log.jsonl", "*events.out.tfevents*", "logs/*")}  # fmt: skip
 
+# each list of patterns as one compiled expression: a folder of a million files is matched in seconds
+_EVIDENCE_RE = [(c, re.compile("|".join(map(translate, ps))).match) for c, ps in _EVIDENCE]
+_EXTRA_RE = [(k, re.compile("|".join(map(translate, ps))).match) for k, ps in _EXTRA.items()]
+
 # Licence texts recognised in LICENSE/COPYING files by a phrase each (first match wins).
 _TEXTS = [
     (r"Apache License\s+Version 2\.0", "Apache-2.0"), (r"Permission is hereby granted, free of charge", "MIT"),
@@ -79,6 +83,36 @@ _TEXTS = [
     (r"Redistribution and use in source and binary forms", "BSD-2-Clause"),
     (r"PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2", "Python-2.0"),
 ]  # fmt: skip
+
+
+MAX_PARSED = 4 << 20  # config, card front matter and MOT files larger than this are not parsed
+MAX_LISTED = 256 << 20  # uncompressed bytes a tar archive is read through to list its members
+MAX_MEMBERS = 100_000
+
+
+class _NoAliases(yaml.SafeLoader):
+    """YAML without anchors' aliases: none of the files audited needs them, and a "billion laughs" document
+    of nested aliases is small on disk but explodes when the report is written out."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases (*name) are not accepted")
+        return super().compose_node(parent, index)
+
+
+def _parse(path: Path, text: str | None = None) -> Any:
+    """A YAML or JSON file's content, read only up to MAX_PARSED; ValueError when it is too large, too deep,
+    or not valid."""
+    if text is None:
+        if path.stat().st_size > MAX_PARSED:
+            raise ValueError(f"larger than {MAX_PARSED >> 20} MiB, not parsed")
+        text = path.read_text(errors="replace")
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_NoAliases)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"invalid YAML ({e})") from None
 
 
 def _regular(path: Path) -> bool:
@@ -158,11 +192,15 @@ def _archive_members(rel: str, path: Path) -> list[dict[str, str]]:
                 names = z.namelist()
         elif tarfile.is_tarfile(path):
             with tarfile.open(path) as t:
-                for m in t:
+                for m in t:  # a compressed tar is decompressed to be listed: a bomb stops the listing
+                    if len(names) >= MAX_MEMBERS or m.offset_data > MAX_LISTED:
+                        return [{"path": rel, "kind": "unlisted-archive", "detail": f"listing stopped after "
+                                 f"{len(names)} members and {m.offset_data >> 20} MiB (a decompression bomb?): its "
+                                 "other members are unchecked"}]  # fmt: skip
                     names.append(m.name)
                     if (m.issym() or m.islnk()) and (m.linkname.startswith("/") or ".." in Path(m.linkname).parts):
                         names.append(m.linkname)
-    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
         return [{"path": rel, "kind": "unreadable-archive", "detail": str(e)}]
     bad = [n for n in names if n.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", n) or ".." in re.split(r"[/\\]", n)]
     return [{"path": rel, "kind": "archive-path-escape", "detail": f"member {n!r} would be written outside"}
@@ -175,9 +213,11 @@ def _remote_code(root: Path) -> list[dict[str, str]]:
     if not _regular(config):
         return []
     try:
-        auto_map = json.loads(config.read_text(errors="replace")).get("auto_map") or {}
-    except (ValueError, AttributeError):
+        auto_map = _parse(config).get("auto_map") or {}
+    except AttributeError:
         return []
+    except ValueError as e:  # too large or too deep to look for auto_map in: cannot be vouched for
+        return [{"path": "config.json", "kind": "unscannable-config", "detail": f"{e}: remote code not checked"}]
     modules = {str(v).split("--")[-1].rsplit(".", 1)[0] for v in auto_map.values() for v in (v if isinstance(
         v, list) else [v]) if v}  # fmt: skip
     return [{"path": f"{m.replace('.', '/')}.py", "kind": "remote-code",
@@ -188,12 +228,13 @@ def _card_front_matter(root: Path) -> dict[str, Any]:
     card = root / "README.md"
     if not _regular(card):
         return {}
-    text = card.read_text(errors="replace")
+    with open(card, encoding="utf-8", errors="replace") as f:
+        text = f.read(MAX_PARSED)  # front matter opens the card
     if not text.startswith("---"):
         return {}
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1])
-    except yaml.YAMLError:
+        meta = _parse(card, text.split("---", 2)[1])
+    except ValueError:
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -226,11 +267,11 @@ def audit_folder(folder: Path) -> dict[str, Any]:
         if path.is_symlink():
             continue
         name = path.name.lower()
-        for comp, patterns in _EVIDENCE:
-            if any(fnmatch(rel, p) for p in patterns):
+        for comp, matches in _EVIDENCE_RE:
+            if matches(rel):
                 present.setdefault(comp, []).append(rel)
-        for kind, patterns in _EXTRA.items():
-            if any(fnmatch(rel, p) for p in patterns):
+        for kind, matches in _EXTRA_RE:
+            if matches(rel):
                 extra.setdefault(kind, []).append(rel)
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES or (suffix not in (".safetensors", ".json", ".md", ".txt", ".py")
@@ -282,8 +323,8 @@ def _declared(root: Path, files: list[tuple[str, Path]]) -> Declared | None:
     for rel, path in files:
         if rel.endswith(("mot.yml", "mot.yaml")) or (rel.startswith("models/") and rel.endswith(".yml")):
             try:
-                components, _ = from_mot(yaml.safe_load(path.read_text(errors="replace")))
-            except (yaml.YAMLError, ValueError, AttributeError):
+                components, _ = from_mot(_parse(path))
+            except (ValueError, AttributeError):
                 continue
             return rel, components
     return None
@@ -320,10 +361,10 @@ def _osaid(present: dict[str, list[str]], licences: dict[str, str]) -> dict[str,
 def audit_mot(path: Path) -> dict[str, Any]:
     """The class of a MOT model YAML file, computed as MOT computes it."""
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = _parse(Path(path))
         components, global_licences = from_mot(doc if isinstance(doc, dict) else {})
         evaluation = evaluate(components, global_licences)
-    except (OSError, yaml.YAMLError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise InputError(f"{path}: {e}") from None
     return {"mot_file": str(path), "mof": evaluation.as_dict(), "format_problems": validate_mot(doc), "unsafe": []}
 
