@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import string
 import tempfile
 from collections.abc import Iterator
@@ -26,11 +27,11 @@ from clearlm.data.chat import BadRow, read_preferences, read_sft
 from clearlm.data.sources import read_source
 from clearlm.errors import ClearlmError
 from clearlm.eval.taskspec import load_docs, load_task_file
-from clearlm.openness.audit import audit_mot
+from clearlm.openness.audit import audit_folder, audit_mot
 from clearlm.recipe import Recipe, SourceConfig, load_recipe
 from clearlm.release.load import load_release
 
-# 300 cases a property in CI (2,400 in all); CLEARLM_FUZZ_CASES=5000 for a deeper search
+# 300 cases a property in CI (2,700 in all); CLEARLM_FUZZ_CASES=5000 for a deeper search
 CASES = settings(max_examples=int(os.environ.get("CLEARLM_FUZZ_CASES", "300")), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 
@@ -229,3 +230,20 @@ def test_model_folders_load_or_give_one_line(
         load_release(model)
     except Exception as err:
         _one_line_naming(err, str(model))
+
+
+@CASES
+@given(files=st.dictionaries(st.sampled_from(["config.json", "README.md", "mot.yml", "LICENSE", "model.bin",
+                                              "weights.tar.gz", "data.zip", "train.py"]),
+                             st.binary(max_size=120) | values.map(lambda v: json.dumps(v).encode())
+                             | st.text(max_size=120).map(lambda t: ("---\n" + t).encode("utf-8", "surrogatepass")),
+                             max_size=5))  # fmt: skip
+def test_audit_reports_on_any_folder(folder: Path, files: dict[str, bytes]) -> None:
+    audited = folder / "audited"
+    shutil.rmtree(audited, ignore_errors=True)
+    audited.mkdir()
+    for name, content in files.items():
+        (audited / name).write_bytes(content)
+    report = audit_folder(audited)
+    json.dumps(report)
+    assert report["files"] == len(files)
