@@ -28,7 +28,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from clearlm.artifacts import MANIFEST, sha256_file
+from clearlm.artifacts import MANIFEST, intact
 from clearlm.data.corpus import data_identity
 from clearlm.errors import InputError
 from clearlm.numerics import stage_threads
@@ -65,7 +65,7 @@ def integrity(folder: Path) -> list[str]:
     outputs = json.loads(manifest_path.read_text())["outputs"]
     problems = [f"{rel}: {'missing' if not (folder / rel).is_file() else 'content differs from manifest'}"
                 for rel, digest in outputs.items()
-                if not (folder / rel).is_file() or sha256_file(folder / rel) != digest]  # fmt: skip
+                if not intact(folder / rel, digest)]  # fmt: skip
     listed = set(outputs)
     problems += [f"{p.relative_to(folder).as_posix()}: not in manifest" for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed]  # fmt: skip
