@@ -4,6 +4,7 @@ the likely cause, with the last good checkpoint kept and resumable."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -73,30 +74,36 @@ def test_no_stop(tmp_path: Path, history: list[float], loss: float, factor: floa
 
 
 def test_pretraining_stops_before_the_bad_step_and_resumes_when_allowed(tmp_path: Path) -> None:
-    """A learning rate of 30 without clipping diverges at step 6; the run stops there with the step 4 checkpoint
-    kept and its weights finite. The guard's setting is not part of the stage's identity: raised, --resume
-    continues the same run from that checkpoint."""
+    """A learning rate of 30 without clipping diverges within a few steps (step 6 here); the run stops at the bad
+    step with the last checkpoint before it kept and finite. The guard's setting is not part of the stage's
+    identity: raised, --resume continues the same run from that checkpoint."""
     recipe = write_tiny_recipe(tmp_path, steps=12)
     overrides = ["train.lr=30", "train.grad_clip=0", "train.warmup_steps=0"]
     with pytest.raises(TrainingError) as err:
         Pipeline(load_recipe(recipe, overrides), tmp_path / "runs").train()
     message = str(err.value)
-    assert message.startswith("training stopped at train step 6: the loss")
-    assert "training windows 40-47 of the shuffled stream, " in message and "doc-" in message
-    assert "divergence" in message and "step-0000004, is kept (--resume continues from it with a higher" in message
+    found = re.match(r"training stopped at train step (\d+): the (loss|gradient norm)", message)
+    assert found, message
+    step = int(found.group(1))
+    assert 2 <= step <= 12, message
+    first = (step - 1) * 8  # 8 windows a step
+    assert f"training windows {first}-{first + 7} of the shuffled stream, " in message and "doc-" in message
+    kept_name = f"step-{(step - 1) // 4 * 4:07d}"  # a checkpoint every 4 steps
+    assert "divergence" in message or "overflowed" in message, message
+    assert f"{kept_name}, is kept (--resume continues from it" in message
     (partial,) = (tmp_path / "runs" / "artifacts").glob("train-*.partial")
     kept = latest_checkpoint(partial / "checkpoints")
-    assert kept is not None and kept.name == "step-0000004"
+    assert kept is not None and kept.name == kept_name
     assert all(torch.isfinite(t).all() for t in load_file(kept / "model.safetensors").values())
     logged = [line for line in (partial / "log.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(logged) == 5  # the bad step was never taken
+    assert len(logged) == step - 1  # the bad step was never taken
 
     notes: list[str] = []
     pipe = Pipeline(load_recipe(recipe, [*overrides, "train.spike_factor=0"]), tmp_path / "runs")
     pipe.reporter.note = notes.append  # type: ignore[method-assign]
     art = pipe.train(resume=True)
     assert art is not None and art.path.name == partial.name.removesuffix(".partial")
-    assert "train: resuming from step-0000004" in notes
+    assert f"train: resuming from {kept_name}" in notes
 
 
 def test_post_training_names_its_section_and_the_examples(tmp_path: Path) -> None:
