@@ -85,7 +85,7 @@ def test_pretraining_stops_before_the_bad_step_and_resumes_when_allowed(tmp_path
     found = re.match(r"training stopped at train step (\d+): the (loss|gradient norm)", message)
     assert found, message
     step = int(found.group(1))
-    assert 2 <= step <= 12, message
+    assert 5 <= step <= 12, message  # after the step 4 checkpoint (step 6 on the machines this was written on)
     first = (step - 1) * 8  # 8 windows a step
     assert f"training windows {first}-{first + 7} of the shuffled stream, " in message and "doc-" in message
     kept_name = f"step-{(step - 1) // 4 * 4:07d}"  # a checkpoint every 4 steps
