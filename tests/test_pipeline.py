@@ -573,3 +573,18 @@ def test_growing_the_vocabulary_keeps_old_logits_and_starts_new_rows_at_the_mean
     others[[50, 51]] = False
     assert torch.allclose(padded.lm_head.weight[51], old_head[others].mean(0))
     assert torch.equal(padded.lm_head.weight[:50], old_head[:50])
+
+
+@pytest.mark.slow
+def test_resuming_a_later_stage_resumes_an_interrupted_earlier_one(tmp_path):
+    """`clearlm dpo --resume` after pretraining was killed continues pretraining from its checkpoint (found by
+    the disk-full trials: the earlier stage restarted from scratch)."""
+    from conftest import write_all_stages_recipe
+
+    recipe = load_recipe(write_all_stages_recipe(tmp_path))
+    assert Pipeline(recipe, tmp_path / "runs").train(stop_after=4) is None
+    notes: list[str] = []
+    pipe = Pipeline(recipe, tmp_path / "runs")
+    pipe.reporter.note = notes.append
+    assert pipe.dpo(resume=True) is not None
+    assert "train: resuming from step-0000004" in notes

@@ -381,7 +381,7 @@ class Pipeline:
         """Supervised fine-tuning of the recipe's model (or of `sft.base`, a model folder) on chat data;
         None when `stop_after` stopped it (continue with `resume`)."""
         if "sft" not in self._done:
-            cfg, inputs, files, extra = self._post_training_setup("sft")
+            cfg, inputs, files, extra = self._post_training_setup("sft", resume)
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
@@ -409,7 +409,7 @@ class Pipeline:
         """Preference tuning of the SFT model (or `dpo.base`) against a reference whose log-probabilities
         are computed once and stored in the artifact (and reused on resume); None when stopped early."""
         if "dpo" not in self._done:
-            cfg, inputs, files, extra = self._post_training_setup("dpo")
+            cfg, inputs, files, extra = self._post_training_setup("dpo", resume)
 
             def build(out: Path) -> dict[str, Any]:
                 model, tok = self._starting_model(cfg, inputs)
@@ -472,23 +472,26 @@ class Pipeline:
             self._done[kind] = art
         return art
 
-    def _post_training_setup(self, kind: str) -> tuple[Any, dict[str, Artifact], list[Path], dict[str, Any]]:
+    def _post_training_setup(
+        self, kind: str, resume: bool
+    ) -> tuple[Any, dict[str, Artifact], list[Path], dict[str, Any]]:
         """The stage's config, input artifacts, data files and the digests that identify its other inputs."""
         cfg = getattr(self.recipe, kind)
         if cfg is None:
             raise RecipeError(f"the recipe has no [{kind}] section")
-        inputs = self._post_training_inputs(cfg)
+        inputs = self._post_training_inputs(cfg, resume)
         files, extra = post_training_sources(cfg, self.loaded.base_dir, self.recipe.tokenizer)
         return cfg, inputs, files, extra
 
-    def _post_training_inputs(self, cfg: SFTConfig | DPOConfig) -> dict[str, Artifact]:
+    def _post_training_inputs(self, cfg: SFTConfig | DPOConfig, resume: bool) -> dict[str, Artifact]:
         """The artifacts a post-training stage reads: the corpus for built-in sets, and the model (with the
-        recipe's tokenizer) it starts from when that is an earlier stage, not a folder."""
+        recipe's tokenizer) it starts from when that is an earlier stage, not a folder; `resume` continues an
+        interrupted earlier stage too (`clearlm dpo --resume` after a kill in pretraining)."""
         inputs: dict[str, Artifact] = {"data": self.data()} if cfg.builtin else {}
         if cfg.base == "pretrain":
-            inputs["tokenizer"], inputs["pretrain"] = self.tokenizer(), self._require_train(False)
+            inputs["tokenizer"], inputs["pretrain"] = self.tokenizer(), self._require_train(resume)
         elif cfg.base == "sft":
-            inputs["sft"] = self.sft()  # holds the tokenizer it trained with
+            inputs["sft"] = self.sft(resume)  # holds the tokenizer it trained with
         return inputs
 
     def _starting_model(self, cfg: SFTConfig | DPOConfig, inputs: dict[str, Artifact]) -> tuple[Transformer, Tokenizer]:
