@@ -69,9 +69,10 @@ def empty(folder: Path) -> None:
 
 
 def allocated(path: Path) -> int:
-    """Bytes a file or folder takes on the file system (whole pages on tmpfs)."""
+    """Bytes a file or folder takes on a tmpfs: whole 4 KiB pages of each file's data (computed from the sizes,
+    not from `st_blocks`, which on the reference's own file system depends on when it writes back)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
-    return sum(p.stat().st_blocks * 512 for p in files)
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in files)
 
 
 def stage_space(workdir: Path) -> dict[str, int]:
