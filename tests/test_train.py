@@ -9,7 +9,7 @@ from clearlm.errors import ArtifactError
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.pipeline import Pipeline, Reporter
 from clearlm.recipe import TrainConfig, load_recipe
-from clearlm.train.checkpoint import load_checkpoint, save_checkpoint
+from clearlm.train.checkpoint import _write_checksums, load_checkpoint, save_checkpoint
 from clearlm.train.loop import accumulate_gradients
 from clearlm.train.optim import build_optimizer, lr_at, newton_schulz, set_lr
 
@@ -188,10 +188,16 @@ def test_checkpoint_resumes_when_a_parameter_never_had_a_gradient(tmp_path):
 
     state = json.loads((path / "state.json").read_text())
     (path / "state.json").write_text(json.dumps({**state, "optimizer_state_of": [*state["optimizer_state_of"], "x"]}))
+    with pytest.raises(ArtifactError, match=r"state\.json: its bytes differ from the sha256 in checksums\.json"):
+        load_checkpoint(path, *setup())  # an edited file is caught by its checksum first
+    _write_checksums(path)  # a consistent checkpoint of another model: caught by what it lists
     with pytest.raises(ArtifactError, match=r"state\.json: optimizer state of a parameter this model lacks: x"):
         load_checkpoint(path, *setup())
     (path / "state.json").write_text(json.dumps(state))
     for shard in (path / "optimizer").glob("*.safetensors"):
         shard.unlink()  # state that was saved and is lost must not become an empty state silently
+    with pytest.raises(ArtifactError, match=r"optimizer/.*: missing, though checksums\.json lists it"):
+        load_checkpoint(path, *setup())
+    _write_checksums(path)
     with pytest.raises(ArtifactError, match=r"optimizer: \d+ optimizer tensors are missing \(first: embed_tokens"):
         load_checkpoint(path, *setup())
