@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kill_trials import SMALL, Run, checkpoints_left, incomplete_artifacts
+from kill_trials import SMALL, Run, after_resume, checkpoints_left, incomplete_artifacts
 
-from clearlm.release.compare import STAGES, first_difference, stage_outputs
+from clearlm.release.compare import STAGES, stage_outputs
 
 COMMANDS = {"data": "data", "tokenizer": "train", "shards": "train", "train": "train", "sft": "sft", "dpo": "dpo",
             "eval": "run", "release": "run"}  # fmt: skip
@@ -121,14 +121,8 @@ def trial(
     resumed = Run(command(recipe, sets, workdir, verb, resume=True), env)
     if resumed.finish() != 0:
         return {**record, "problems": [*problems, f"resume failed: {' | '.join(x for _, x in resumed.lines[-3:])}"]}
-    text = "\n".join(line for _, line in resumed.lines)
-    problems += [f"{kind}: restarted from scratch though {ckpt} existed" for kind, ckpt in left.items()
-                 if f"{kind}: resuming from {ckpt}" not in text]  # fmt: skip
-    problems += [f"after resume, looks complete but is not: {p}" for p in incomplete_artifacts(workdir)]
     built = {s: reference[s] for s in STAGES[: STAGES.index(LAST[verb]) + 1]}
-    if (difference := first_difference(built, stage_outputs(workdir))) is not None:
-        problems.append(f"differs from the uninterrupted run: {difference}")
-    return {**record, "problems": problems}
+    return {**record, "problems": problems + after_resume(workdir, left, resumed, built)}
 
 
 def main() -> None:

@@ -168,13 +168,19 @@ def trial(
     if resumed.finish() != 0:
         tail = " | ".join(line for _, line in resumed.lines[-3:])
         return {**record, "problems": [*problems, f"resume failed: {tail}"]}
+    return {**record, "problems": problems + after_resume(workdir, left, resumed, reference)}
+
+
+def after_resume(workdir: Path, left: dict[str, str], resumed: Run, reference: dict[str, Any]) -> list[str]:
+    """What a finished resume got wrong: a stage restarted though it had a checkpoint (`left`), an artifact that
+    looks complete but is not, a stage whose outputs differ from `reference`'s."""
     said = "\n".join(line for _, line in resumed.lines)
-    problems += [f"{kind}: restarted from scratch though {ckpt} existed" for kind, ckpt in left.items()
-                 if f"{kind}: resuming from {ckpt}" not in said]  # fmt: skip
+    problems = [f"{kind}: restarted from scratch though {ckpt} existed" for kind, ckpt in left.items()
+                if f"{kind}: resuming from {ckpt}" not in said]  # fmt: skip
     problems += [f"after resume, looks complete but is not: {p}" for p in incomplete_artifacts(workdir)]
     if (difference := first_difference(reference, stage_outputs(workdir))) is not None:
         problems.append(f"differs from the uninterrupted run: {difference}")
-    return {**record, "problems": problems}
+    return problems
 
 
 def main() -> None:
