@@ -31,7 +31,10 @@ from typing import Any
 
 from kill_trials import SMALL, Run, after_resume, checkpoints_left, incomplete_artifacts
 
-from clearlm.release.compare import STAGES, stage_outputs
+from clearlm.release.compare import stage_outputs
+from clearlm.stages import names
+
+STAGES = tuple(names())
 
 COMMANDS = {"data": "data", "tokenizer": "train", "shards": "train", "train": "train", "sft": "sft", "dpo": "dpo",
             "eval": "run", "release": "run"}  # fmt: skip

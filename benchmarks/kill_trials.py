@@ -33,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from clearlm.artifacts import MANIFEST, Artifact, check_outputs
-from clearlm.release.compare import STAGES, first_difference, stage_outputs
-from clearlm.train.checkpoint import latest_checkpoint
+from clearlm.release.compare import first_difference, stage_outputs
+from clearlm.stages import names
+from clearlm.train.checkpoint_files import latest_checkpoint
+
+STAGES = tuple(names())
 
 # The small recipe: the built-in quickstart, shrunk, with frequent checkpoints in every training stage.
 SMALL = ["train.max_steps=40", "model.n_layers=2", "model.d_model=96", "model.n_heads=4",

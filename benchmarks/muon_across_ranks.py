@@ -13,8 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from clearlm.train.distributed import SINGLE, World, world
 from clearlm.train.optim import _replicated_updates
+from clearlm.world import SINGLE, World, world
 
 
 def _seconds(groups: list[list[torch.Tensor]], w: World) -> float:

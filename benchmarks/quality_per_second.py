@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from clearlm.numerics import keep_freed_memory
 from clearlm.pipeline import Pipeline
 from clearlm.recipe import load_recipe
-from clearlm.train.perf import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,13 +87,13 @@ def clearlm_run(data: Path, seconds: float, work: Path, probe_steps: int, overri
     shutil.copy(data, work / "tinyshakespeare" / "input.txt")
     probe = Pipeline(load_recipe(work / "shakespeare.toml", [*overrides, f"train.max_steps={probe_steps}"]),
                      work / "runs")  # fmt: skip
-    art = probe.train()
+    art = probe.run("train")
     log = [json.loads(line) for line in (art.path / "log.jsonl").read_text().splitlines()]
     timed = [r for r in log[probe_steps // 4 :] if "loss" in r]
     step_seconds = statistics.mean(r["tokens"] / r["step"] / r["tokens_per_s"] for r in timed)
     steps = max(1, int(0.97 * seconds / step_seconds))  # a small margin: a long run slows a little
     pipe = Pipeline(load_recipe(work / "shakespeare.toml", [*overrides, f"train.max_steps={steps}"]), work / "runs")
-    evaluation = pipe.eval()
+    evaluation = pipe.run("eval")
     train = pipe.artifacts["train"].metrics
     return {"seconds": train["train_seconds"], "bits_per_byte": evaluation.metrics["bits_per_byte"]["all"][
         "bits_per_byte"], "steps": steps, "tokens": train["tokens"], "tokens_per_s": train["tokens_per_s"]}  # fmt: skip

@@ -35,10 +35,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from clearlm.model.transformer import Transformer, TransformerConfig
+from clearlm.numerics import keep_freed_memory
 from clearlm.recipe import TrainConfig
 from clearlm.train.loop import accumulate_gradients, compile_blocks
 from clearlm.train.optim import build_optimizer
-from clearlm.train.perf import gpu_peak_flops, keep_freed_memory, measure_matmul_peak
+from clearlm.train.perf import gpu_peak_flops, measure_matmul_peak
 
 
 class KernelLog(TorchDispatchMode):

@@ -11,7 +11,7 @@ def test_digest_depends_on_kind_config_and_inputs(tmp_path):
     assert a != compute_digest("tokenizer", {"x": 1}, {})
     store.start("data", a)
     art = store.finish("data", a, {"x": 1}, {}, {}, 0.0)
-    assert compute_digest("t", {}, {"data": art}) != compute_digest("t", {}, {})
+    assert compute_digest("t", {}, {"data": art.digest}) != compute_digest("t", {}, {})
 
 
 def test_finish_writes_manifest_with_hashes_and_renames(tmp_path):

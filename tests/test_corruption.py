@@ -42,10 +42,10 @@ def _expect_named(err: pytest.ExceptionInfo[ArtifactError], file: Path) -> None:
     ],
 )
 def test_a_stage_refuses_a_damaged_input(tmp_path: Path, tiny_recipe: Path, stage: str, file: str, reader: str) -> None:
-    art = getattr(Pipeline(load_recipe(tiny_recipe), tmp_path / "runs"), stage)()
+    art = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").run(stage)
     _flip(art.path / file)
     with pytest.raises(ArtifactError) as err:
-        getattr(Pipeline(load_recipe(tiny_recipe), tmp_path / "runs"), reader)()
+        Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").run(reader)
     _expect_named(err, art.path / file)
     assert str(err.value).endswith(f"delete {art.path} and run again to rebuild it")
     assert not list((tmp_path / "runs" / "artifacts").glob(f"{reader}-*"))
@@ -54,7 +54,7 @@ def test_a_stage_refuses_a_damaged_input(tmp_path: Path, tiny_recipe: Path, stag
 @pytest.mark.parametrize("file", ["model.safetensors", "state.json", "rng.safetensors", "optimizer"])
 def test_resume_refuses_a_damaged_checkpoint(tmp_path: Path, tiny_recipe: Path, file: str) -> None:
     pipe = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs")
-    assert pipe.train(stop_after=4) is None
+    assert pipe.run("train", stop_after=4) is None
     (partial,) = (tmp_path / "runs" / "artifacts").glob("train-*.partial")
     ckpt = partial / "checkpoints" / "step-0000004"
     target = ckpt / file
@@ -62,7 +62,7 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path: Path, tiny_recipe: Path, 
         target = sorted(target.glob("*.safetensors"))[0]
     _flip(target, at=0.9)
     with pytest.raises(ArtifactError) as err:
-        Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").train(resume=True)
+        Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").run("train", resume=True)
     _expect_named(err, target)
     assert str(err.value).endswith(f"delete {ckpt} to start from step 0")  # the only checkpoint
 
@@ -72,14 +72,14 @@ def test_resume_refuses_a_checkpoint_without_its_checksums(tmp_path: Path, tiny_
     """The second checkpoint lost its checksums: not trusted, and the message says a resume would go back to the
     first (which keeps its optimizer state when the run was stopped early)."""
     pipe = Pipeline(load_recipe(tiny_recipe, ["train.keep_optimizer=all", "train.max_steps=12"]), tmp_path / "runs")
-    assert pipe.train(stop_after=8) is None
+    assert pipe.run("train", stop_after=8) is None
     (root,) = (tmp_path / "runs" / "artifacts").glob("train-*.partial/checkpoints")
     sums = root / "step-0000008" / "checksums.json"
     sums.unlink() if damage == "missing" else sums.write_text("{")
     kind = "FileNotFoundError" if damage == "missing" else "JSONDecodeError"
     with pytest.raises(ArtifactError) as err:
-        Pipeline(load_recipe(tiny_recipe, ["train.keep_optimizer=all", "train.max_steps=12"]), tmp_path / "runs").train(
-            resume=True
+        Pipeline(load_recipe(tiny_recipe, ["train.keep_optimizer=all", "train.max_steps=12"]), tmp_path / "runs").run(
+            "train", resume=True
         )
     assert str(err.value) == (f"{sums}: unreadable ({kind}), so this checkpoint cannot be trusted; delete "
                               f"{root / 'step-0000008'} to resume from step-0000004")  # fmt: skip
@@ -87,7 +87,7 @@ def test_resume_refuses_a_checkpoint_without_its_checksums(tmp_path: Path, tiny_
 
 def test_older_checkpoints_list_only_the_files_they_keep(tmp_path: Path, tiny_recipe: Path) -> None:
     """Older checkpoints lose their optimizer state; their checksums must not list the deleted files."""
-    art = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").train()
+    art = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs").run("train")
     older = art.path / "checkpoints" / "step-0000004"
     assert not (older / "optimizer").exists()
     assert "optimizer/" not in (older / "checksums.json").read_text()

@@ -114,7 +114,7 @@ class Notes(Reporter):
 
 def test_compile_gives_the_same_losses_as_eager(folder):
     pipe = Pipeline(load_recipe(folder / "tiny.toml", ["train.compile=true"]), folder / "compiled", Notes())
-    art = pipe.train()
+    art = pipe.run("train")
     assert art.metrics["compiled"] is True and pipe.reporter.notes == []
     assert _losses(art.path) == pytest.approx(_losses(_run_dir(folder, "one")), rel=1e-4)
 
@@ -125,7 +125,7 @@ def test_compile_where_it_cannot_work_falls_back_with_a_message(folder, monkeypa
 
     monkeypatch.setattr(torch, "compile", broken)
     pipe = Pipeline(load_recipe(folder / "tiny.toml", ["train.compile=true"]), folder / "fallback", Notes())
-    art = pipe.train()
+    art = pipe.run("train")
     assert art.metrics["compiled"] is False
     assert pipe.reporter.notes == [
         "train.compile: torch.compile does not work here (RuntimeError: no C++ compiler found); training without it"
@@ -163,7 +163,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from clearlm.train.distributed import world
+from clearlm.world import world
 from clearlm.train.optim import _orthogonalised, _replicated_updates, _sharded_updates
 
 w = world()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from clearlm.errors import TrainingError
 from clearlm.pipeline import Pipeline
 from clearlm.recipe import SFTConfig, load_recipe
-from clearlm.train.checkpoint import latest_checkpoint
+from clearlm.train.checkpoint_files import latest_checkpoint
 from clearlm.train.guard import LossGuard
 from clearlm.train.posttrain import run_steps
 
@@ -80,7 +80,7 @@ def test_pretraining_stops_before_the_bad_step_and_resumes_when_allowed(tmp_path
     recipe = write_tiny_recipe(tmp_path, steps=12)
     overrides = ["train.lr=30", "train.grad_clip=0", "train.warmup_steps=0"]
     with pytest.raises(TrainingError) as err:
-        Pipeline(load_recipe(recipe, overrides), tmp_path / "runs").train()
+        Pipeline(load_recipe(recipe, overrides), tmp_path / "runs").run("train")
     message = str(err.value)
     found = re.match(r"training stopped at train step (\d+): the (loss|gradient norm)", message)
     assert found, message
@@ -101,7 +101,7 @@ def test_pretraining_stops_before_the_bad_step_and_resumes_when_allowed(tmp_path
     notes: list[str] = []
     pipe = Pipeline(load_recipe(recipe, [*overrides, "train.spike_factor=0"]), tmp_path / "runs")
     pipe.reporter.note = notes.append  # type: ignore[method-assign]
-    art = pipe.train(resume=True)
+    art = pipe.run("train", resume=True)
     assert art is not None and art.path.name == partial.name.removesuffix(".partial")
     assert f"train: resuming from {kept_name}" in notes
 

@@ -133,10 +133,10 @@ def test_rerun_skips_everything_and_a_changed_setting_reruns_downstream(tmp_path
 
 def test_edited_source_file_reruns_the_data_stage(tmp_path, tiny_recipe):
     rec = Recorder()
-    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).data()
+    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run("data")
     corpus = tiny_recipe.parent / "corpus.jsonl"
     corpus.write_text(corpus.read_text() + json.dumps({"id": "new", "text": "more text"}) + "\n")
-    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).data()
+    Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run("data")
     assert rec.events == [("built", "data"), ("built", "data")]
 
 
@@ -381,7 +381,7 @@ def test_sft_stage_trains_on_chat_data_and_reports_bad_rows(tmp_path, tiny_recip
     assert result.exit_code == 0, result.output
     art = next((tmp_path / "artifacts").glob("sft-*"))
     manifest = json.loads((art / "manifest.json").read_text())
-    assert set(manifest["inputs"]) == {"tokenizer", "pretrain"} and manifest["sources"]["data"][0]["digest"]
+    assert set(manifest["inputs"]) == {"tokenizer", "train"} and manifest["sources"]["data"][0]["digest"]
     metrics = manifest["metrics"]
     assert metrics["examples"] == 24 and metrics["bad_rows"] == {"messages has no assistant turn": 1}
     assert metrics["steps"] == 18 and metrics["final_loss"] < metrics["first_loss"]
@@ -406,10 +406,10 @@ def test_sft_from_a_hugging_face_folder_clearlm_did_not_write(tmp_path, tiny_run
         recipe + f'\n[sft]\nbase = "{hf}"\ndata = [{{ path = "chat.jsonl" }}]\nepochs = 1\n'
     )
     pipe = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
-    art = pipe.sft()
+    art = pipe.run("sft")
     assert "pretrain" not in art.manifest["inputs"] and art.manifest["sources"]["base"]
     assert art.metrics["examples"] == 24 and (art.path / "model.safetensors").is_file()
-    release = pipe.release().path
+    release = pipe.run("release").path
     lineage = json.loads((release / "lineage.json").read_text())
     assert "train" not in lineage and lineage["base_model"]["digest"] == art.manifest["sources"]["base"]
     assert lineage["base_model"]["folder"] == str(hf) and lineage["base_model"]["unsafe_findings"] == 0
@@ -486,7 +486,7 @@ def test_pretrain_sft_dpo_release_end_to_end(tmp_path, tiny_recipe):
     chat = runner.invoke(app, ["generate", str(rel), "Say alpha twice.", "--chat", "--max-new-tokens", "8"])
     assert chat.exit_code == 0 and "<|assistant|>" not in chat.output
     assert (rel / "data" / "post_training" / "dpo" / "pairs.jsonl.zst").is_file()
-    assert "DPO reward accuracy and margin" in (rel / "report.html").read_text()
+    assert "Preference tuning (DPO): reward accuracy and margin" in (rel / "report.html").read_text()
     verdict = verify_release(rel, tiny_recipe.parent, tmp_path)
     assert verdict.reproduced and any(line.startswith("dpo: reproduced") for line in verdict.lines), verdict.lines
     tampered = tmp_path / "tampered"
@@ -546,7 +546,7 @@ def test_sft_from_a_folder_whose_tokenizer_lacks_the_chat_tokens(tmp_path):
     _chat_file(tmp_path)
     sft = f'[sft]\nbase = "{folder}"\ndata = [{{ path = "chat.jsonl" }}]\nepochs = 1\n'
     (tmp_path / "r.toml").write_text('name = "x"\n[data]\nsources = [{ path = "not-needed.jsonl" }]\n' + sft)
-    art = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs").sft()
+    art = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs").run("sft")
     tok = Tokenizer.from_file(str(art.path / "tokenizer.json"))
     assert all(tok.token_to_id(t) is not None for t in ("<|user|>", "<|assistant|>", "<|endoftext|>", "<|pad|>"))
     weights = load_file(art.path / "model.safetensors")
@@ -582,9 +582,9 @@ def test_resuming_a_later_stage_resumes_an_interrupted_earlier_one(tmp_path):
     from conftest import write_all_stages_recipe
 
     recipe = load_recipe(write_all_stages_recipe(tmp_path))
-    assert Pipeline(recipe, tmp_path / "runs").train(stop_after=4) is None
+    assert Pipeline(recipe, tmp_path / "runs").run("train", stop_after=4) is None
     notes: list[str] = []
     pipe = Pipeline(recipe, tmp_path / "runs")
     pipe.reporter.note = notes.append
-    assert pipe.dpo(resume=True) is not None
+    assert pipe.run("dpo", resume=True) is not None
     assert "train: resuming from step-0000004" in notes

@@ -17,9 +17,12 @@ from conftest import write_all_stages_recipe
 
 from clearlm.artifacts import sha256_file
 from clearlm.numerics import available_cpus, begin_stage, numerics, stage_threads
-from clearlm.release.compare import STAGES, first_difference, stage_outputs
+from clearlm.release.compare import first_difference, stage_outputs
 from clearlm.release.verify import verify_release
+from clearlm.stages import names
 from clearlm.train.perf import measure_matmul_peak
+
+STAGES = tuple(names())
 
 # One process follows a plan: optional "disturb" (what a library or an earlier job may leave: one thread, a
 # drawn-from global RNG, MKL already warmed up), then stage calls, `name:stop=N` stopping one after step N
@@ -41,11 +44,9 @@ for action in plan:
         continue
     stage, _, option = action.partition(":")
     if option.startswith("stop="):
-        assert getattr(pipe, stage)(stop_after=int(option[5:])) is None, action
-    elif stage == "release":
-        pipe.run("release", resume=option == "resume")
+        assert pipe.run(stage, stop_after=int(option[5:])) is None, action
     else:
-        assert getattr(pipe, stage)(resume=option == "resume") is not None, action
+        assert pipe.run(stage, resume=option == "resume") is not None, action
 """
 
 

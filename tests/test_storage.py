@@ -63,15 +63,15 @@ def test_a_stage_that_fills_the_disk_is_one_line_and_leaves_nothing_half_written
     tmp_path: Path, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipe = Pipeline(load_recipe(tiny_recipe), tmp_path / "runs")
-    pipe.tokenizer()
+    pipe.run("tokenizer")
 
     def full(tok, eos_id, data_dir, out):
         (out / "train.bin").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.bin"))
 
-    monkeypatch.setattr("clearlm.pipeline.write_shards", full)
+    monkeypatch.setattr("clearlm.data.shards.write_shards", full)
     with pytest.raises(DiskFullError) as err:
-        pipe.shards()
+        pipe.run("shards")
     message = str(err.value)
     assert message.startswith(str(tmp_path / "runs" / "artifacts")) and "shards-" in message and "\n" not in message
     assert "no space left on the device" in message and "while building shards, after writing 4 B" in message

@@ -78,12 +78,12 @@ MUON_OLMO2 = ['train.optimizer="muon"', 'train.schedule="wsd"', 'model.architect
 @pytest.mark.slow
 @pytest.mark.parametrize(("stop", "overrides"), [(4, []), (5, []), (5, MUON_OLMO2)])
 def test_resume_is_bit_identical(tmp_path, tiny_recipe, stop, overrides):
-    straight = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "a").train()
+    straight = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "a").run("train")
     interrupted = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "b")
-    assert interrupted.train(stop_after=stop) is None
+    assert interrupted.run("train", stop_after=stop) is None
     partial_log = (interrupted.store.partial_path("train", straight.digest) / "log.jsonl").read_text()
     rec = StepRecorder()
-    resumed = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "b", rec).train(resume=True)
+    resumed = Pipeline(load_recipe(tiny_recipe, overrides), tmp_path / "b", rec).run("train", resume=True)
     assert rec.steps == list(range(stop + 1, 9)), "resume must continue, not start over"
     assert rec.notes == [f"train: resuming from step-{stop:07d}"]
     assert (resumed.path / "log.jsonl").read_text().startswith(partial_log), "the first part of the log is kept"
@@ -98,9 +98,9 @@ def test_resume_is_bit_identical(tmp_path, tiny_recipe, stop, overrides):
 @pytest.mark.slow
 def test_without_resume_a_partial_run_starts_over(tmp_path, tiny_recipe):
     pipe = Pipeline(load_recipe(tiny_recipe), tmp_path / "c")
-    assert pipe.train(stop_after=4) is None
+    assert pipe.run("train", stop_after=4) is None
     rec = StepRecorder()
-    Pipeline(load_recipe(tiny_recipe), tmp_path / "c", rec).train()
+    Pipeline(load_recipe(tiny_recipe), tmp_path / "c", rec).run("train")
     assert rec.steps == list(range(9))
     assert rec.notes == ["train: discarding an interrupted run at step-0000004 (pass --resume to continue it)"]
 

@@ -70,13 +70,14 @@ def code_version() -> str:
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 
-def compute_digest(kind: str, config: Any, inputs: dict[str, Artifact], extra: Any = None) -> str:
-    """The identity of an artifact: what it is, how it was configured, what it was made from, by which code."""
+def compute_digest(kind: str, config: Any, inputs: dict[str, str], extra: Any = None) -> str:
+    """The identity of an artifact: what it is, how it was configured, what it was made from (its inputs'
+    digests, by name), by which code."""
     payload = {
         "kind": kind,
         "clearlm_version": code_version(),
         "config": config,
-        "inputs": {name: art.digest for name, art in sorted(inputs.items())},
+        "inputs": dict(sorted(inputs.items())),
         "extra": extra,
     }
     return "sha256:" + hashlib.sha256(canonical_json(payload).encode()).hexdigest()

@@ -1,4 +1,7 @@
-"""The `clearlm` command line: typer sub-commands over the pipeline, rendered with rich."""
+"""The `clearlm` command line: typer sub-commands over the pipeline, rendered with rich.
+
+Each command imports what it uses when it runs, so `--help`, `audit`, `eval --list` and `run --plan` start
+without torch (see docs/design.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,18 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clearlm import __version__
-from clearlm.artifacts import Artifact
-from clearlm.data.chat import ChatTemplate
 from clearlm.errors import ClearlmError, InputError
-from clearlm.eval.generate import generate as sample
-from clearlm.eval.results import write_results
-from clearlm.eval.run import EvalRequest, evaluate_model
-from clearlm.eval.taskspec import builtin_tasks
-from clearlm.pipeline import Pipeline, Reporter
+from clearlm.pipeline import Pipeline
 from clearlm.recipe import load_recipe
-from clearlm.release.load import load_release
+from clearlm.stages import Reporter
 from clearlm.storage import disk_full, failed_path, free_bytes, human
-from clearlm.train.distributed import world
+from clearlm.tables import metric_rows
+from clearlm.world import world
+
+if TYPE_CHECKING:
+    from clearlm.artifacts import Artifact
 
 app = typer.Typer(
     help="Train, evaluate and release a fully open language model.",
@@ -132,16 +133,6 @@ def _pipeline(recipe: str | None, overrides: list[str] | None, workdir: Path, co
     return Pipeline(load_recipe(recipe, overrides or []), workdir, RichReporter() if world().main else Reporter())
 
 
-def _worker(pipe: Pipeline, resume: bool, stop_after: int | None = None, pretrains: bool = True) -> bool:
-    """On a torchrun rank other than 0: take part in pretraining (when the command pretrains), then stop;
-    rank 0 does the rest."""
-    if world().main:
-        return False
-    if pretrains:
-        pipe.train(resume=resume, stop_after=stop_after)
-    return True
-
-
 def _stopped(stage: str, art: Artifact | None, stop_after: int | None) -> bool:
     """True (and says how to go on) when `--stop-after` interrupted the stage before it finished."""
     if art is None:
@@ -193,15 +184,28 @@ def run(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("runs"),
     resume: ResumeOpt = False,
+    plan: Annotated[bool, typer.Option(help="print what would be built, resumed or found, and why")] = False,
 ) -> None:
-    """Run every stage of a recipe (data, tokenizer, shards, train, eval, release); up-to-date ones are skipped."""
+    """Run every stage the recipe asks for (data ... release); up-to-date ones are skipped."""
     with _user_errors():
-        pipe = _pipeline(recipe, set_, workdir)
-        if _worker(pipe, resume, pretrains=pipe.pretrains()):
+        pipe = _pipeline(recipe, set_, workdir, "run --plan" if plan else "")
+        if plan:
+            _print_plan(pipe, resume)
             return
         art = pipe.run("release", resume=resume)
+        if art is None:  # a torchrun rank other than 0: it took part in training only
+            return
         _summary(pipe)
         console.print(f"release: [bold]{workdir / pipe.recipe.name / 'release'}[/] -> {art.path}")
+
+
+def _print_plan(pipe: Pipeline, resume: bool) -> None:
+    table = Table(title=f"plan for {pipe.recipe.name} in {pipe.workdir}")
+    for col in ("stage", "", "action", "why", "digest"):
+        table.add_column(col)
+    for entry in pipe.plan("release", resume):
+        table.add_row(entry.stage, entry.label, entry.action, entry.why, entry.digest.removeprefix("sha256:")[:16])
+    Console().print(table)
 
 
 @app.command()
@@ -224,9 +228,8 @@ def train(
     """Pretrain the model (building the data stages first if needed)."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir)
-        if _worker(pipe, resume, stop_after):
-            return
-        if _stopped("train", pipe.train(resume=resume, stop_after=stop_after), stop_after):
+        art = pipe.run("train", resume=resume, stop_after=stop_after)
+        if not world().main or _stopped("train", art, stop_after):
             return
         _summary(pipe)
 
@@ -239,7 +242,7 @@ def sft(
     """Supervised fine-tuning on chat data (the recipe's [sft] section), after pretraining if needed."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir, "sft")
-        art = pipe.sft(resume=resume, stop_after=stop_after)
+        art = pipe.run("sft", resume=resume, stop_after=stop_after)
         if _stopped("sft", art, stop_after):
             return
         _summary(pipe)
@@ -256,7 +259,7 @@ def dpo(
     """Preference tuning (the recipe's [dpo] section), after SFT and pretraining if needed."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir, "dpo")
-        art = pipe.dpo(resume=resume, stop_after=stop_after)
+        art = pipe.run("dpo", resume=resume, stop_after=stop_after)
         if _stopped("dpo", art, stop_after):
             return
         m = art.metrics
@@ -295,6 +298,9 @@ def eval_(
             _print_task_list()
             return
         if target is not None and (Path(target) / "config.json").is_file():
+            from clearlm.eval.results import write_results
+            from clearlm.eval.run import EvalRequest, evaluate_model
+
             req = EvalRequest(
                 Path(target), [t.strip() for t in (tasks or "").split(",") if t.strip()], task_file or [], data_dir,
                 bpb or [], preferences or [], reference, num_fewshot, limit, batch_size, threads,
@@ -313,6 +319,8 @@ def eval_(
 
 
 def _print_task_list() -> None:
+    from clearlm.eval.taskspec import builtin_tasks
+
     table = Table(title="built-in tasks")
     for col in ("task", "type", "metrics", "data file", "licence"):
         table.add_column(col)
@@ -330,12 +338,9 @@ def _print_results(title: str, results: dict[str, Any]) -> None:
         if task.startswith("bpb:"):
             for domain, m in metrics.items():
                 table.add_row(f"{task} {domain}", "bits_per_byte", f"{m['bits_per_byte']:.4f}", "", str(m["documents"]))
-            continue
-        for name, value in metrics.items():
-            if name.endswith("_stderr") or name in ("samples", "skipped"):
-                continue
-            err = metrics.get(f"{name}_stderr")
-            table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if err is not None else "", str(metrics["samples"]))
+        else:
+            for row in metric_rows({task: metrics}):
+                table.add_row(*map(str, row))
     Console().print(table)
 
 
@@ -360,6 +365,10 @@ def generate(
     chat: Annotated[bool, typer.Option(help="treat PROMPT as a user turn of the release's chat template")] = False,
 ) -> None:
     """Sample a continuation of PROMPT from a release (with --chat: the assistant's answer to it)."""
+    from clearlm.data.chat import ChatTemplate
+    from clearlm.eval.generate import generate as sample
+    from clearlm.release.load import load_release
+
     with _user_errors():
         model, tok, eos_id = load_release(release_dir)
         text = prompt

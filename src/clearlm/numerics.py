@@ -107,3 +107,21 @@ def cnr_not_in_effect(info: dict[str, Any]) -> str | None:
     return (f"MKL runs in its {info['mkl_cbwr']} mode, not MKL_CBWR={wanted}: it was used before clearlm was "
             "imported, so results may depend on memory alignment; import clearlm first, or set MKL_CBWR in the "
             "environment")  # fmt: skip
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed memory instead of returning it to the OS after every large tensor.
+
+    By default glibc serves allocations above a (dynamic) threshold with fresh mmap pages, so each
+    new activation pays one page fault per 4 KiB; PyTorch's CPU allocator has no cache of its own.
+    This is what preloading jemalloc or tcmalloc achieves, done in-process. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest threshold glibc accepts on 64-bit
+    ok &= libc.mallopt(m_trim_threshold, 1 << 30)
+    ok &= libc.mallopt(m_top_pad, 64 << 20)
+    return bool(ok)

@@ -364,7 +364,7 @@ class DPOConfig(_PostTrainConfig):
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
-    data: DataConfig
+    data: DataConfig | None = None
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -431,6 +431,12 @@ def parse_recipe(text: str, origin: str, base_dir: Path, overrides: list[str] = 
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError(_format_errors(origin, e)) from None
+    from clearlm.stages import resolve  # the stage table reads recipes: imported here, not above
+
+    try:
+        resolve(recipe, ["release"])  # every stage the recipe needs has its section
+    except RecipeError as e:
+        raise RecipeError(f"{origin}: {e}") from None
     return LoadedRecipe(recipe=recipe, origin=origin, base_dir=base_dir, text=text)
 
 

@@ -4,32 +4,32 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _row(cells: list[Any]) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+from clearlm.tables import markdown_table
 
 
 def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     splits, before = metrics["splits"], metrics.get("before_steps", {})
     lines = ["# Data card", "", "## Sources", ""]
-    lines += [_row(["source", "licence", "documents read", "bytes read", "train documents", "validation documents"]),
-              _row(["---"] * 6)]  # fmt: skip
+    rows = []
     for source, licence in metrics["licenses"].items():
         read = before.get(source, {})
         train = splits["train"].get(source, {}).get("documents", 0)
         validation = splits["validation"].get(source, {}).get("documents", 0)
-        lines.append(_row([source, licence, read.get("documents", ""), read.get("bytes", ""), train, validation]))
+        rows.append([source, licence, read.get("documents", ""), read.get("bytes", ""), train, validation])
+    header = ["source", "licence", "documents read", "bytes read", "train documents", "validation documents"]
+    lines.append(markdown_table(header, rows))
     lines += ["", "## Cleaning steps", ""]
     steps = metrics.get("steps", {})
     if not steps:
         lines.append("No cleaning steps: every document read was kept.")
     else:
-        lines += [_row(["step", "documents in", "removed", "bytes in", "bytes out", "reasons"]), _row(["---"] * 6)]
+        rows = []
         for name, s in steps.items():
             label = "{} masked" if name == "pii" else "{}"
             found = {**s["reasons"], **{label.format(k): v for k, v in s.get("counts", {}).items()}}
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(found.items(), key=lambda kv: -kv[1]))
-            lines.append(_row([name, s["documents_in"], s["removed"], s["bytes_in"], s["bytes_out"], reasons or "-"]))
+            rows.append([name, s["documents_in"], s["removed"], s["bytes_in"], s["bytes_out"], reasons or "-"])
+        lines.append(markdown_table(["step", "documents in", "removed", "bytes in", "bytes out", "reasons"], rows))
         sample = config.get("removed_sample", 1.0)
         listed = "Every removed document is" if sample == 1 else f"A {sample:.0%} sample of removed documents is"
         lines += ["", f"{listed} listed with its step and reason in `removed.jsonl` (duplicates name the "
@@ -41,14 +41,9 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
         lines += [f"- skipped file: {f}" for f in metrics.get("skipped_files", [])]
     mixing = metrics.get("mixing", {})
     if any(m["weight"] != 1.0 for m in mixing.values()):
-        lines += [
-            "",
-            "## Mix",
-            "",
-            _row(["source", "weight", "documents kept", "documents in the mix"]),
-            _row(["---"] * 4),
-        ]
-        lines += [_row([src, m["weight"], m["documents_in"], m["documents_out"]]) for src, m in mixing.items()]
+        rows = [[src, m["weight"], m["documents_in"], m["documents_out"]] for src, m in mixing.items()]
+        header = ["source", "weight", "documents kept", "documents in the mix"]
+        lines += ["", "## Mix", "", markdown_table(header, rows)]
     lines += ["", "## Lengths", "", "![Kept documents by length](lengths.png)"]
     lines += [
         "",
@@ -72,12 +67,10 @@ def data_card(metrics: dict[str, Any], config: dict[str, Any]) -> str:
 
 def tokens_section(shards: dict[str, Any]) -> str:
     """Tokens per source and split (known once the tokenizer exists), appended to the release's card."""
-    lines = ["", "## Tokens", "", _row(["source", "split", "documents", "tokens (end-of-text included)"]),
-             _row(["---"] * 4)]  # fmt: skip
-    for split in ("train", "validation"):
-        for source, n in shards[split].get("sources", {}).items():
-            lines.append(_row([source, split, n["documents"], f"{n['tokens']:,}"]))
-    return "\n".join([*lines, ""])
+    rows = [[source, split, n["documents"], f"{n['tokens']:,}"]
+            for split in ("train", "validation") for source, n in shards[split].get("sources", {}).items()]  # fmt: skip
+    table = markdown_table(["source", "split", "documents", "tokens (end-of-text included)"], rows)
+    return "\n".join(["", "## Tokens", "", table, ""])
 
 
 _BUILTIN = {
@@ -92,13 +85,11 @@ def post_training_section(stages: dict[str, dict[str, Any]]) -> str:
     """The data behind SFT and DPO: sources and licences, counts, what was dropped, how built-in sets are made."""
     if not stages:
         return ""
-    lines = ["", "## Post-training data", "", _row(["stage", "source", "licence"]), _row(["---"] * 3)]
+    rows = [[stage, source, licence] for stage, m in stages.items() for source, licence in m["licenses"].items()]
+    lines = ["", "## Post-training data", "", markdown_table(["stage", "source", "licence"], rows), ""]
     for stage, m in stages.items():
-        lines += [_row([stage, source, licence]) for source, licence in m["licenses"].items()]
-    lines.append("")
-    for stage, m in stages.items():
-        used = m.get("examples", m.get("pairs"))
-        lines.append(f"- {stage}: {used} {'examples' if stage == 'sft' else 'pairs'} trained on; counts {m['counts']}; "
+        used = f"{m['examples']} examples" if "examples" in m else f"{m.get('pairs')} pairs"
+        lines.append(f"- {stage}: {used} trained on; counts {m['counts']}; "
                      f"bad rows {m['bad_rows'] or 'none'} (listed in the stage's `rejects.jsonl`).")  # fmt: skip
     for name in sorted({n for m in stages.values() for n in m["licenses"] if n in _BUILTIN}):
         lines.append(f"- `{name}`: {_BUILTIN[name]}.")

@@ -35,10 +35,11 @@ from clearlm.data.dedup import ExactDedup, MinHashDedup
 from clearlm.data.documents import Document, in_fraction
 from clearlm.data.executor import Executor
 from clearlm.data.plots import length_histogram
-from clearlm.data.sources import FIXED_SPLIT, BadRecord, files_digest, read_source, source_files, source_root
+from clearlm.data.sources import FIXED_SPLIT, BadRecord, read_source
 from clearlm.data.steps import build_steps
 from clearlm.errors import InputError
 from clearlm.recipe import DataConfig
+from clearlm.stages import StageRun
 
 SPLITS = ("train", "validation")
 PART_DOCUMENTS = 1000  # documents per part file: the unit of resuming
@@ -46,23 +47,6 @@ CHUNK_DOCUMENTS = 50  # documents per task sent to a worker
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, tuple[int, int]]], None]  # step -> (documents, bytes) so far
-
-
-def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
-    """Digests of the raw inputs, so edited source files re-run the data stage and all after it."""
-    identity: dict[str, Any] = {}
-    if cfg.builtin:
-        identity["builtin"] = builtin.corpus_identity()
-    identity["sources"] = [
-        {"path": src.path, "digest": files_digest(source_files(src, base_dir), source_root(src, base_dir))}
-        for src in cfg.sources
-    ]
-    return identity
-
-
-def data_config(cfg: DataConfig) -> dict[str, Any]:
-    """The settings that decide the output: how many workers run it, and where, do not."""
-    return cfg.model_dump(mode="json", exclude={"workers", "executor", "ray_address"})
 
 
 def _weighted(docs: Iterator[Document], weight: float) -> Iterator[tuple[Document, float]]:
@@ -355,3 +339,8 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
     (out / "data_card.md").write_text(data_card(metrics, cfg.model_dump(mode="json")))
     (out / "data_card.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
+    """The data stage: the recipe's `[data]` corpus, cleaned and split (finished parts kept for a re-run)."""
+    return build_corpus(run.recipe.data, run.base_dir, out, run.reporter.data_progress)

@@ -19,6 +19,8 @@ from tokenizers import Tokenizer
 
 from clearlm.data.corpus import SPLITS
 from clearlm.data.documents import read_jsonl
+from clearlm.data.tokenizer import load_tokenizer
+from clearlm.stages import StageRun
 
 _BATCH_DOCS = 512
 
@@ -116,3 +118,9 @@ class WindowSampler:
         """Unshuffled windows (for validation), wrapping around the end."""
         rows = [self.window(i % self.n_windows) for i in range(first, first + size)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
+    """The shards stage: both splits tokenised with the tokenizer stage's tokenizer."""
+    tok = load_tokenizer(run.inputs["tokenizer"].path)
+    return write_shards(tok, tok.token_to_id(run.recipe.tokenizer.eos_token), run.inputs["data"].path, out)

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from clearlm.data import builtin
 from clearlm.data.documents import Document
 from clearlm.errors import InputError
-from clearlm.recipe import SourceConfig
+from clearlm.recipe import DataConfig, DPOConfig, SFTConfig, SourceConfig, TokenizerConfig
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
@@ -270,3 +271,41 @@ def read_source(
             raise
         except InputError as e:
             on_file_error(e)
+
+
+def folder_digest(folder: Path) -> str:
+    """Content digest of every file under a folder (a model folder a stage starts from)."""
+    return files_digest(sorted(p for p in folder.rglob("*") if p.is_file()), folder)
+
+
+def post_training_sources(
+    cfg: SFTConfig | DPOConfig, base: Path, tok_cfg: TokenizerConfig
+) -> tuple[list[Path], dict[str, Any]]:
+    """A post-training stage's data files and the digests that identify them (and a base or reference folder,
+    with the recipe's tokenizer settings, which decide the chat tokens added to a folder's tokenizer)."""
+    files = [base / d.path for d in cfg.data]
+    extra: dict[str, Any] = {"data": [{"path": d.path, "digest": files_digest([f], base)}
+                                      for d, f in zip(cfg.data, files, strict=True)]}  # fmt: skip
+    if cfg.base not in ("pretrain", "sft"):
+        extra["base"] = folder_digest(base / cfg.base)
+        extra["tokenizer"] = tok_cfg.model_dump(mode="json")
+    if getattr(cfg, "reference", None):
+        extra["reference"] = folder_digest(base / cfg.reference)
+    return files, extra
+
+
+def data_identity(cfg: DataConfig, base_dir: Path) -> dict[str, Any]:
+    """Digests of the raw inputs, so edited source files re-run the data stage and all after it."""
+    identity: dict[str, Any] = {}
+    if cfg.builtin:
+        identity["builtin"] = builtin.corpus_identity()
+    identity["sources"] = [
+        {"path": src.path, "digest": files_digest(source_files(src, base_dir), source_root(src, base_dir))}
+        for src in cfg.sources
+    ]
+    return identity
+
+
+def data_config(cfg: DataConfig) -> dict[str, Any]:
+    """The settings that decide the output: how many workers run it, and where, do not."""
+    return cfg.model_dump(mode="json", exclude={"workers", "executor", "ray_address"})

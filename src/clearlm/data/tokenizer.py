@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from clearlm.data.documents import read_jsonl
 from clearlm.recipe import TokenizerConfig
+from clearlm.stages import StageRun
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -56,3 +57,8 @@ def load_tokenizer(path: Path) -> Tokenizer:
     tok = Tokenizer.from_file(str(file))
     tok.encode_special_tokens = True
     return tok
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
+    """The tokenizer stage: byte-level BPE trained on the training split."""
+    return train_tokenizer(run.recipe.tokenizer, run.inputs["data"].path / "train.jsonl", out)

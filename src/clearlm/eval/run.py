@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
+from clearlm.data.documents import read_jsonl
 from clearlm.data.sources import read_source
+from clearlm.data.tokenizer import load_tokenizer
 from clearlm.errors import InputError
 from clearlm.eval.harness import evaluate_tasks
 from clearlm.eval.perplexity import domain_bits_per_byte
 from clearlm.eval.preference import preference_accuracy, read_preferences
-from clearlm.eval.results import describe_inputs
+from clearlm.eval.results import describe_inputs, write_samples
 from clearlm.eval.scoring import Encoder
 from clearlm.eval.taskspec import resolve_tasks
+from clearlm.model.transformer import Transformer
+from clearlm.model.weights import load_model
 from clearlm.numerics import begin_stage, stage_threads
 from clearlm.recipe import SourceConfig
 from clearlm.release.load import bos_token_id, load_release
+from clearlm.stages import StageRun, final_model
 
 
 @dataclass
@@ -77,3 +85,33 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
         **describe_inputs(req.model, specs, req.data_dir),
     }  # fmt: skip
     return results, samples, meta
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
+    """The recipe's evaluation of its final model: bits per byte per validation domain (and the untrained model's,
+    for scale) and the `[eval]` tasks, scored as `clearlm eval` scores them."""
+    cfg, recipe = run.recipe.eval, run.recipe
+    final = run.inputs[final_model(recipe)]
+    tok_dir = run.inputs.get("tokenizer", final).path
+    tok = load_tokenizer(tok_dir)
+    eos_id = tok.token_to_id(recipe.tokenizer.eos_token)
+    trained = load_model(final.path)
+    metrics: dict[str, Any] = {}
+    data = run.inputs.get("data")
+    if cfg.bpb and data is not None:
+        untrained = Transformer(trained.cfg)
+        untrained.init_weights(recipe.seed)
+        for key, model in (("bits_per_byte", trained), ("untrained_bits_per_byte", untrained)):
+            docs = read_jsonl(data.path / "validation.jsonl")
+            metrics[key] = domain_bits_per_byte(model, tok, docs, eos_id, cfg.batch_size, cfg.max_documents_per_domain)
+    specs = resolve_tasks(cfg.tasks, [run.base_dir / f for f in cfg.task_files])
+    if specs:
+        data_dirs = ([run.base_dir / cfg.data_dir] if cfg.data_dir else []) + ([data.path] if data else [])
+        task_tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))  # lm-eval's special-token rules
+        metrics["tasks"], samples = evaluate_tasks(
+            trained, task_tok, specs, data_dirs, prefix_id=eos_id, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            batch_size=cfg.batch_size,
+        )  # fmt: skip
+        write_samples(out / "samples.jsonl", samples)
+    (out / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

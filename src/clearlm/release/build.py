@@ -41,10 +41,11 @@ from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.hf import save_hf
 from clearlm.model.weights import WEIGHTS, load_model
 from clearlm.openness.audit import audit_folder
-from clearlm.recipe import Recipe
+from clearlm.recipe import LoadedRecipe, Recipe
 from clearlm.release.card import model_card
 from clearlm.release.openness import card_section, mot_yaml, openness_report, release_components
 from clearlm.release.report import technical_report
+from clearlm.stages import StageRun, final_model, outside_base, post_training, spec
 
 _NOT_PACKAGES = {"python", "platform", "machine", "cpu_count"}
 _GENERATED_FILES = frozenset({"README.md", "report.html"})
@@ -102,10 +103,13 @@ def _compress(src: Path, dst: Path) -> None:
         zstandard.ZstdCompressor(level=10, threads=0).copy_stream(f, g)
 
 
-def _generations(model: Any, tok: Any, eos_id: int, validation: Path, n: int = 3) -> list[dict[str, Any]]:
+_PROMPTS = ("def main():", "The", "Question:")  # for a release with no validation split to take prompts from
+
+
+def _generations(model: Any, tok: Any, eos_id: int, validation: Path | None, n: int = 3) -> list[dict[str, Any]]:
     """Continuations of the first line of the first validation documents (fixed seeds: reproducible)."""
     prompts = []
-    for doc in read_jsonl(validation):
+    for doc in read_jsonl(validation) if validation is not None else ({"text": p} for p in _PROMPTS):
         first = doc["text"].strip().split("\n", 1)[0][:80]
         if first:
             prompts.append(first + "\n")
@@ -116,112 +120,141 @@ def _generations(model: Any, tok: Any, eos_id: int, validation: Path, n: int = 3
              **settings} for i, p in enumerate(prompts)]  # fmt: skip
 
 
-def _licences(
-    recipe: Recipe, base_dir: Path, data: dict[str, Any], post_training: list[Artifact]
-) -> tuple[set[str], set[str]]:
-    """(dataset licences, evaluation data licences): the sources' and post-training data's, and the tasks'
-    plus the validation split's."""
-    datasets = set(data["licenses"].values()) | {v for art in post_training for v in art.metrics["licenses"].values()}
+def _licences(recipe: Recipe, base_dir: Path, artifacts: dict[str, Artifact]) -> tuple[set[str], set[str]]:
+    """(dataset licences, evaluation data licences): every stage's data's (corpus, post-training sets), and the
+    tasks' plus the validation split's."""
+    datasets = {v for art in artifacts.values() for v in art.metrics.get("licenses", {}).values()}
     specs = resolve_tasks(recipe.eval.tasks, [base_dir / f for f in recipe.eval.task_files])
-    return datasets, {s.license for s in specs} | (datasets if recipe.eval.bpb else set())
+    validation = set(artifacts["data"].metrics["licenses"].values()) if "data" in artifacts else set()
+    return datasets, {s.license for s in specs} | (validation if recipe.eval.bpb else set())
 
 
-def build_release(
-    recipe: Recipe,
-    recipe_text: str,
-    artifacts: dict[str, Artifact],
-    out: Path,
-    base_dir: Path = Path("."),
-    outside_base: str | None = None,
-) -> dict[str, Any]:
-    """The release folder of a run; `outside_base` names the model folder post-training started from when the
-    recipe did not pretrain the model itself (then there is no pretraining log, checkpoints or token counts)."""
-    data, evaluation, train = artifacts["data"], artifacts["eval"], artifacts.get("train")
+def _write_model(recipe: Recipe, artifacts: dict[str, Artifact], out: Path) -> tuple[Any, Any, int]:
+    """The final model in transformers' layout with its tokenizer (and the chat template, for a post-trained
+    model); returns the model, its tokenizer and the end-of-text id."""
     tok_cfg = recipe.tokenizer
-    final = artifacts.get("dpo") or artifacts.get("sft") or artifacts["train"]
+    final = artifacts[final_model(recipe)]
     tok_dir = final.path if own_tokenizer(final.path) else artifacts["tokenizer"].path
     tok = load_tokenizer(tok_dir)
     eos_id, pad_id = tok.token_to_id(tok_cfg.eos_token), tok.token_to_id(tok_cfg.pad_token)
     model = load_model(final.path)
     save_hf(model, out, bos_id=eos_id, eos_id=eos_id, pad_id=pad_id)
     _dump(out / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id})
-    post = {k: artifacts[k] for k in ("sft", "dpo") if k in artifacts}
-    _tokenizer_files(tok_dir, tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context, bool(post))
-    for stage, art in post.items():
-        (out / "post_training").mkdir(exist_ok=True)
-        shutil.copy2(art.path / "log.jsonl", out / "post_training" / f"{stage}_log.jsonl")
+    chat = bool(post_training(recipe, list(artifacts)))
+    _tokenizer_files(tok_dir, tok_cfg.eos_token, tok_cfg.pad_token, out, model.cfg.context, chat)
+    return model, tok, eos_id
 
+
+def _write_recipe(loaded: LoadedRecipe, out: Path) -> None:
     (out / "recipe.toml").write_text(
         f"# Recipe as run by clearlm {__version__}; the original text follows at the end.\n"
-        + tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True))
+        + tomli_w.dumps(loaded.recipe.model_dump(mode="json", exclude_none=True))
         + "\n# Original recipe:\n"
-        + "".join(f"# {line}\n" for line in recipe_text.splitlines())
+        + "".join(f"# {line}\n" for line in loaded.text.splitlines())
     )
-    if train is not None:
-        (out / "training").mkdir()
-        shutil.copy2(train.path / "log.jsonl", out / "training" / "log.jsonl")
-        for ckpt in sorted(p for p in (train.path / "checkpoints").glob("step-*") if (p / WEIGHTS).is_file()):
-            (out / "checkpoints" / ckpt.name).mkdir(parents=True)
-            shutil.copy2(ckpt / WEIGHTS, out / "checkpoints" / ckpt.name / WEIGHTS)
-    _dump(out / "eval" / "results.json", evaluation.metrics)
-    if (evaluation.path / "samples.jsonl").is_file():
-        shutil.copy2(evaluation.path / "samples.jsonl", out / "eval" / "samples.jsonl")
-    tokens = {}
-    card = (data.path / "data_card.md").read_text()
-    if "shards" in artifacts:
-        shards = artifacts["shards"].metrics
-        tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
-        card += tokens_section(shards)
-    _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
-    post_metrics = {k: art.metrics for k, art in post.items()}
-    (out / "data" / "data_card.md").write_text(card + post_training_section(post_metrics))
-    shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
+
+
+def _copy_stage_files(artifacts: dict[str, Artifact], out: Path) -> None:
+    """What the stage table says the release keeps of each stage: logs, results, intermediate weights."""
+    for name, art in artifacts.items():
+        stage = spec(name)
+        for rel, target in stage.release.items():
+            if (art.path / rel).is_file():
+                (out / target).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(art.path / rel, out / target)
+        if stage.checkpoints:
+            for ckpt in sorted(p for p in (art.path / "checkpoints").glob("step-*") if (p / WEIGHTS).is_file()):
+                (out / stage.checkpoints / ckpt.name).mkdir(parents=True)
+                shutil.copy2(ckpt / WEIGHTS, out / stage.checkpoints / ckpt.name / WEIGHTS)
+
+
+def _write_data(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path) -> None:
+    """The data card (corpus, tokens per source, post-training data) and, unless the recipe says not, the
+    cleaned datasets and the post-training files."""
+    recipe, data = loaded.recipe, artifacts.get("data")
+    post = {name: artifacts[name].metrics for name in post_training(recipe, list(artifacts))}
+    tokens, card = {}, ""
+    if data is not None:
+        card = (data.path / "data_card.md").read_text()
+        if "shards" in artifacts:
+            shards = artifacts["shards"].metrics
+            tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
+            card += tokens_section(shards)
+        _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
+        shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
+    if card or post:
+        (out / "data").mkdir(exist_ok=True)
+        (out / "data" / "data_card.md").write_text(card + post_training_section(post))
+    if not recipe.release.include_datasets:
+        return
+    if data is not None:
+        for split in ("train", "validation"):
+            _compress(data.path / f"{split}.jsonl", out / "data" / "datasets" / f"{split}.jsonl.zst")
+    for stage in post:
+        for item in getattr(recipe, stage).data:
+            name = item.path.replace("/", "__").replace("\\", "__")
+            _compress(loaded.base_dir / item.path, out / "data" / "post_training" / stage / f"{name}.zst")
+
+
+def _lineage(recipe: Recipe, artifacts: dict[str, Artifact], base_dir: Path) -> dict[str, Any]:
+    """Every stage behind the release (digest, config, inputs, output hashes, environment) and, for a model
+    trained from an outside folder, that folder's digest and audit."""
     lineage = {name: {**art.ref(), **{k: art.manifest.get(k) for k in ("config", "inputs", "outputs", "environment",
                                                                        "created", "sources")}}
                for name, art in artifacts.items()}  # fmt: skip
-    if train is not None:
-        lineage["train"]["world_size"] = train.metrics.get("world_size", 1)
-    base = None
-    if outside_base is not None:
-        first = artifacts["sft"] if recipe.sft is not None and recipe.sft.base == outside_base else final
-        base = _base_model(base_dir, outside_base, first.manifest["sources"]["base"])
-        lineage["base_model"] = base
-    _dump(out / "lineage.json", lineage)
+    for name, art in artifacts.items():
+        if spec(name).distributed:
+            lineage[name]["world_size"] = art.metrics.get("world_size", 1)
+    if (outside := outside_base(recipe)) is not None:
+        stage, folder = outside
+        lineage["base_model"] = _base_model(base_dir, folder, artifacts[stage].manifest["sources"]["base"])
+    return lineage
 
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
+    """The release stage: the folder described at the top of this module, from every stage the run made."""
+    return build_release(run.loaded, run.inputs, out)
+
+
+def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path) -> dict[str, Any]:
+    """The release folder of a run. A model trained from an outside folder has no pretraining log, checkpoints
+    or token counts; a recipe without `[data]` has no corpus in it."""
+    recipe, base_dir = loaded.recipe, loaded.base_dir
+    model, tok, eos_id = _write_model(recipe, artifacts, out)
+    _write_recipe(loaded, out)
+    _copy_stage_files(artifacts, out)
+    _write_data(loaded, artifacts, out)
+    lineage = _lineage(recipe, artifacts, base_dir)
+    _dump(out / "lineage.json", lineage)
+    _code_snapshot(out / "code")
+    data = artifacts.get("data")
+    generations = _generations(model, tok, eos_id, data.path / "validation.jsonl" if data else None)
+    with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+    train = artifacts.get("train")
     ctx = {
         "name": recipe.release.name or recipe.name,
         "recipe": recipe.model_dump(mode="json"),
-        "data": data.metrics,
+        "data": data.metrics if data else None,
         "train": train.metrics if train is not None else None,
-        "base_model": base,
-        "eval": evaluation.metrics,
+        "base_model": lineage.get("base_model"),
+        "eval": artifacts["eval"].metrics,
         "model": asdict(model.cfg),
         "parameters": model.num_params(),
         "vocab_size": model.cfg.vocab_size,
         "clearlm_version": __version__,
-        "post_training": post_metrics,
+        "post_training": {name: artifacts[name].metrics for name in post_training(recipe, list(artifacts))},
+        "lineage": {k: a.digest for k, a in artifacts.items()},
     }
-    _code_snapshot(out / "code")
-    if recipe.release.include_datasets:
-        for split in ("train", "validation"):
-            _compress(data.path / f"{split}.jsonl", out / "data" / "datasets" / f"{split}.jsonl.zst")
-        for stage in post:
-            for item in getattr(recipe, stage).data:
-                name = item.path.replace("/", "__").replace("\\", "__")
-                _compress(base_dir / item.path, out / "data" / "post_training" / stage / f"{name}.zst")
-    generations = _generations(model, tok, eos_id, data.path / "validation.jsonl")
-    with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
-    ctx["lineage"] = {k: a.digest for k, a in artifacts.items()}
-    dataset_licences, eval_licences = _licences(recipe, base_dir, data.metrics, list(post.values()))
+    dataset_licences, eval_licences = _licences(recipe, base_dir, artifacts)
     components = release_components(recipe, out, dataset_licences, eval_licences, will_write=_GENERATED_FILES,
-                                    pretrained_here=base is None)  # fmt: skip
+                                    pretrained_here=train is not None)  # fmt: skip
     report = openness_report(recipe, components)
     _dump(out / "openness.json", report)
-    (out / "mot.yml").write_text(mot_yaml(recipe, components, final.manifest["created"][:10]))
+    created = artifacts[final_model(recipe)].manifest["created"][:10]
+    (out / "mot.yml").write_text(mot_yaml(recipe, components, created))
     (out / "README.md").write_text(model_card(ctx) + "\n" + card_section(report))
-    logs = {"training": list(read_jsonl(out / "training" / "log.jsonl")) if train is not None else []}
-    logs.update({stage: list(read_jsonl(out / "post_training" / f"{stage}_log.jsonl")) for stage in post})
+    logs = {name: list(read_jsonl(out / log)) for name in artifacts if (log := spec(name).log)}
     (out / "report.html").write_text(technical_report(ctx, logs, report, generations))
     return {
         "name": ctx["name"],

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from clearlm.stages import spec
+from clearlm.tables import markdown_table, metric_rows
+
 # Licence ids the Hugging Face Hub accepts in model card metadata (lower-cased SPDX ids).
 _HF_LICENSES = {
     "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0",
@@ -26,23 +29,11 @@ def _front_matter(meta: dict[str, Any]) -> str:
     return "---\n" + "\n".join(lines) + "\n---\n"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
 def _task_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
     if not tasks:
         return []
-    rows = []
-    for task, metrics in tasks.items():
-        for name, value in metrics.items():
-            if name != "samples" and not name.endswith("_stderr"):
-                err = metrics.get(f"{name}_stderr")
-                rows.append([task, name, f"{value:.4f}", f"{err:.4f}" if err is not None else "", metrics["samples"]])
     header = "Tasks (scored as lm-evaluation-harness scores them):"
-    return [header, "", _table(["task", "metric", "value", "stderr", "items"], rows), ""]
+    return [header, "", markdown_table(["task", "metric", "value", "stderr", "items"], metric_rows(tasks)), ""]
 
 
 def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any]]) -> list[str]:
@@ -55,12 +46,12 @@ def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any
         data = ", ".join(f"{name} ({lic})" for name, lic in m["licenses"].items())
         hyper = ", ".join(f"{k} {cfg[k]}" for k in ("epochs", "lr", "warmup_ratio", "micro_batch_size",
                                                       "grad_accum_steps", "loss", "beta") if k in cfg)  # fmt: skip
-        what = "Supervised fine-tuning" if stage == "sft" else "Preference tuning (DPO)"
+        what = spec(stage).label
         losses = f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}"
         lines.append(f"{what} of `{cfg['base']}` on {data}: {hyper}. {m['steps']} steps; mean loss over the first "
                      f"and last tenth of them {losses}; counts {m['counts']}, bad rows {m['bad_rows'] or 'none'}. "
                      f"Per-step log: `post_training/{stage}_log.jsonl`.")  # fmt: skip
-        if stage == "dpo" and m["held_out_before"]:
+        if m.get("held_out_before"):
             before, after = m["held_out_before"], m["held_out_after"]
             lines.append(f"Preference accuracy on {before['pairs']} held-out pairs (chosen answer more likely): "
                          f"{before['acc']:.3f} before DPO, {after['acc']:.3f} after (per token: "
@@ -123,7 +114,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         "pipeline_tag": "text-generation",
         "tags": ["clearlm", ctx["model"]["architecture"], *(["fully-open"] if train else [])],
         **({"base_model": ctx["base_model"]["folder"]} if ctx["base_model"] else {}),
-        "datasets": sorted(data["licenses"]),
+        "datasets": sorted(data["licenses"]) if data else [],
         "metrics": ["bits_per_byte"],
         "model-index": [
             {
@@ -148,17 +139,14 @@ def model_card(ctx: dict[str, Any]) -> str:
             }
         ],
     }
-    splits = data["splits"]
-    data_rows = [
-        [
-            src,
-            data["licenses"].get(src, "?"),
-            v["documents"],
-            v["bytes"],
-            splits["validation"].get(src, {}).get("bytes", 0),
-        ]
-        for src, v in splits["train"].items()
-    ]
+    data_lines = []
+    if data:
+        splits = data["splits"]
+        rows = [[src, data["licenses"].get(src, "?"), v["documents"], v["bytes"],
+                 splits["validation"].get(src, {}).get("bytes", 0)] for src, v in splits["train"].items()]  # fmt: skip
+        data_lines = ["## Training data" if train else "## Corpus (evaluation and built-in post-training sets)", "",
+                      markdown_table(["source", "licence", "train documents", "train bytes", "validation bytes"], rows),
+                      ""]  # fmt: skip
     untrained = evaluation.get("untrained_bits_per_byte", {})
     eval_rows = [
         [
@@ -193,10 +181,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
         "",
-        "## Training data" if train else "## Corpus (evaluation and built-in post-training sets)",
-        "",
-        _table(["source", "licence", "train documents", "train bytes", "validation bytes"], data_rows),
-        "",
+        *data_lines,
         "## Model",
         "",
         f"{_ARCHITECTURES[m['architecture']]} decoder: {ctx['parameters']:,} parameters, d_model {m['d_model']}, "
@@ -209,7 +194,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         "",
         "Bits per byte on the held-out validation split, per domain (lower is better):",
         "",
-        _table(["domain", "bits/byte", "untrained model", "documents", "bytes"], eval_rows),
+        markdown_table(["domain", "bits/byte", "untrained model", "documents", "bytes"], eval_rows),
         "",
         *_task_lines(evaluation.get("tasks", {})),
         "Full results: `eval/results.json`; per-item log-likelihoods: `eval/samples.jsonl`.",

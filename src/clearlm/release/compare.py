@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from clearlm.artifacts import MANIFEST
+from clearlm.stages import names
 
-STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval", "release")
 TIME_KEYS = {"seconds", "tokens_per_s", "mfu", "train_seconds", "elapsed", "created"}
 # Release files that print timings (throughput, seconds) or the day the run was made; all they describe is
 # compared in the stages themselves.
@@ -63,7 +63,7 @@ def stage_outputs(workdir: Path) -> dict[str, dict[str, Any]]:
     root = workdir / "artifacts"
     for art in sorted(root.iterdir()) if root.is_dir() else []:
         kind = art.name.rsplit("-", 1)[0]
-        if art.name.endswith(".partial") or kind not in STAGES or not (art / MANIFEST).is_file():
+        if art.name.endswith(".partial") or kind not in names() or not (art / MANIFEST).is_file():
             continue
         outputs = json.loads((art / MANIFEST).read_text())["outputs"]
         found[kind] = {rel: comparable(art / rel, digest) for rel, digest in outputs.items()
@@ -83,7 +83,7 @@ def first_step(ours: list[Any], theirs: list[Any]) -> int | None:
 def first_difference(reference: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> str | None:
     """The first stage whose outputs differ (from `stage_outputs`), with its files and, for a training stage,
     the first differing step; None when every stage of `reference` agrees."""
-    for stage in (s for s in STAGES if s in reference):
+    for stage in (s for s in names() if s in reference):
         ours, theirs = reference[stage], other.get(stage)
         if theirs is None:
             return f"{stage}: missing"

@@ -29,18 +29,14 @@ from typing import Any
 from safetensors.torch import load_file
 
 from clearlm.artifacts import MANIFEST, intact
-from clearlm.data.corpus import data_identity
 from clearlm.errors import InputError
 from clearlm.numerics import stage_threads
-from clearlm.pipeline import Pipeline, Reporter, post_training_sources
-from clearlm.recipe import load_recipe, without_guards
+from clearlm.pipeline import Pipeline
+from clearlm.recipe import LoadedRecipe, Recipe, load_recipe, without_guards
 from clearlm.release.compare import jsonl
-from clearlm.train.distributed import shared_path, world
+from clearlm.stages import Reporter, final_model, names, spec
+from clearlm.world import shared_path, world
 
-STAGES = ("data", "tokenizer", "shards", "train", "sft", "dpo", "eval")
-TIMED = {"train": ("log.jsonl", "checkpoints/*/state.json", "checkpoints/*/checksums.json"), "sft": ("log.jsonl",),
-         "dpo": ("log.jsonl",)}  # fmt: skip
-LOG_COPIES = {"train": "training/log.jsonl", "sft": "post_training/sft_log.jsonl", "dpo": "post_training/dpo_log.jsonl"}
 # The largest relative difference counted as float rounding where two runs first part: float32 carries ~6e-8,
 # and a step's sums and a result's means gather a few hundred such roundings. Any change of data, settings
 # or code moves a loss, a learning rate or a score by far more.
@@ -103,30 +99,33 @@ def _relative_difference(a: Any, b: Any) -> float:
     return 0.0 if a == b else math.inf
 
 
+def _values(path: Path) -> Any:
+    """A JSON or JSON-lines file's content, for a relative comparison of its numbers."""
+    return jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+
+
 def _divergence(stage: str, release: Path, rerun: Any) -> tuple[int | None, float]:
     """Where the re-run first parts from the release, and by how much (relative): the first differing step of
-    a training log, or the evaluation's results and samples; (None, 0.0) when those agree."""
-    if stage in LOG_COPIES:
-        for ours, theirs in zip_longest(jsonl(release / LOG_COPIES[stage]), jsonl(rerun.path / "log.jsonl")):
+    a training log, or the JSON results the release keeps a copy of; (None, 0.0) when those agree."""
+    if (log := spec(stage).log) is not None:
+        for ours, theirs in zip_longest(jsonl(release / log), jsonl(rerun.path / "log.jsonl")):
             if ours != theirs:
                 return (ours or theirs).get("step"), _relative_difference(ours, theirs)
         return None, 0.0
-    if stage == "eval":
-        results = _relative_difference(json.loads((release / "eval" / "results.json").read_text()), rerun.metrics)
-        samples = [(release / "eval" / "samples.jsonl", rerun.path / "samples.jsonl")]
-        return None, max([results] + [_relative_difference(jsonl(a), jsonl(b)) for a, b in samples
-                                      if a.is_file() and b.is_file()])  # fmt: skip
-    return None, math.inf  # data, tokenizer and shards hold no float results: any difference is real
+    copies = [(release / target, rerun.path / rel) for rel, target in spec(stage).release.items()
+              if (release / target).is_file() and (rerun.path / rel).is_file()]  # fmt: skip
+    if not copies:
+        return None, math.inf  # data, tokenizer and shards hold no float results: any difference is real
+    return None, max(_relative_difference(_values(a), _values(b)) for a, b in copies)
 
 
-def _release_copy(folder: Path, stage: str, stages: list[str]) -> Path | None:
-    """The release's copy of a stage's final weights: the model itself for the last training stage, the last
-    checkpoint for pretraining followed by post-training; None for an SFT model that DPO replaced."""
-    final = next(s for s in ("dpo", "sft", "train") if s in stages)
-    if stage == final:
+def _release_copy(folder: Path, stage: str, recipe: Recipe) -> Path | None:
+    """The release's copy of a stage's final weights: the model itself for the released stage, the last
+    checkpoint for a stage whose checkpoints the release keeps; None for a model a later stage replaced."""
+    if stage == final_model(recipe):
         return folder / "model.safetensors"
-    if stage == "train":
-        steps = sorted(folder.glob("checkpoints/step-*/model.safetensors"), key=lambda p: int(p.parent.name[5:]))
+    if (kept := spec(stage).checkpoints) is not None:
+        steps = sorted(folder.glob(f"{kept}/step-*/model.safetensors"), key=lambda p: int(p.parent.name[5:]))
         return steps[-1] if steps else None
     return None
 
@@ -142,10 +141,10 @@ def _compare_stage(stage: str, recorded: dict[str, Any], rerun: Any, release: Pa
     for rel, digest in recorded["outputs"].items():
         if produced.get(rel) == digest:
             continue
-        if any(fnmatch(rel, pattern) for pattern in TIMED.get(stage, ())):
+        if any(fnmatch(rel, pattern) for pattern in spec(stage).timed):
             if rel == "log.jsonl":
                 timed.append(rel)
-                if jsonl(release / LOG_COPIES[stage]) != jsonl(rerun.path / rel):
+                if jsonl(release / spec(stage).log) != jsonl(rerun.path / rel):
                     differ.append(rel)
             continue
         differ.append(rel)
@@ -168,6 +167,24 @@ def _recorded_threads(lineage: dict[str, Any], stages: list[str]) -> dict[str, i
     return {s: env["threads"] for s in stages if "threads" in (env := lineage[s].get("environment") or {})}
 
 
+def _changed_inputs(loaded: LoadedRecipe, lineage: dict[str, Any], stages: list[str]) -> Verdict | None:
+    """A stage's files from outside the work dir (corpus sources, post-training data, a base model folder) that
+    differ here from what the release recorded: the re-run would not be of the same inputs."""
+    for stage in stages:
+        recorded, identity = lineage[stage].get("sources"), spec(stage).identity
+        if recorded is None or identity is None:
+            continue
+        try:
+            now: Any = identity(loaded)
+        except OSError as err:
+            now = f"{err.filename}: {err.strerror}"
+        if json.loads(json.dumps(now)) != recorded:
+            return Verdict(False, [f"{stage} inputs differ from those recorded: the files it reads are not the same "
+                                   f"(recorded {json.dumps(recorded)[:200]}; here {json.dumps(now)[:200]}); pass "
+                                   "--base-dir to point at the recipe's files"], stage="inputs")  # fmt: skip
+    return None
+
+
 def verify_release(
     folder: Path, base_dir: Path | None = None, workdir: Path | None = None, reporter: Reporter | None = None
 ) -> Verdict:
@@ -180,38 +197,21 @@ def verify_release(
     loaded = without_guards(load_recipe(folder / "recipe.toml"))  # the release was made: its re-run must not stop
     if base_dir is not None:
         loaded = loaded.model_copy(update={"base_dir": Path(base_dir).resolve()})
-    recorded_sources = lineage["data"].get("sources")
-    here = data_identity(loaded.recipe.data, loaded.base_dir)
-    if recorded_sources is not None and recorded_sources != here:
-        return Verdict(False, ["inputs differ from those recorded: the raw data is not the same "
-                               f"(recorded {json.dumps(recorded_sources)[:200]}; here {json.dumps(here)[:200]}); "
-                               "pass --base-dir to point at the recipe's data"], stage="inputs")  # fmt: skip
-    for stage in ("sft", "dpo"):
-        recorded = lineage.get(stage, {}).get("sources")
-        if recorded is None:
-            continue
-        try:
-            now: Any = post_training_sources(getattr(loaded.recipe, stage), loaded.base_dir, loaded.recipe.tokenizer)[1]
-        except OSError as err:
-            now = f"{err.filename}: {err.strerror}"
-        if now != recorded:
-            return Verdict(False, [f"{stage} inputs differ from those recorded: the post-training data or base model "
-                                   f"is not the same (here: {json.dumps(now)[:200]}); pass --base-dir to point at "
-                                   "the recipe's files"], stage="inputs")  # fmt: skip
+    stages = [stage for stage in names() if stage in lineage and stage != "release"]
+    if (changed := _changed_inputs(loaded, lineage, stages)) is not None:
+        return changed
     w = world()
     with tempfile.TemporaryDirectory(prefix="clearlm-verify-", dir=workdir) as own:
         scratch = shared_path(own, w)  # under torchrun every rank re-runs training in rank 0's folder
-        stages = [stage for stage in STAGES if stage in lineage]
         pipe = Pipeline(loaded, Path(scratch), reporter, threads=_recorded_threads(lineage, stages))
-        if not w.main:  # the other ranks only take part in pretraining
-            if "train" in lineage:
-                pipe.train()
+        if not w.main:  # the other ranks only take part in the stages that run on every rank
+            pipe.run("release")
             return Verdict(True, [])
         own = loaded.recipe.train.threads
         pinned = {s: n for s, n in pipe.threads.items() if n != stage_threads(own, lineage[s].get("world_size", 1))}
         if pinned:
             pipe.reporter.note(f"re-running with the thread counts the release recorded, not this machine's: {pinned}")
-        rerun = {stage: pipe.train() if stage == "train" else getattr(pipe, stage)() for stage in stages}
+        rerun = {stage: pipe.require(stage) for stage in stages}
         lines = []
         for stage in stages:
             differ, timed = _compare_stage(stage, lineage[stage], rerun[stage], folder)
@@ -226,7 +226,7 @@ def verify_release(
             details = [f"first at step {step}"] if step is not None else []
             details += [f"largest relative difference there {relative:.2g}"] if 0 < relative < math.inf else []
             verdict.rounding = 0 < relative <= ROUNDING
-            if "model.safetensors" in differ and (copy := _release_copy(folder, stage, stages)) is not None:
+            if "model.safetensors" in differ and (copy := _release_copy(folder, stage, loaded.recipe)) is not None:
                 verdict.max_weight_diff, scale = _weight_diff(copy, rerun[stage].path / "model.safetensors")
                 details.insert(0, f"max |Δ| {verdict.max_weight_diff:.3g} in the weights ({copy.relative_to(folder)})")
                 if relative == 0:  # the log agrees to the last step: only that step's update can differ
@@ -239,7 +239,7 @@ def verify_release(
             recorded_env = lineage[stage].get("environment") or {}
             changes = _environment_changes(recorded_env, rerun[stage].manifest["environment"])
             trained_on, here = lineage[stage].get("world_size", 1), w.size
-            if stage == "train" and trained_on != here:
+            if spec(stage).distributed and trained_on != here:
                 changes.insert(0, f"trained on {trained_on} processes, re-run on {here} (sums in another order); run "
                                   f"`torchrun --nproc_per_node {trained_on} -m clearlm verify` to match")  # fmt: skip
             unchanged = (

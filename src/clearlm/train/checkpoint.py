@@ -42,13 +42,8 @@ from clearlm.artifacts import require_intact, sha256_file, write_json_atomic
 from clearlm.errors import ArtifactError, DiskFullError
 from clearlm.model.weights import WEIGHTS, save_state, tied
 from clearlm.storage import require_space
-from clearlm.train.distributed import SINGLE, World, barrier
-
-OPTIMIZER, RNG, STATE, CHECKSUMS = "optimizer", "rng.safetensors", "state.json", "checksums.json"
-
-
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:07d}"
+from clearlm.train.checkpoint_files import CHECKSUMS, OPTIMIZER, RNG, STATE, checkpoint_dir, checkpoints
+from clearlm.world import SINGLE, World, barrier
 
 
 @contextlib.contextmanager
@@ -182,17 +177,6 @@ def _require_intact(path: Path) -> None:
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         raise ArtifactError(f"{path / CHECKSUMS}: not a map of file names to sha256s; {remedy}")
     require_intact(path, digests, CHECKSUMS, remedy)
-
-
-def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first (never a half-written `.tmp` one)."""
-    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE).exists())
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint that can be resumed from (has optimizer state)."""
-    done = [p for p in checkpoints(root) if (p / OPTIMIZER).exists()]
-    return done[-1] if done else None
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:

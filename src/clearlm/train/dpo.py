@@ -9,6 +9,7 @@ artifact); the reference model is not held in memory while training.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
-from clearlm.data.chat import Pair
+from clearlm.data.chat import ChatTemplate, Pair, tokenize_pair
+from clearlm.data.chat import read_preferences as read_pair_file
 from clearlm.data.documents import in_fraction
-from clearlm.errors import TrainingError
+from clearlm.data.instructions import stdlib_function_pairs
+from clearlm.data.sources import post_training_sources
+from clearlm.errors import RecipeError, TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
+from clearlm.model.weights import save_model
 from clearlm.recipe import DPOConfig
+from clearlm.stages import StageRun
+from clearlm.train.post_setup import base_model, licences, read_rows, starting_model
 from clearlm.train.posttrain import run_steps
 
 
@@ -183,3 +192,59 @@ def train_dpo(
         return None
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     return {**result, "pairs": len(pairs), "final_reward_accuracy": last["rewards/accuracies"]}
+
+
+def _reference_and_before(
+    run: StageRun, model: Transformer, tok: Tokenizer, train_pairs: list[TokenizedPair], held: list[TokenizedPair],
+    pad_id: int, out: Path,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """The reference's log-probabilities of the training pairs and the held-out accuracy before training:
+    computed once and stored in the stage's folder (both written under temporary names, then renamed, so a
+    resume never reads half a file), and read back on resume."""
+    cfg = run.recipe.dpo
+    cache, before_path = out / "reference_logps.safetensors", out / "held_out_before.json"
+    cached = load_file(cache) if run.resume and cache.is_file() and before_path.is_file() else None
+    if cached is not None and cached["chosen"].shape[0] == len(train_pairs):
+        return (cached["chosen"], cached["rejected"]), json.loads(before_path.read_text())
+    reference = model
+    if cfg.reference:
+        reference, ref_tok = base_model(run.base_dir / cfg.reference, run.recipe.tokenizer, "dpo.reference")
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise RecipeError(f"dpo.reference: {cfg.reference}: its tokenizer differs from the policy's")
+    ref = reference_logps(reference, train_pairs, pad_id)
+    before = preference_accuracy(model, held, pad_id)
+    save_file({"chosen": ref[0], "rejected": ref[1]}, str(cache) + ".tmp")
+    before_path.with_suffix(".tmp").write_text(json.dumps(before) + "\n")
+    os.replace(str(cache) + ".tmp", cache)
+    os.replace(before_path.with_suffix(".tmp"), before_path)
+    return ref, before
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
+    """The `[dpo]` stage: preference tuning of its base against a reference whose log-probabilities are computed
+    once; None when `stop_after` stopped it."""
+    cfg, tok_cfg = run.recipe.dpo, run.recipe.tokenizer
+    model, tok = starting_model(run, "dpo")
+    files, _ = post_training_sources(cfg, run.base_dir, tok_cfg)
+    pairs, bad = read_rows(files, read_pair_file, out)
+    if cfg.builtin:
+        pairs = stdlib_function_pairs(run.inputs["data"].path / "train.jsonl", cfg.builtin_pairs) + pairs
+    template = ChatTemplate(eos_token=tok_cfg.eos_token)
+    tokenized = [(p, TokenizedPair(*tokenize_pair(tok, template, p))) for p in pairs]
+    empty = sum(1 for _, t in tokenized if not t.prompt)
+    train_pairs, held = split_held_out([(p, t) for p, t in tokenized if t.prompt], cfg.held_out_fraction)
+    max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
+    train_pairs, counts = truncate(train_pairs, max_length)
+    held, _ = truncate(held, max_length)
+    counts["dropped: empty prompt"] = empty
+    pad_id = tok.token_to_id(tok_cfg.pad_token)
+    ref, before = _reference_and_before(run, model, tok, train_pairs, held, pad_id, out)
+    metrics = train_dpo(model, train_pairs, ref, cfg, run.recipe.seed, pad_id, out, run.reporter.train_step,
+                        resume=run.resume, stop_after=run.stop_after)  # fmt: skip
+    if metrics is None:
+        return None
+    after = preference_accuracy(model, held, pad_id)
+    save_model(model, out)
+    tok.save(str(out / "tokenizer.json"))
+    return {**metrics, "counts": counts, "bad_rows": bad, "held_out_before": before, "held_out_after": after,
+            "licenses": licences(cfg)}  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clearlm.errors import TrainingError
-from clearlm.train.checkpoint import latest_checkpoint
+from clearlm.train.checkpoint_files import latest_checkpoint
 
 WINDOW = 20  # earlier steps whose median a spike is measured against
 MIN_HISTORY = 5  # no spike is called before this many steps: the first losses fall fast

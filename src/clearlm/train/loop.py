@@ -26,11 +26,13 @@ from clearlm.errors import InputError, RecipeError
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.model.weights import MODEL_CONFIG, WEIGHTS
 from clearlm.recipe import Recipe, TrainConfig
-from clearlm.train import checkpoint
-from clearlm.train.distributed import SINGLE, World, barrier, check_supported, sync_gradients, wrap
+from clearlm.stages import StageRun
+from clearlm.train import checkpoint, checkpoint_files
+from clearlm.train.distributed import check_supported, sync_gradients, wrap
 from clearlm.train.guard import LossGuard
 from clearlm.train.optim import build_optimizer, lr_factor, set_lr
 from clearlm.train.perf import device_peak_flops
+from clearlm.world import SINGLE, World, barrier
 
 LOG = "log.jsonl"
 StepCallback = Callable[[dict[str, Any]], None]
@@ -207,7 +209,7 @@ def pretrain(
 
     ckpt_root, log_path = out / "checkpoints", out / LOG
     state: dict[str, Any] = {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0}
-    found = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    found = checkpoint_files.latest_checkpoint(ckpt_root) if resume else None
     if found:
         state = {**state, **checkpoint.load_checkpoint(found, model, opt)}
         state.pop("param_groups", None)
@@ -283,10 +285,10 @@ def pretrain(
         return {"stopped_at": state["step"]}
     if not w.main:
         return {}
-    for ckpt in checkpoint.checkpoints(ckpt_root):  # an interruption's extra checkpoint is not part of the run
+    for ckpt in checkpoint_files.checkpoints(ckpt_root):  # an interruption's extra checkpoint is not part of the run
         if not _on_schedule(int(ckpt.name.removeprefix("step-")), cfg):
             shutil.rmtree(ckpt)
-    final = checkpoint.checkpoint_dir(ckpt_root, cfg.max_steps) / WEIGHTS  # the full weights, even under FSDP2
+    final = checkpoint_files.checkpoint_dir(ckpt_root, cfg.max_steps) / WEIGHTS  # the full weights, even under FSDP2
     shutil.copy2(final, out / WEIGHTS)
     (out / MODEL_CONFIG).write_text(json.dumps(mcfg.to_dict(), indent=2) + "\n")
     summary = _summary(read_log(log_path), model, state, peak, flops_per_token, w.size)
@@ -317,3 +319,12 @@ def _summary(
         "mfu": flops_per_token * tokens_per_s / (peak * world_size) if peak and tokens_per_s else None,
         "peak_flops": peak,
     }
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
+    """The pretraining stage (on every torchrun rank: rank 0 writes, the others compute); None when stopped."""
+    shards, tok = run.inputs["shards"], run.inputs["tokenizer"]
+    metrics = pretrain(run.recipe, shards.path, shards.metrics, tok.metrics["vocab_size"], out, resume=run.resume,
+                       stop_after=run.stop_after, on_step=run.reporter.train_step, on_note=run.reporter.note,
+                       w=run.world)  # fmt: skip
+    return None if "stopped_at" in metrics else metrics

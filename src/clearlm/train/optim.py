@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from clearlm.errors import TrainingError
 from clearlm.recipe import DPOConfig, SFTConfig, TrainConfig
-from clearlm.train.distributed import SINGLE, World
+from clearlm.world import SINGLE, World
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # modded-nanogpt's quintic: fast, singular values near 1
 

@@ -7,7 +7,6 @@ own, the thread count is restored), so a run with a cold cache computes the same
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform
@@ -91,21 +90,3 @@ def device_peak_flops(device: torch.device, threads: int, override: float | None
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
     return cpu_matmul_peak(threads)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to reuse freed memory instead of returning it to the OS after every large tensor.
-
-    By default glibc serves allocations above a (dynamic) threshold with fresh mmap pages, so each
-    new activation pays one page fault per 4 KiB; PyTorch's CPU allocator has no cache of its own.
-    This is what preloading jemalloc or tcmalloc achieves, done in-process. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest threshold glibc accepts on 64-bit
-    ok &= libc.mallopt(m_trim_threshold, 1 << 30)
-    ok &= libc.mallopt(m_top_pad, 64 << 20)
-    return bool(ok)

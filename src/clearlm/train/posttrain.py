@@ -19,7 +19,7 @@ import torch
 
 from clearlm.model.transformer import Transformer
 from clearlm.recipe import DPOConfig, SFTConfig
-from clearlm.train import checkpoint
+from clearlm.train import checkpoint, checkpoint_files
 from clearlm.train.guard import LossGuard
 from clearlm.train.loop import clip_gradients, read_log, truncate_log
 from clearlm.train.optim import build_optimizer
@@ -68,7 +68,7 @@ def run_steps(
     total = cfg.epochs * steps_per_epoch
     ckpt_root, log_path = out / "checkpoints", out / "log.jsonl"
     start = 0
-    found = checkpoint.latest_checkpoint(ckpt_root) if resume else None
+    found = checkpoint_files.latest_checkpoint(ckpt_root) if resume else None
     if found:
         start = checkpoint.load_checkpoint(found, model, opt)["step"]
         truncate_log(log_path, start)

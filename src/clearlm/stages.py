@@ -1,0 +1,283 @@
+"""What stages exist: the one table that `run`, `run --plan`, `verify`, the release, its cards and its report
+loop over.
+
+A stage is a `StageSpec` here plus a build function in its own package, named by its import path and imported
+only when the stage builds, so that the table, `--plan` and the artifacts' digests are worked out without
+torch. The graph comes from the recipe: a stage runs when the recipe asks for it (its section is present) or a
+later stage needs it; `needs` says which earlier stages a stage reads, given the recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from clearlm.errors import RecipeError
+from clearlm.recipe import GUARD_SETTINGS, LoadedRecipe, Recipe
+
+if TYPE_CHECKING:
+    from clearlm.artifacts import Artifact
+    from clearlm.world import World
+
+
+class Reporter:
+    """How a pipeline tells its caller what happens; the CLI renders it, tests record it."""
+
+    def stage_started(self, kind: str) -> None: ...
+
+    def stage_skipped(self, kind: str, artifact: Artifact) -> None: ...
+
+    def stage_finished(self, kind: str, artifact: Artifact) -> None: ...
+
+    def train_step(self, record: dict[str, Any]) -> None: ...
+
+    def data_progress(self, steps: dict[str, tuple[int, int]]) -> None:
+        """Documents and bytes that have entered each cleaning step so far."""
+
+    def note(self, message: str) -> None: ...
+
+
+@dataclass
+class StageRun:
+    """What a build function is given: the recipe, its input artifacts by stage name, and how to run."""
+
+    loaded: LoadedRecipe
+    inputs: dict[str, Artifact]
+    reporter: Reporter
+    world: World
+    resume: bool = False
+    stop_after: int | None = None  # stop (as if interrupted) after this many steps; the build returns None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
+
+    @property
+    def base_dir(self) -> Path:
+        return self.loaded.base_dir
+
+
+Build = Callable[[StageRun, Path], "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage. `build` is "module:function"; the function writes the stage's files into the folder it is
+    given and returns its metrics (None: stopped early, to be resumed)."""
+
+    name: str  # the artifact kind, the key in lineage.json
+    label: str  # in plans, cards and reports
+    build: str
+    needs: Callable[[Recipe], tuple[str, ...]]  # the earlier stages it reads
+    config: Callable[[LoadedRecipe], Any]  # the settings that decide its output, hashed into its digest
+    identity: Callable[[LoadedRecipe], Any] | None = None  # digests of what it reads from outside the work dir
+    asked: Callable[[Recipe], bool] = lambda recipe: False  # the recipe asks for it (else: only when needed)
+    resumes: Literal["parts", "checkpoints"] | None = None  # keeps finished parts; or continues with --resume
+    model: bool = False  # produces a model: the last one the recipe asks for is the one released
+    own_tokenizer: bool = False  # its folder holds its model's tokenizer (else: the tokenizer stage's)
+    pretraining: bool = False  # its model is a base model (what post-training's `base = "pretrain"` means)
+    distributed: bool = False  # every torchrun rank takes part
+    torch: bool = True  # computes with torch: its thread count and math modes are set first and recorded
+    release: dict[str, str] = field(default_factory=dict)  # its file -> where the release keeps a copy
+    checkpoints: str | None = None  # the release folder that keeps its intermediate weights (step-*/)
+    timed: tuple[str, ...] = ()  # files (globs) holding wall-clock times: compared without them
+
+    def load(self) -> Build:
+        module, _, function = self.build.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    @property
+    def log(self) -> str | None:
+        """Where the release keeps this stage's per-step log."""
+        return self.release.get("log.jsonl")
+
+
+def _present(section: str) -> Callable[[Recipe], bool]:
+    return lambda recipe: getattr(recipe, section) is not None
+
+
+def final_model(recipe: Recipe) -> str:
+    """The stage whose model the recipe releases: the last model stage it asks for, else pretraining."""
+    asked = [s.name for s in table() if s.model and s.asked(recipe)]
+    return asked[-1] if asked else "train"
+
+
+def model_inputs(stage: str) -> tuple[str, ...]:
+    """What reading a stage's model takes: the stage, and the tokenizer stage when the model has none of its own."""
+    return (stage,) if spec(stage).own_tokenizer else ("tokenizer", stage)
+
+
+def base_stage(recipe: Recipe, base: str) -> str | None:
+    """The stage a post-training `base` names: "pretrain" is the recipe's last pretraining stage (one that makes a
+    base model), "sft" the SFT stage; None for a model folder."""
+    if base == "pretrain":
+        return [s.name for s in table() if s.pretraining and (s.asked(recipe) or s.name == "train")][-1]
+    return base if base in STAGES and spec(base).model else None
+
+
+def post_training(recipe: Recipe, names: list[str] | None = None) -> list[str]:
+    """The model stages after pretraining (SFT, DPO, ...) among `names` (default: those the recipe asks for)."""
+    return [s.name for s in table() if s.model and not s.pretraining and (s.name in names if names is not None
+                                                                           else s.asked(recipe))]  # fmt: skip
+
+
+def outside_base(recipe: Recipe) -> tuple[str, str] | None:
+    """(stage, folder) when the released model's training started from a model folder that this recipe did not
+    train: the stage that read the folder, and the folder."""
+    stage = final_model(recipe)
+    while isinstance(base := getattr(getattr(recipe, stage, None), "base", None), str):
+        upstream = base_stage(recipe, base)
+        if upstream is None:
+            return stage, base
+        stage = upstream
+    return None
+
+
+def _post_training_needs(section: str) -> Callable[[Recipe], tuple[str, ...]]:
+    def needs(recipe: Recipe) -> tuple[str, ...]:
+        cfg = getattr(recipe, section)
+        stage = base_stage(recipe, cfg.base)
+        return (("data",) if cfg.builtin else ()) + (model_inputs(stage) if stage else ())
+
+    return needs
+
+
+def _eval_needs(recipe: Recipe) -> tuple[str, ...]:
+    return (("data",) if recipe.data is not None else ()) + model_inputs(final_model(recipe))
+
+
+def _release_needs(recipe: Recipe) -> tuple[str, ...]:
+    """Everything the run made: the release's lineage lists every stage behind it."""
+    return tuple(name for name in resolve(recipe, [s.name for s in table() if s.asked(recipe)] + ["eval"]))
+
+
+def _data_config(loaded: LoadedRecipe) -> Any:
+    from clearlm.data.sources import data_config
+
+    return data_config(loaded.recipe.data)
+
+
+def _data_identity(loaded: LoadedRecipe) -> Any:
+    from clearlm.data.sources import data_identity
+
+    return data_identity(loaded.recipe.data, loaded.base_dir)
+
+
+def _train_config(loaded: LoadedRecipe) -> Any:
+    r = loaded.recipe
+    return {"seed": r.seed, "model": r.model.model_dump(mode="json"),
+            "train": r.train.model_dump(mode="json", exclude=GUARD_SETTINGS)}  # fmt: skip
+
+
+def _post_training_config(section: str) -> Callable[[LoadedRecipe], Any]:
+    def config(loaded: LoadedRecipe) -> Any:
+        settings = getattr(loaded.recipe, section).model_dump(mode="json", exclude=GUARD_SETTINGS)
+        return {"seed": loaded.recipe.seed, **settings}
+
+    return config
+
+
+def _post_training_identity(section: str) -> Callable[[LoadedRecipe], Any]:
+    def identity(loaded: LoadedRecipe) -> Any:
+        from clearlm.data.sources import post_training_sources
+
+        return post_training_sources(getattr(loaded.recipe, section), loaded.base_dir, loaded.recipe.tokenizer)[1]
+
+    return identity
+
+
+def _eval_identity(loaded: LoadedRecipe) -> Any:
+    """The digests of the tasks' data files outside the work dir (a file in the run's data split is covered by
+    the data stage's digest)."""
+    from clearlm.data.sources import files_digest
+    from clearlm.eval.taskspec import resolve_tasks
+
+    cfg, base = loaded.recipe.eval, loaded.base_dir
+    dirs = [base / cfg.data_dir] if cfg.data_dir else []
+    task_data = {}
+    for task in resolve_tasks(cfg.tasks, [base / f for f in cfg.task_files]):
+        found = [d / task.data_file for d in (*dirs, task.base_dir) if d is not None and (d / task.data_file).is_file()]
+        if found:
+            task_data[task.name] = files_digest(found[:1], base)
+    return {"task_data": task_data}
+
+
+def _section(name: str) -> Callable[[LoadedRecipe], Any]:
+    return lambda loaded: getattr(loaded.recipe, name).model_dump(mode="json")
+
+
+def _post_training_stage(name: str, label: str, build: str) -> StageSpec:
+    """SFT, DPO: a `[name]` section with a `base` (an earlier stage or a model folder) and chat data."""
+    return StageSpec(name, label, build, needs=_post_training_needs(name), config=_post_training_config(name),
+                     identity=_post_training_identity(name), asked=_present(name), resumes="checkpoints", model=True,
+                     own_tokenizer=True, release={"log.jsonl": f"post_training/{name}_log.jsonl"},
+                     timed=("log.jsonl",))  # fmt: skip
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        StageSpec("data", "Data", "clearlm.data.corpus:build_stage", needs=lambda r: (), config=_data_config,
+                  identity=_data_identity, asked=_present("data"), resumes="parts", torch=False),
+        StageSpec("tokenizer", "Tokenizer", "clearlm.data.tokenizer:build_stage", needs=lambda r: ("data",),
+                  config=_section("tokenizer"), torch=False),
+        StageSpec("shards", "Token shards", "clearlm.data.shards:build_stage", needs=lambda r: ("data", "tokenizer"),
+                  config=lambda loaded: {}),
+        StageSpec("train", "Pretraining", "clearlm.train.loop:build_stage", needs=lambda r: ("shards", "tokenizer"),
+                  config=_train_config, resumes="checkpoints", model=True, pretraining=True, distributed=True,
+                  release={"log.jsonl": "training/log.jsonl"}, checkpoints="checkpoints",
+                  timed=("log.jsonl", "checkpoints/*/state.json", "checkpoints/*/checksums.json")),
+        _post_training_stage("sft", "Supervised fine-tuning", "clearlm.train.sft:build_stage"),
+        _post_training_stage("dpo", "Preference tuning (DPO)", "clearlm.train.dpo:build_stage"),
+        StageSpec("eval", "Evaluation", "clearlm.eval.run:build_stage", needs=_eval_needs, config=_section("eval"),
+                  identity=_eval_identity, release={"results.json": "eval/results.json",
+                                                    "samples.jsonl": "eval/samples.jsonl"}),
+        StageSpec("release", "Release", "clearlm.release.build:build_stage", needs=_release_needs,
+                  config=lambda loaded: {"name": loaded.recipe.name, **loaded.recipe.release.model_dump(mode="json")}),
+    )
+}  # fmt: skip
+
+
+def table() -> list[StageSpec]:
+    """The stages in the order they run."""
+    return list(STAGES.values())
+
+
+def names() -> list[str]:
+    return list(STAGES)
+
+
+def spec(name: str) -> StageSpec:
+    if name not in STAGES:
+        raise RecipeError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    return STAGES[name]
+
+
+def _require_section(recipe: Recipe, stage: StageSpec, path: list[str]) -> None:
+    """A stage with a section of its own that the recipe leaves out cannot run, whoever needs it."""
+    section = stage.name if stage.name in Recipe.model_fields else None
+    if section is not None and getattr(recipe, section) is None:
+        by = f" (needed by {' <- '.join(reversed(path))})" if path else ""
+        hint = ': add one, or post-train a model folder (sft.base = "folder")' if section == "data" else ""
+        raise RecipeError(f"the recipe has no [{section}] section{by}{hint}")
+
+
+def resolve(recipe: Recipe, targets: list[str]) -> list[str]:
+    """The stages that building `targets` runs, in table order."""
+    found: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in found:
+            return
+        stage = spec(name)
+        _require_section(recipe, stage, path)
+        found.add(name)
+        for upstream in stage.needs(recipe):
+            visit(upstream, [*path, name])
+
+    for target in targets:
+        visit(target, [])
+    return [name for name in STAGES if name in found]

@@ -1,0 +1,22 @@
+"""Where a checkpoint's files are: what resume, a disk-full message and `run --plan` look for, without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OPTIMIZER, RNG, STATE, CHECKSUMS = "optimizer", "rng.safetensors", "state.json", "checksums.json"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:07d}"
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (never a half-written `.tmp` one)."""
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / STATE).exists())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint that can be resumed from (has optimizer state)."""
+    done = [p for p in checkpoints(root) if (p / OPTIMIZER).exists()]
+    return done[-1] if done else None
