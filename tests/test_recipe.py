@@ -63,8 +63,11 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_data_needs_a_source():
-    with pytest.raises(RecipeError, match=r"^r\.toml: the recipe has no \[data\] section \(needed by tokenizer <- "
-                       r"eval\): add one, or post-train a model folder"):
+    with pytest.raises(
+        RecipeError,
+        match=r"^r\.toml: the recipe has no \[data\] section \(needed by tokenizer <- "
+        r"eval\): add one, or post-train a model folder",
+    ):
         _parse('name = "x"')
     with pytest.raises(RecipeError, match="data: needs a builtin corpus"):
         _parse('name = "x"\n[data]\nvalidation_fraction = 0.1')

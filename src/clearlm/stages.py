@@ -81,18 +81,31 @@ class StageSpec:
     pretraining: bool = False  # its model is a base model (what post-training's `base = "pretrain"` means)
     distributed: bool = False  # every torchrun rank takes part
     torch: bool = True  # computes with torch: its thread count and math modes are set first and recorded
-    release: dict[str, str] = field(default_factory=dict)  # its file -> where the release keeps a copy
+    release: dict[str, str] = field(default_factory=dict)  # its file (or glob: into a folder) -> the release's copy
+    datasets: str | None = None  # a corpus stage: the release folder of its cleaned splits (and its data card)
+    card: str | None = None  # "module:function" (recipe dict, metrics) -> the model card's lines about it
+    report: str | None = None  # "module:function" (recipe dict, metrics, log) -> the report's HTML about it
     checkpoints: str | None = None  # the release folder that keeps its intermediate weights (step-*/)
     timed: tuple[str, ...] = ()  # files (globs) holding wall-clock times: compared without them
 
     def load(self) -> Build:
-        module, _, function = self.build.partition(":")
-        return getattr(importlib.import_module(module), function)
+        return _function(self.build)
 
     @property
     def log(self) -> str | None:
         """Where the release keeps this stage's per-step log."""
         return self.release.get("log.jsonl")
+
+
+def _function(path: str) -> Any:
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def describe(stage: str, kind: str, *args: Any) -> list[str]:
+    """What a stage says of itself in the model card (`kind` "card") or the technical report ("report")."""
+    hook = getattr(spec(stage), kind)
+    return _function(hook)(*args) if hook else []
 
 
 def _present(section: str) -> Callable[[Recipe], bool]:
@@ -146,7 +159,8 @@ def _post_training_needs(section: str) -> Callable[[Recipe], tuple[str, ...]]:
 
 
 def _eval_needs(recipe: Recipe) -> tuple[str, ...]:
-    return (("data",) if recipe.data is not None else ()) + model_inputs(final_model(recipe))
+    """Every corpus the recipe has (bits per byte on each validation split) and the final model."""
+    return tuple(s.name for s in table() if s.datasets and s.asked(recipe)) + model_inputs(final_model(recipe))
 
 
 def _release_needs(recipe: Recipe) -> tuple[str, ...]:
@@ -221,7 +235,8 @@ STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
         StageSpec("data", "Data", "clearlm.data.corpus:build_stage", needs=lambda r: (), config=_data_config,
-                  identity=_data_identity, asked=_present("data"), resumes="parts", torch=False),
+                  identity=_data_identity, asked=_present("data"), resumes="parts", torch=False,
+                  datasets="data/datasets"),
         StageSpec("tokenizer", "Tokenizer", "clearlm.data.tokenizer:build_stage", needs=lambda r: ("data",),
                   config=_section("tokenizer"), torch=False),
         StageSpec("shards", "Token shards", "clearlm.data.shards:build_stage", needs=lambda r: ("data", "tokenizer"),

@@ -25,7 +25,7 @@ from clearlm.model.weights import load_model
 from clearlm.numerics import begin_stage, stage_threads
 from clearlm.recipe import SourceConfig
 from clearlm.release.load import bos_token_id, load_release
-from clearlm.stages import StageRun, final_model
+from clearlm.stages import StageRun, final_model, spec
 
 
 @dataclass
@@ -97,16 +97,20 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
     eos_id = tok.token_to_id(recipe.tokenizer.eos_token)
     trained = load_model(final.path)
     metrics: dict[str, Any] = {}
-    data = run.inputs.get("data")
-    if cfg.bpb and data is not None:
+    corpora = [name for name in run.inputs if spec(name).datasets]
+    if cfg.bpb and corpora:
         untrained = Transformer(trained.cfg)
         untrained.init_weights(recipe.seed)
-        for key, model in (("bits_per_byte", trained), ("untrained_bits_per_byte", untrained)):
-            docs = read_jsonl(data.path / "validation.jsonl")
-            metrics[key] = domain_bits_per_byte(model, tok, docs, eos_id, cfg.batch_size, cfg.max_documents_per_domain)
+        for name in corpora:  # the recipe's corpus, then any other (mid-training's): "<stage>_bits_per_byte"
+            prefix = "" if name == "data" else f"{name}_"
+            for key, model in (("bits_per_byte", trained), ("untrained_bits_per_byte", untrained)):
+                docs = read_jsonl(run.inputs[name].path / "validation.jsonl")
+                metrics[prefix + key] = domain_bits_per_byte(model, tok, docs, eos_id, cfg.batch_size,
+                                                             cfg.max_documents_per_domain)  # fmt: skip
     specs = resolve_tasks(cfg.tasks, [run.base_dir / f for f in cfg.task_files])
     if specs:
-        data_dirs = ([run.base_dir / cfg.data_dir] if cfg.data_dir else []) + ([data.path] if data else [])
+        data_dirs = [run.base_dir / cfg.data_dir] if cfg.data_dir else []
+        data_dirs += [run.inputs[name].path for name in corpora]
         task_tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))  # lm-eval's special-token rules
         metrics["tasks"], samples = evaluate_tasks(
             trained, task_tok, specs, data_dirs, prefix_id=eos_id, num_fewshot=cfg.num_fewshot, limit=cfg.limit,

@@ -158,10 +158,11 @@ def _copy_stage_files(artifacts: dict[str, Artifact], out: Path) -> None:
     """What the stage table says the release keeps of each stage: logs, results, intermediate weights."""
     for name, art in artifacts.items():
         stage = spec(name)
-        for rel, target in stage.release.items():
-            if (art.path / rel).is_file():
-                (out / target).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(art.path / rel, out / target)
+        for pattern, target in stage.release.items():
+            for found in sorted(art.path.glob(pattern)):  # a glob's files keep their paths under the target folder
+                dest = out / target / found.relative_to(art.path) if "*" in pattern else out / target
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(found, dest)
         if stage.checkpoints:
             for ckpt in sorted(p for p in (art.path / "checkpoints").glob("step-*") if (p / WEIGHTS).is_file()):
                 (out / stage.checkpoints / ckpt.name).mkdir(parents=True)
@@ -169,27 +170,32 @@ def _copy_stage_files(artifacts: dict[str, Artifact], out: Path) -> None:
 
 
 def _write_data(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path) -> None:
-    """The data card (corpus, tokens per source, post-training data) and, unless the recipe says not, the
+    """The data card (each corpus, tokens per source, post-training data) and, unless the recipe says not, the
     cleaned datasets and the post-training files."""
-    recipe, data = loaded.recipe, artifacts.get("data")
+    recipe = loaded.recipe
+    corpora = [name for name in artifacts if spec(name).datasets]
     post = {name: artifacts[name].metrics for name in post_training(recipe, list(artifacts))}
-    tokens, card = {}, ""
-    if data is not None:
+    cards = []
+    for name in corpora:
+        data = artifacts[name]
         card = (data.path / "data_card.md").read_text()
-        if "shards" in artifacts:
-            shards = artifacts["shards"].metrics
-            tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
-            card += tokens_section(shards)
-        _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
-        shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
-    if card or post:
+        cards.append(card if name == "data" else card.replace("# Data card", f"# {spec(name).label}", 1))
+        if name == "data":
+            tokens = {}
+            if "shards" in artifacts:
+                shards = artifacts["shards"].metrics
+                tokens = {split: shards[split].get("sources", {}) for split in ("train", "validation")}
+                cards[-1] += tokens_section(shards)
+            _dump(out / "data" / "data_card.json", {**data.metrics, "tokens": tokens})
+            shutil.copy2(data.path / "lengths.png", out / "data" / "lengths.png")
+    if cards or post:
         (out / "data").mkdir(exist_ok=True)
-        (out / "data" / "data_card.md").write_text(card + post_training_section(post))
+        (out / "data" / "data_card.md").write_text("\n".join(cards) + post_training_section(post))
     if not recipe.release.include_datasets:
         return
-    if data is not None:
+    for name in corpora:
         for split in ("train", "validation"):
-            _compress(data.path / f"{split}.jsonl", out / "data" / "datasets" / f"{split}.jsonl.zst")
+            _compress(artifacts[name].path / f"{split}.jsonl", out / spec(name).datasets / f"{split}.jsonl.zst")
     for stage in post:
         for item in getattr(recipe, stage).data:
             name = item.path.replace("/", "__").replace("\\", "__")
@@ -244,6 +250,7 @@ def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Pat
         "vocab_size": model.cfg.vocab_size,
         "clearlm_version": __version__,
         "post_training": {name: artifacts[name].metrics for name in post_training(recipe, list(artifacts))},
+        "stages": {name: art.metrics for name, art in artifacts.items()},
         "lineage": {k: a.digest for k, a in artifacts.items()},
     }
     dataset_licences, eval_licences = _licences(recipe, base_dir, artifacts)

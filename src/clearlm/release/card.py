@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from clearlm.stages import spec
+from clearlm.stages import describe, spec
 from clearlm.tables import markdown_table, metric_rows
 
 # Licence ids the Hugging Face Hub accepts in model card metadata (lower-cased SPDX ids).
@@ -189,6 +189,7 @@ def model_card(ctx: dict[str, Any]) -> str:
         f"tied embeddings: {m['tie_embeddings']}.",
         "",
         *(_training_lines(recipe["train"], train) if train else _base_model_lines(ctx["base_model"])),
+        *(line for name, metrics in ctx["stages"].items() for line in describe(name, "card", recipe, metrics)),
         *_post_training_lines(recipe, ctx.get("post_training", {})),
         "## Evaluation",
         "",

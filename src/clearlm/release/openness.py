@@ -17,6 +17,7 @@ from clearlm.openness.licenses import fits
 from clearlm.openness.mof import COMPONENTS, evaluate, to_mot
 from clearlm.openness.osaid import osaid_checklist
 from clearlm.recipe import Recipe
+from clearlm.stages import table
 
 GENERATED = {"Model card", "Data card", "Technical report", "Research paper"}
 # What a model post-trained from an outside folder cannot show: how its base was pretrained.
@@ -57,7 +58,7 @@ def release_components(
         "Model parameters (Final)": (["model.safetensors"], weights, ""),
         "Model parameters (Intermediate)": (["checkpoints/"], weights, ""),
         "Datasets": (
-            ["data/datasets/", "data/post_training/"],
+            [f"{s.datasets}/" for s in table() if s.datasets] + ["data/post_training/"],
             _one(dataset_licences),
             "the cleaned training and validation documents, and the post-training data",
         ),

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from clearlm.release.card import metric_rows, optimizer_summary, schedule_summary
-from clearlm.stages import spec
+from clearlm.stages import describe, spec
 
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 _W, _H, _PAD = 560, 220, 44
@@ -275,8 +275,11 @@ def technical_report(
 ) -> str:
     """The page: summary, data, model, training and post-training curves, evaluation, openness, samples,
     reproduction. `logs` holds the per-step log of each training stage, by stage name."""
+    own = [part for name, metrics in ctx["stages"].items()
+           for part in describe(name, "report", ctx["recipe"], metrics, logs.get(name))]  # fmt: skip
     sections = [
-        _summary(ctx, openness), _data(ctx["data"]), _model(ctx), _training(ctx, logs), _post_training(ctx, logs),
+        _summary(ctx, openness), _data(ctx["data"]), _model(ctx), _training(ctx, logs), own,
+        _post_training(ctx, logs),
         _evaluation(ctx["eval"]), _openness(openness), _generations(generations), _reproduce(ctx["lineage"]),
     ]  # fmt: skip
     return "\n".join(part for section in sections for part in section if part)
