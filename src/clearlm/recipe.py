@@ -262,6 +262,34 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
+class MidtrainConfig(_Section):
+    """OLMo 2's second stage: a short run on a high-quality mix, the learning rate warmed up then annealed
+    linearly to zero, once per data order in `seeds`; the released weights are the runs' uniform mean (a soup)."""
+
+    base: str = Field("pretrain", description='"pretrain" (this recipe\'s model) or a Llama / OLMo 2 model folder '
+                      "(continued pretraining, with the folder's tokenizer)")  # fmt: skip
+    optimizer: Literal["continue", "fresh"] = Field(
+        "continue", description="from pretraining: continue its optimizer state, or start a fresh one (a folder: fresh)"
+    )
+    data: DataConfig = Field(description="the mix: sources with weights, cleaning steps, validation share, as [data]")
+    seeds: list[int] = Field([0], min_length=1, description="one run (ingredient) per data order, averaged")
+    max_steps: int = Field(100, gt=0, description="steps of each ingredient")
+    micro_batch_size: int | None = Field(None, gt=0, description="default: [train]'s")
+    grad_accum_steps: int | None = Field(None, gt=0, description="default: [train]'s")
+    lr: float | None = Field(None, gt=0, description="peak learning rate, annealed linearly to 0; default: [train]'s")
+    warmup_steps: int = Field(0, ge=0)
+    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final")
+    spike_factor: float = Field(SPIKE_FACTOR, ge=0, description=SPIKE_HELP)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> MidtrainConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must differ (got {self.seeds})")
+        return self
+
+
 class EvalConfig(_Section):
     bpb: bool = True
     batch_size: int = Field(8, gt=0)
@@ -368,6 +396,7 @@ class Recipe(_Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    midtrain: MidtrainConfig | None = None
     sft: SFTConfig | None = None
     dpo: DPOConfig | None = None
     eval: EvalConfig = EvalConfig()
@@ -458,6 +487,6 @@ def without_guards(loaded: LoadedRecipe) -> LoadedRecipe:
     --set to resume it, or a release made before the guard existed)."""
     recipe = loaded.recipe
     off = {key: 0.0 for key in GUARD_SETTINGS}
-    update = {name: section.model_copy(update=off) for name in ("train", "sft", "dpo")
-              if (section := getattr(recipe, name)) is not None}  # fmt: skip
+    update = {name: section.model_copy(update=off) for name in type(recipe).model_fields
+              if all(hasattr(section := getattr(recipe, name), key) for key in off)}  # fmt: skip
     return loaded.model_copy(update={"recipe": recipe.model_copy(update=update)})

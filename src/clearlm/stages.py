@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from clearlm.errors import RecipeError
-from clearlm.recipe import GUARD_SETTINGS, LoadedRecipe, Recipe
+from clearlm.recipe import GUARD_SETTINGS, DataConfig, LoadedRecipe, Recipe
 
 if TYPE_CHECKING:
     from clearlm.artifacts import Artifact
@@ -123,12 +123,13 @@ def model_inputs(stage: str) -> tuple[str, ...]:
     return (stage,) if spec(stage).own_tokenizer else ("tokenizer", stage)
 
 
-def base_stage(recipe: Recipe, base: str) -> str | None:
-    """The stage a post-training `base` names: "pretrain" is the recipe's last pretraining stage (one that makes a
-    base model), "sft" the SFT stage; None for a model folder."""
+def base_stage(recipe: Recipe, base: str, stage: str) -> str | None:
+    """The stage that `stage`'s `base` names: "pretrain" is the recipe's last pretraining stage before it (one that
+    makes a base model), another stage's name that stage; None for a model folder."""
+    before = names()[: names().index(stage)]
     if base == "pretrain":
-        return [s.name for s in table() if s.pretraining and (s.asked(recipe) or s.name == "train")][-1]
-    return base if base in STAGES and spec(base).model else None
+        return [s for s in before if spec(s).pretraining and (spec(s).asked(recipe) or s == "train")][-1]
+    return base if base in before and spec(base).model else None
 
 
 def post_training(recipe: Recipe, names: list[str] | None = None) -> list[str]:
@@ -142,7 +143,7 @@ def outside_base(recipe: Recipe) -> tuple[str, str] | None:
     train: the stage that read the folder, and the folder."""
     stage = final_model(recipe)
     while isinstance(base := getattr(getattr(recipe, stage, None), "base", None), str):
-        upstream = base_stage(recipe, base)
+        upstream = base_stage(recipe, base, stage)
         if upstream is None:
             return stage, base
         stage = upstream
@@ -152,7 +153,7 @@ def outside_base(recipe: Recipe) -> tuple[str, str] | None:
 def _post_training_needs(section: str) -> Callable[[Recipe], tuple[str, ...]]:
     def needs(recipe: Recipe) -> tuple[str, ...]:
         cfg = getattr(recipe, section)
-        stage = base_stage(recipe, cfg.base)
+        stage = base_stage(recipe, cfg.base, section)
         return (("data",) if cfg.builtin else ()) + (model_inputs(stage) if stage else ())
 
     return needs
@@ -168,16 +169,26 @@ def _release_needs(recipe: Recipe) -> tuple[str, ...]:
     return tuple(name for name in resolve(recipe, [s.name for s in table() if s.asked(recipe)] + ["eval"]))
 
 
-def _data_config(loaded: LoadedRecipe) -> Any:
-    from clearlm.data.sources import data_config
+def _corpus_config(section: Callable[[Recipe], DataConfig]) -> Callable[[LoadedRecipe], Any]:
+    """A corpus stage's settings (those that decide its output), from the recipe section `section` picks."""
 
-    return data_config(loaded.recipe.data)
+    def config(loaded: LoadedRecipe) -> Any:
+        from clearlm.data.sources import data_config
+
+        return data_config(section(loaded.recipe))
+
+    return config
 
 
-def _data_identity(loaded: LoadedRecipe) -> Any:
-    from clearlm.data.sources import data_identity
+def _corpus_identity(section: Callable[[Recipe], DataConfig]) -> Callable[[LoadedRecipe], Any]:
+    """A corpus stage's raw inputs: the digests of its source files (or of the built-in corpus)."""
 
-    return data_identity(loaded.recipe.data, loaded.base_dir)
+    def identity(loaded: LoadedRecipe) -> Any:
+        from clearlm.data.sources import data_identity
+
+        return data_identity(section(loaded.recipe), loaded.base_dir)
+
+    return identity
 
 
 def _train_config(loaded: LoadedRecipe) -> Any:
@@ -219,8 +230,44 @@ def _eval_identity(loaded: LoadedRecipe) -> Any:
     return {"task_data": task_data}
 
 
+def _midtrain_base(loaded: LoadedRecipe) -> Any:
+    """A model folder that mid-training continues: its digest (its tokenizer too), with the recipe's token settings,
+    which decide the tokens added to it."""
+    from clearlm.data.sources import folder_digest
+
+    cfg = loaded.recipe.midtrain
+    if cfg.base == "pretrain":
+        return None
+    return {
+        "base": folder_digest(loaded.base_dir / cfg.base),
+        "tokenizer": loaded.recipe.tokenizer.model_dump(mode="json"),
+    }
+
+
+def _midtrain_needs(recipe: Recipe) -> tuple[str, ...]:
+    base = base_stage(recipe, recipe.midtrain.base, "midtrain")
+    return ("mid_data", "mid_shards") + (model_inputs(base) if base else ())
+
+
+def _midtrain_config(loaded: LoadedRecipe) -> Any:
+    r = loaded.recipe
+    return {"seed": r.seed, "train": _train_config(loaded)["train"],
+            "midtrain": r.midtrain.model_dump(mode="json", exclude={"data", *GUARD_SETTINGS}),
+            "eval": r.eval.model_dump(mode="json", include={"batch_size", "max_documents_per_domain"})}  # fmt: skip
+
+
 def _section(name: str) -> Callable[[LoadedRecipe], Any]:
     return lambda loaded: getattr(loaded.recipe, name).model_dump(mode="json")
+
+
+def _corpus_stage(
+    name: str, label: str, build: str, section: Callable[[Recipe], DataConfig], datasets: str,
+    asked: Callable[[Recipe], bool] | None = None,
+) -> StageSpec:  # fmt: skip
+    """A cleaned, split corpus from a `DataConfig` section: finished parts kept, no torch."""
+    return StageSpec(name, label, build, needs=lambda recipe: (), config=_corpus_config(section),
+                     identity=_corpus_identity(section), asked=asked or _present(name), resumes="parts", torch=False,
+                     datasets=datasets)  # fmt: skip
 
 
 def _post_training_stage(name: str, label: str, build: str) -> StageSpec:
@@ -234,9 +281,7 @@ def _post_training_stage(name: str, label: str, build: str) -> StageSpec:
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
-        StageSpec("data", "Data", "clearlm.data.corpus:build_stage", needs=lambda r: (), config=_data_config,
-                  identity=_data_identity, asked=_present("data"), resumes="parts", torch=False,
-                  datasets="data/datasets"),
+        _corpus_stage("data", "Data", "clearlm.data.corpus:build_stage", lambda r: r.data, "data/datasets"),
         StageSpec("tokenizer", "Tokenizer", "clearlm.data.tokenizer:build_stage", needs=lambda r: ("data",),
                   config=_section("tokenizer"), torch=False),
         StageSpec("shards", "Token shards", "clearlm.data.shards:build_stage", needs=lambda r: ("data", "tokenizer"),
@@ -245,6 +290,18 @@ STAGES: dict[str, StageSpec] = {
                   config=_train_config, resumes="checkpoints", model=True, pretraining=True, distributed=True,
                   release={"log.jsonl": "training/log.jsonl"}, checkpoints="checkpoints",
                   timed=("log.jsonl", "checkpoints/*/state.json", "checkpoints/*/checksums.json")),
+        _corpus_stage("mid_data", "Mid-training data", "clearlm.train.midtrain:build_data", lambda r: r.midtrain.data,
+                      "data/midtrain_datasets", asked=_present("midtrain")),
+        StageSpec("mid_shards", "Mid-training token shards", "clearlm.train.midtrain:build_shards",
+                  needs=lambda r: ("mid_data",) + (("tokenizer",) if r.midtrain.base == "pretrain" else ()),
+                  config=lambda loaded: {}, identity=_midtrain_base),
+        StageSpec("midtrain", "Mid-training", "clearlm.train.midtrain:build_stage", needs=_midtrain_needs,
+                  config=_midtrain_config, identity=_midtrain_base, asked=_present("midtrain"),
+                  resumes="checkpoints", model=True, own_tokenizer=True, pretraining=True, distributed=True,
+                  release={"log.jsonl": "midtraining/log.jsonl", "ingredients/*/model.safetensors": "midtraining"},
+                  timed=("log.jsonl", "ingredients/*/log.jsonl", "ingredients/*/checkpoints/*/state.json",
+                         "ingredients/*/checkpoints/*/checksums.json"),
+                  card="clearlm.train.midtrain:card_lines", report="clearlm.train.midtrain:report_section"),
         _post_training_stage("sft", "Supervised fine-tuning", "clearlm.train.sft:build_stage"),
         _post_training_stage("dpo", "Preference tuning (DPO)", "clearlm.train.dpo:build_stage"),
         StageSpec("eval", "Evaluation", "clearlm.eval.run:build_stage", needs=_eval_needs, config=_section("eval"),

@@ -172,13 +172,21 @@ def pretrain(
     on_step: StepCallback | None = None,
     on_note: Callable[[str], None] | None = None,
     w: World = SINGLE,
+    cfg: TrainConfig | None = None,
+    seed: int | None = None,
+    model_cfg: TransformerConfig | None = None,
+    start: Callable[[Transformer, torch.optim.Optimizer], None] | None = None,
+    section: str = "train",
 ) -> dict[str, Any]:
     """Train from scratch (or resume) into `out`; return summary metrics. Stops early at `stop_after`.
 
     Under torchrun every rank calls this with the same `out`; rank 0 writes the log, the checkpoints and
     the model, the others only compute. It runs with the process's thread count: the pipeline sets it for the
-    stage (`clearlm.numerics.begin_stage`)."""
-    cfg = recipe.train
+    stage (`clearlm.numerics.begin_stage`). Another stage that trains on tokens (mid-training) passes its
+    own settings (`cfg` from its recipe `section`, `seed`: the data order, `model_cfg`) and `start`, which
+    loads the weights (and optimizer state) it starts from; a resumed run's checkpoint then replaces them."""
+    cfg = cfg or recipe.train
+    seed = recipe.seed if seed is None else seed
     device = pick_device(cfg, w)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
@@ -186,11 +194,11 @@ def pretrain(
     note = on_note or (lambda _: None)
     if cfg.distributed == "fsdp2" and not w.distributed and w.main:
         note('train.distributed = "fsdp2" applies under torchrun with 2 or more processes; training in one process')
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(seed)
 
-    mcfg = model_config(recipe, vocab_size)
+    mcfg = model_cfg or model_config(recipe, vocab_size)
     model = Transformer(mcfg)
-    model.init_weights(recipe.seed)
+    model.init_weights(seed)
     model.to(device).train()
     model.checkpoint_blocks = cfg.activation_checkpointing
     compiled = cfg.compile
@@ -202,10 +210,12 @@ def pretrain(
                 note(message)
     engine = wrap(model, cfg.distributed, w, device)
     opt = build_optimizer(model, cfg, w)
+    if start is not None:
+        start(model, opt)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else None
     dtype = shards_meta["dtype"]
-    train_windows = _sampler(shards_dir, "train", dtype, mcfg.context, recipe.seed)
-    val_windows = _sampler(shards_dir, "validation", dtype, mcfg.context, recipe.seed)
+    train_windows = _sampler(shards_dir, "train", dtype, mcfg.context, seed)
+    val_windows = _sampler(shards_dir, "validation", dtype, mcfg.context, seed)
 
     ckpt_root, log_path = out / "checkpoints", out / LOG
     state: dict[str, Any] = {"step": 0, "position": 0, "tokens": 0, "seconds": 0.0}
@@ -218,7 +228,7 @@ def pretrain(
     elif log_path.exists() and w.main:
         log_path.unlink()
     barrier(w)
-    guard = LossGuard(cfg.spike_factor, "train", read_log(log_path) if found else [], ckpt_root)
+    guard = LossGuard(cfg.spike_factor, section, read_log(log_path) if found else [], ckpt_root)
 
     flops_per_token = model.flops_per_token()
     peak = device_peak_flops(device, torch.get_num_threads(), cfg.peak_flops)

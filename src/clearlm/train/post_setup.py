@@ -1,5 +1,5 @@
-"""Where SFT and DPO start: the model and tokenizer (an earlier stage's, or a model folder's with the chat
-tokens added), and their data rows, bad ones counted and listed."""
+"""Where SFT and DPO (and mid-training from a folder) start: the model and tokenizer (an earlier stage's, or a
+model folder's with the chat tokens added), and their data rows, bad ones counted and listed."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def licences(cfg: SFTConfig | DPOConfig) -> dict[str, str]:
     return found
 
 
+def add_special_tokens(tok: Tokenizer, tok_cfg: TokenizerConfig) -> list[str]:
+    """Add the recipe's end-of-text, padding and chat tokens that a folder's tokenizer lacks; returns them."""
+    missing = [t for t in (tok_cfg.eos_token, tok_cfg.pad_token, *tok_cfg.special_tokens) if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return missing
+
+
 def base_model(folder: Path, tok_cfg: TokenizerConfig, key: str) -> tuple[Transformer, Tokenizer]:
     """A Llama-family model folder to post-train. Chat tokens its tokenizer lacks are added as special
     tokens, and the embeddings grow to match (new rows at the mean of the old ones). `key` names the recipe
@@ -53,9 +61,7 @@ def base_model(folder: Path, tok_cfg: TokenizerConfig, key: str) -> tuple[Transf
     model, tok, _ = load_release(folder)
     if not isinstance(model, Transformer):
         raise RecipeError(f"{key}: {folder}: only Llama-family model folders can be post-trained")
-    missing = [t for t in (tok_cfg.eos_token, tok_cfg.pad_token, *tok_cfg.special_tokens) if tok.token_to_id(t) is None]
-    if missing:
-        tok.add_special_tokens(missing)
+    if missing := add_special_tokens(tok, tok_cfg):
         model.grow_vocab(tok.get_vocab_size(), [tok.token_to_id(t) for t in missing])
     return model, tok
 
@@ -63,7 +69,7 @@ def base_model(folder: Path, tok_cfg: TokenizerConfig, key: str) -> tuple[Transf
 def starting_model(run: StageRun, section: str) -> tuple[Transformer, Tokenizer]:
     """Where post-training starts: an earlier stage's model (with the recipe's tokenizer), or a folder's."""
     cfg = getattr(run.recipe, section)
-    stage = base_stage(run.recipe, cfg.base)
+    stage = base_stage(run.recipe, cfg.base, section)
     if stage is None:
         return base_model(run.base_dir / cfg.base, run.recipe.tokenizer, f"{section}.base")
     art = run.inputs[stage]
