@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from clearlm.data.chat import ChatTemplate
 from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
@@ -157,3 +158,22 @@ def tiny_decoder(vocab: int) -> Transformer:
     model = Transformer(TransformerConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, context=64))
     model.init_weights(0)
     return model
+
+
+def write_outside_llama(folder: Path) -> Path:
+    """A Llama folder written by transformers (not clearlm), whose tokenizer has none of clearlm's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    raw.train_from_iterator([" ".join(WORDS), "Say alpha twice.", "alpha alpha", "beta gamma delta"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>").save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, eos_token_id=0,
+                         tie_word_embeddings=False)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

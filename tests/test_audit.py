@@ -92,7 +92,7 @@ def test_audit_mot_file_gives_mot_class(tmp_path):
     assert result.exit_code == 0 and "Class III - Open Model" in result.output
     (tmp_path / "bad.yml").write_text("release: {components: 5}")
     bad = runner.invoke(app, ["audit", "--mot", str(tmp_path / "bad.yml")])
-    assert bad.exit_code == 2 and "bad.yml" in bad.output
+    assert bad.exit_code == 2 and "bad.yml: release.components must be a list" in bad.output
 
 
 def test_declared_paths_outside_the_folder_and_special_files_do_not_count(tmp_path):

@@ -22,9 +22,6 @@ from clearlm.errors import DiskFullError
 from clearlm.pipeline import Pipeline
 from clearlm.recipe import load_recipe
 from clearlm.release.compare import first_difference, stage_outputs
-from clearlm.stages import names
-
-STAGES = tuple(names())
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs is not permitted")]
 
@@ -39,15 +36,16 @@ def _build(pipe: Pipeline, stage: str, resume: bool = False) -> None:
 def test_a_full_disk_inside_each_stage_is_one_line_and_resumes_to_the_uninterrupted_runs_bytes(tmp_path):
     small = ["model.d_model=32", "model.context=64", "train.micro_batch_size=4", "sft.micro_batch_size=8"]
     recipe = load_recipe(write_all_stages_recipe(tmp_path), small)
+    order = Pipeline(recipe, tmp_path / "reference").stages()
     Pipeline(recipe, tmp_path / "reference").run("release")
     reference, space = stage_outputs(tmp_path / "reference"), stage_space(tmp_path / "reference")
     made = {d.name.rsplit("-", 1)[0]: d for d in (tmp_path / "reference" / "artifacts").iterdir() if d.is_dir()}
     with small_disk(tmp_path / "disk") as disk:
         work = disk / "work"
-        for stage in STAGES:
+        for stage in order:
             gc.collect()  # the last trial's memory maps of files on the disk go, or their pages stay allocated
             empty(disk)
-            earlier = STAGES[: STAGES.index(stage)]
+            earlier = order[: order.index(stage)]
             for kind in earlier:
                 shutil.copytree(made[kind], work / "artifacts" / made[kind].name, symlinks=True)
             limit(disk, fill_level(space, stage, 0.5))
@@ -68,5 +66,5 @@ def test_a_full_disk_inside_each_stage_is_one_line_and_resumes_to_the_uninterrup
             for kind, ckpt in left.items():
                 assert f"{kind}: resuming from {ckpt}" in notes, (stage, notes)
             assert incomplete_artifacts(work) == [], stage
-            built = {s: reference[s] for s in STAGES[: STAGES.index(stage) + 1]}
+            built = {s: reference[s] for s in order[: order.index(stage) + 1]}
             assert first_difference(built, stage_outputs(work)) is None, stage

@@ -37,6 +37,6 @@ def test_accuracy_counts_pairs_where_chosen_scores_higher(tiny_run):
     scores = score_requests(model, enc, [(p, a) for p, c, r in triples for a in (c, r)])
     expected = [float(scores[2 * i].logprob > scores[2 * i + 1].logprob) for i in range(3)]
     assert metrics["accuracy"] == pytest.approx(sum(expected) / 3)
-    assert expected[2] == 0.0, "a tie (identical answers) counts as wrong"
+    assert rows[2]["chosen_logprob"] == rows[2]["rejected_logprob"] and expected[2] == 0.0, "a tie counts as wrong"
     assert metrics["accuracy_dpo"] == 0.0 and all(r["dpo_margin"] == 0.0 for r in rows)
     assert metrics["samples"] == 3 and metrics["skipped"] == 0

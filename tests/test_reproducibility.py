@@ -17,12 +17,11 @@ from conftest import write_all_stages_recipe
 
 from clearlm.artifacts import sha256_file
 from clearlm.numerics import available_cpus, begin_stage, numerics, stage_threads
+from clearlm.pipeline import Pipeline
+from clearlm.recipe import load_recipe
 from clearlm.release.compare import first_difference, stage_outputs
 from clearlm.release.verify import verify_release
-from clearlm.stages import names
 from clearlm.train.perf import measure_matmul_peak
-
-STAGES = tuple(names())
 
 # One process follows a plan: optional "disturb" (what a library or an earlier job may leave: one thread, a
 # drawn-from global RNG, MKL already warmed up), then stage calls, `name:stop=N` stopping one after step N
@@ -84,7 +83,7 @@ def test_every_stage_gives_the_same_bytes_whatever_ran_before_it_in_the_process(
     _run(recipe, tmp_path / "loaded", ["release"], warm, busy=True)
 
     together = stage_outputs(folder / "together")
-    assert set(together) == set(STAGES)
+    assert list(together) == Pipeline(load_recipe(recipe), folder).stages()
     for history in ("fresh", "resumed", "loaded"):
         assert first_difference(together, stage_outputs(tmp_path / history)) is None, history
     manifest = json.loads(next((tmp_path / "fresh" / "artifacts").glob("sft-*[!l]/manifest.json")).read_text())

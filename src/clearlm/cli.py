@@ -239,7 +239,7 @@ def sft(
     recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs"), resume: ResumeOpt = False,
     stop_after: StopOpt = None,
 ) -> None:  # fmt: skip
-    """Supervised fine-tuning on chat data (the recipe's [sft] section), after pretraining if needed."""
+    """Supervised fine-tuning on chat data (the recipe's sft section), after pretraining if needed."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir, "sft")
         art = pipe.run("sft", resume=resume, stop_after=stop_after)
@@ -256,7 +256,7 @@ def dpo(
     recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs"), resume: ResumeOpt = False,
     stop_after: StopOpt = None,
 ) -> None:  # fmt: skip
-    """Preference tuning (the recipe's [dpo] section), after SFT and pretraining if needed."""
+    """Preference tuning (the recipe's dpo section), after SFT and pretraining if needed."""
     with _user_errors():
         pipe = _pipeline(recipe, set_, workdir, "dpo")
         art = pipe.run("dpo", resume=resume, stop_after=stop_after)

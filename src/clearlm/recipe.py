@@ -148,6 +148,9 @@ StepConfig = Annotated[
 class DataConfig(_Section):
     builtin: Literal["cpython-stdlib"] | None = Field(None, description="a built-in corpus to include")
     builtin_weight: float = Field(1.0, ge=0, description="mixing weight of the built-in corpus")
+    builtin_weights: dict[Literal["cpython-stdlib/code", "cpython-stdlib/docs"], Annotated[float, Field(ge=0)]] = Field(
+        {}, description="mixing weight of a built-in domain, instead of builtin_weight (0 leaves it out)"
+    )
     sources: list[SourceConfig] = []
     validation_fraction: float = Field(0.05, gt=0, lt=1)
     max_documents: int | None = Field(None, gt=0, description="keep the first N documents (quick runs)")

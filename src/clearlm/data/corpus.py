@@ -61,7 +61,10 @@ def iter_documents(
 ) -> Iterator[tuple[Document, float]]:
     """Every source's documents with the source's mixing weight, in recipe order."""
     handlers = {k: v for k, v in (("on_reject", on_reject), ("on_file_error", on_file_error)) if v is not None}
-    streams = [_weighted(builtin.stdlib_documents(), cfg.builtin_weight)] if cfg.builtin else []
+    streams = []
+    if cfg.builtin:  # each built-in domain at its own weight, where the recipe gives one
+        weights = cfg.builtin_weights
+        streams.append((doc, weights.get(doc["source"], cfg.builtin_weight)) for doc in builtin.stdlib_documents())
     streams += [_weighted(read_source(src, base_dir, **handlers), src.weight) for src in cfg.sources]
     docs = chain.from_iterable(streams)
     return islice(docs, cfg.max_documents) if cfg.max_documents else docs

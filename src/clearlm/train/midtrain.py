@@ -141,12 +141,17 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     weights = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied(model)}
     before = _bits_per_byte(model, tok, run) if run.world.main else {}
     cfg, ingredients = train_config(recipe), []
-    for seed in recipe.midtrain.seeds:
+    for k, seed in enumerate(recipe.midtrain.seeds):
         folder = out / INGREDIENTS / f"seed-{seed}"
         folder.mkdir(parents=True, exist_ok=True)
+        # `stop_after` counts the stage's steps: the ingredients' one after the other
+        stop = None if run.stop_after is None else run.stop_after - k * cfg.max_steps
+        if stop is not None and stop <= 0:
+            return None
         if not _finished(folder):
             metrics = pretrain(recipe, shards.path, shards.metrics, model.cfg.vocab_size, folder, resume=run.resume,
-                               stop_after=run.stop_after, on_step=run.reporter.train_step, on_note=run.reporter.note,
+                               stop_after=stop if stop is not None and stop < cfg.max_steps else None,
+                               on_step=run.reporter.train_step, on_note=run.reporter.note,
                                w=run.world, cfg=cfg, seed=seed, model_cfg=model.cfg,
                                start=_starter(weights, optimizer_from), section="midtrain")  # fmt: skip
             if "stopped_at" in metrics:
