@@ -32,4 +32,4 @@ chromium:
 test: $(VENV)/.installed-test chromium
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/pytest -m "slow or not slow"
+	CLEARLM_REQUIRE_PEERS=1 $(BIN)/pytest -m "slow or not slow"

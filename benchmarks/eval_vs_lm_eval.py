@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from lm_eval_export import run_lm_eval
 
 from clearlm.eval.harness import evaluate_tasks
-from clearlm.eval.lm_eval_export import run_lm_eval
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.release.load import bos_token_id, load_release
 

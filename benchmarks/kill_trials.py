@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from clearlm.artifacts import MANIFEST, Artifact, check_outputs
+from clearlm.artifacts import MANIFEST, integrity
 from clearlm.release.compare import first_difference, stage_outputs
 from clearlm.stages import names
 from clearlm.train.checkpoint_files import latest_checkpoint
@@ -54,11 +54,11 @@ def incomplete_artifacts(workdir: Path) -> list[str]:
         if art.name.endswith(".partial") or art.name.startswith("."):  # work in progress; the locks
             continue
         try:
-            manifest = json.loads((art / MANIFEST).read_text())
+            json.loads((art / MANIFEST).read_text())
         except (OSError, ValueError):
             bad.append(f"{art.name}: no readable manifest")
             continue
-        if problems := check_outputs(Artifact(manifest["kind"], manifest["digest"], art, manifest)):
+        if problems := integrity(art):
             bad.append(f"{art.name}: {', '.join(problems[:3])}")
     return bad
 

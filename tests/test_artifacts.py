@@ -1,6 +1,6 @@
 import json
 
-from clearlm.artifacts import ArtifactStore, check_outputs, compute_digest
+from clearlm.artifacts import ArtifactStore, compute_digest, integrity
 
 
 def test_digest_depends_on_kind_config_and_inputs(tmp_path):
@@ -26,9 +26,9 @@ def test_finish_writes_manifest_with_hashes_and_renames(tmp_path):
     assert manifest["outputs"]["a.txt"].startswith("sha256:2cf24dba")
     assert manifest["metrics"] == {"n": 1} and manifest["environment"]["torch"]
     assert store.lookup("data", digest).digest == digest
-    assert check_outputs(art) == []
+    assert integrity(art.path) == []
     (art.path / "a.txt").write_text("tampered")
-    assert check_outputs(art) == ["a.txt"]
+    assert integrity(art.path) == ["a.txt: content differs from manifest"]
     (art.path / "a.txt").unlink()
     assert store.lookup("data", digest) is None
 

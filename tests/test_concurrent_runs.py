@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 from conftest import write_tiny_recipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kill_trials import Run, command, incomplete_artifacts
 
 from clearlm.artifacts import ArtifactStore

@@ -16,7 +16,7 @@ from clearlm.data import corpus
 from clearlm.data.corpus import build_corpus
 from clearlm.data.dedup import MinHashDedup
 from clearlm.data.executor import StepWorker
-from clearlm.recipe import DataConfig, MinHashDedupStep, SourceConfig
+from clearlm.recipe import DataConfig, MinHashDedupConfig, SourceConfig
 
 OUTPUTS = ("train.jsonl", "validation.jsonl", "removed.jsonl", "rejects.jsonl", "data_card.md", "data_card.json")
 STEPS = [{"type": "normalize"}, {"type": "gopher_quality"}, {"type": "pii"}, {"type": "exact_dedup"},
@@ -110,7 +110,7 @@ def test_output_does_not_depend_on_workers_or_ray(tmp_path):
 def test_minhash_signatures_equal_datatrove():
     minhash = pytest.importorskip("datatrove.pipeline.dedup.minhash")
     theirs = minhash.MinhashDedupSignature(output_folder="unused")
-    ours = MinHashDedup(MinHashDedupStep(type="minhash_dedup"))
+    ours = MinHashDedup(MinHashDedupConfig(type="minhash_dedup"))
     texts = [
         "Café déjà vu: 3.14 apples, 2,000 pears and 12 plums cost $5 on Monday!",
         "Don't stop — can't won't; e-mail me at a.b@c.org (tomorrow) … or call 555-0100.",
@@ -166,7 +166,7 @@ def test_minhash_clusters_equal_datatrove(tmp_path):
             for k in rng.sample(range(len(variant)), 2 + 3 * j):
                 variant[k] = rng.choice(vocab)
             rows.append({"id": f"o{i}v{j}", "text": " ".join(variant)})
-    step = MinHashDedup(MinHashDedupStep(type="minhash_dedup"))
+    step = MinHashDedup(MinHashDedupConfig(type="minhash_dedup"))
     keys = [step.key({"text": r["text"]}) for r in rows]
     ours = step.clusters(np.arange(len(rows)), np.asarray(keys, dtype=np.uint64))
     theirs = _datatrove_clusters(rows, tmp_path)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from clearlm.artifacts import integrity
 from clearlm.errors import ArtifactError
 from clearlm.pipeline import Pipeline
 from clearlm.recipe import load_recipe
 from clearlm.release.load import load_release
-from clearlm.release.verify import integrity
 
 pytestmark = pytest.mark.slow  # each runs a few stages of the tiny recipe
 

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import gc
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import write_all_stages_recipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from disk_full_trials import ROOM, can_mount, empty, fill_level, limit, small_disk, stage_space
 from kill_trials import checkpoints_left, incomplete_artifacts
 

@@ -5,13 +5,8 @@ at random moments on the quickstart)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from conftest import write_all_stages_recipe
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kill_trials import CHECKPOINTED, Run, command, trial
 
 from clearlm.pipeline import Pipeline

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 import clearlm
-from clearlm.artifacts import check_outputs, sha256_file
+from clearlm.artifacts import integrity, sha256_file
 from clearlm.cli import app
 from clearlm.data.chat import ChatTemplate
 from clearlm.eval.generate import generate
@@ -56,7 +56,7 @@ def test_release_folder_is_complete_and_traceable(tiny_run):
     assert set(manifest["inputs"]) == {"data", "tokenizer", "shards", "train", "eval"}
     lineage = json.loads((rel / "lineage.json").read_text())
     assert {k: v["digest"] for k, v in lineage.items()} == {k: v["digest"] for k, v in manifest["inputs"].items()}
-    assert check_outputs(tiny_run.artifacts["release"]) == []
+    assert integrity(tiny_run.artifacts["release"].path) == []
     card = (rel / "README.md").read_text()
     assert card.startswith('---\nlicense: "cdla-permissive-2.0"')
     all_bpb = tiny_run.artifacts["eval"].metrics["bits_per_byte"]["all"]["bits_per_byte"]

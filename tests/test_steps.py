@@ -242,10 +242,10 @@ AROUND = [(" ", "."), (" ", ","), (" ", ";"), (" ", ":"), (" ", "!"), (" ", "?")
 @pytest.mark.parametrize(("before", "after"), AROUND)
 def test_every_pii_kind_is_masked_beside_punctuation_brackets_quotes_and_line_ends(kind, value, before, after):
     from clearlm.data.pii import PATTERNS, MaskPII
-    from clearlm.recipe import PIIStep
+    from clearlm.recipe import PIIConfig
 
     doc = {"id": "d", "text": f"Reach it at{before}{value}{after} today", "source": "s"}
-    masked = MaskPII(PIIStep(type="pii"))(doc)
+    masked = MaskPII(PIIConfig(type="pii"))(doc)
     assert masked.doc["text"] == f"Reach it at{before}{PATTERNS[kind][1]}{after} today"
     assert masked.counts == {kind: 1}
 
@@ -253,7 +253,19 @@ def test_every_pii_kind_is_masked_beside_punctuation_brackets_quotes_and_line_en
 @pytest.mark.parametrize("text", ["Version 1.2.3.4.5 is out.", "Build 10.0.0.256 failed.", "See 1.2.3.4.5."])
 def test_dotted_numbers_that_are_not_addresses_stay(text):
     from clearlm.data.pii import MaskPII
-    from clearlm.recipe import PIIStep
+    from clearlm.recipe import PIIConfig
 
     doc = {"id": "d", "text": text, "source": "s"}
-    assert MaskPII(PIIStep(type="pii"))(doc) is doc
+    assert MaskPII(PIIConfig(type="pii"))(doc) is doc
+
+
+def test_every_step_a_recipe_can_name_is_in_the_one_registry():
+    from typing import get_args
+
+    from clearlm.data.steps import STEPS, build_steps
+    from clearlm.recipe import StepConfig
+
+    configs = {get_args(cls.model_fields["type"].annotation)[0]: cls for cls in get_args(get_args(StepConfig)[0])}
+    assert set(configs) == set(STEPS) and len(configs) == 9
+    defaults = [cls(type=name) for name, cls in configs.items() if name != "decontaminate"]  # it needs task files
+    assert [name for name, _ in build_steps(defaults)] == [cfg.type for cfg in defaults]

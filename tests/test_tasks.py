@@ -177,8 +177,9 @@ def _long_context_copy(release: Path, out: Path) -> Path:
 )
 def test_agreement_with_lm_evaluation_harness(tiny_run, tmp_path, shots, names):
     pytest.importorskip("lm_eval")
+    from lm_eval_export import run_lm_eval
+
     from clearlm.eval.harness import evaluate_tasks
-    from clearlm.eval.lm_eval_export import run_lm_eval
     from clearlm.release.load import bos_token_id, load_release
 
     release = _long_context_copy(tiny_run.artifacts["release"].path, tmp_path / "model")
@@ -226,8 +227,9 @@ def test_a_non_llama_transformers_folder_scores_as_in_lm_eval(tiny_run, tmp_path
 
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("lm_eval")
+    from lm_eval_export import run_lm_eval
+
     from clearlm.eval.harness import evaluate_tasks
-    from clearlm.eval.lm_eval_export import run_lm_eval
     from clearlm.release.load import bos_token_id, load_release
 
     release = tiny_run.artifacts["release"].path

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from clearlm import __version__
-from clearlm.errors import ArtifactError
+from clearlm.errors import ArtifactError, InputError
 
 try:
     import fcntl
@@ -287,8 +287,16 @@ def require_intact(
             )
 
 
-def check_outputs(artifact: Artifact) -> list[str]:
-    """Files whose content no longer matches the manifest (empty when the artifact is intact)."""
-    return [
-        rel for rel, digest in artifact.manifest.get("outputs", {}).items() if not intact(artifact.path / rel, digest)
-    ]
+def integrity(folder: Path) -> list[str]:
+    """Files of an artifact or release that do not match its manifest: changed, missing or not listed."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"{folder}: no {MANIFEST}; not a clearlm release")
+    outputs = json.loads(manifest_path.read_text())["outputs"]
+    problems = [f"{rel}: {'missing' if not (folder / rel).is_file() else 'content differs from manifest'}"
+                for rel, digest in outputs.items()
+                if not intact(folder / rel, digest)]  # fmt: skip
+    listed = set(outputs)
+    problems += [f"{p.relative_to(folder).as_posix()}: not in manifest" for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed]  # fmt: skip
+    return problems

@@ -36,14 +36,14 @@ class SourceConfig(_Section):
     )  # fmt: skip
 
 
-class NormalizeStep(_Section):
+class NormalizeConfig(_Section):
     """Unicode normalisation, Windows/Mac line endings to \\n, trailing spaces on each line removed."""
 
     type: Literal["normalize"]
     form: Literal["NFC", "NFKC"] = "NFC"
 
 
-class GopherQualityStep(_Section):
+class GopherQualityConfig(_Section):
     """Gopher's quality rules with datatrove's GopherQualityFilter defaults."""
 
     type: Literal["gopher_quality"]
@@ -59,7 +59,7 @@ class GopherQualityStep(_Section):
     stop_words: list[str] = ["the", "be", "to", "of", "and", "that", "have", "with"]
 
 
-class GopherRepetitionStep(_Section):
+class GopherRepetitionConfig(_Section):
     """Gopher's repetition rules with datatrove's GopherRepetitionFilter defaults."""
 
     type: Literal["gopher_repetition"]
@@ -71,7 +71,7 @@ class GopherRepetitionStep(_Section):
     dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
 
 
-class C4QualityStep(_Section):
+class C4QualityConfig(_Section):
     """C4's line and page rules with datatrove's C4QualityFilter defaults (it rewrites kept text)."""
 
     type: Literal["c4_quality"]
@@ -86,13 +86,13 @@ class C4QualityStep(_Section):
     filter_policy: bool = True
 
 
-class ExactDedupStep(_Section):
+class ExactDedupConfig(_Section):
     """Drop a document whose text, lower-cased with whitespace collapsed, was already kept."""
 
     type: Literal["exact_dedup"]
 
 
-class MinHashDedupStep(_Section):
+class MinHashDedupConfig(_Section):
     """Near-duplicate removal with MinHash LSH (FineWeb's settings: word 5-grams, 14 bands x 8 rows)."""
 
     type: Literal["minhash_dedup"]
@@ -102,7 +102,7 @@ class MinHashDedupStep(_Section):
     seed: int = 1
 
 
-class LanguageStep(_Section):
+class LanguageConfig(_Section):
     """Language identification with py3langid's offline model (langid.py, 97 languages); the language
     and its probability go into the document's metadata."""
 
@@ -111,7 +111,7 @@ class LanguageStep(_Section):
     min_score: float = Field(0.65, ge=0, le=1, description="datatrove's LanguageFilter default threshold")
 
 
-class PIIStep(_Section):
+class PIIConfig(_Section):
     """Mask e-mail addresses, IP addresses and phone numbers with Dolma's replacement tokens."""
 
     type: Literal["pii"]
@@ -120,7 +120,7 @@ class PIIStep(_Section):
     phone: bool = True
 
 
-class DecontaminateStep(_Section):
+class DecontaminateConfig(_Section):
     """Drop documents sharing an n-gram (words, lower-cased) with the named evaluation sets."""
 
     type: Literal["decontaminate"]
@@ -132,15 +132,15 @@ class DecontaminateStep(_Section):
 
 
 StepConfig = Annotated[
-    NormalizeStep
-    | GopherQualityStep
-    | GopherRepetitionStep
-    | C4QualityStep
-    | ExactDedupStep
-    | MinHashDedupStep
-    | LanguageStep
-    | PIIStep
-    | DecontaminateStep,
+    NormalizeConfig
+    | GopherQualityConfig
+    | GopherRepetitionConfig
+    | C4QualityConfig
+    | ExactDedupConfig
+    | MinHashDedupConfig
+    | LanguageConfig
+    | PIIConfig
+    | DecontaminateConfig,
     Field(discriminator="type"),
 ]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from clearlm.data import builtin
 from clearlm.data.card import data_card
-from clearlm.data.clean import Record
+from clearlm.data.clean import Record, Trace, trace_of
 from clearlm.data.dedup import ExactDedup, MinHashDedup
 from clearlm.data.documents import Document, in_fraction
 from clearlm.data.executor import Executor
@@ -176,12 +176,12 @@ def _clean_parts(
     for (k, header, weights, last), cleaned in executor.map(chunks()):
         for record, weight in zip(cleaned, weights, strict=True):
             record["weight"] = weight
-            trace = record["trace"]
+            trace = trace_of(record)
             seen["read"][0] += 1
-            seen["read"][1] += trace[0][1] if trace else len(record["doc"]["text"].encode("utf-8"))
-            for name, size_in, *_ in trace:
-                seen[name][0] += 1
-                seen[name][1] += size_in
+            seen["read"][1] += trace[0].bytes_in if trace else len(record["doc"]["text"].encode("utf-8"))
+            for entry in trace:
+                seen[entry.step][0] += 1
+                seen[entry.step][1] += entry.bytes_in
         records += cleaned
         if progress is not None:
             progress({name: (n, b) for name, (n, b) in seen.items()})
@@ -206,11 +206,11 @@ def _deduplicate(
     for k in range(n_parts):
         part: dict[int, tuple[list[int], list[Any]]] = {pos: ([], []) for pos, _, _ in dedup}
         for record in _part_records(work, k):
-            trace = record["trace"]
+            trace = trace_of(record)
             for pos, _, _ in dedup:
-                if pos < len(trace) and trace[pos][4] is not None:
+                if pos < len(trace) and trace[pos].extra is not None:
                     part[pos][0].append(index)
-                    part[pos][1].append(trace[pos][4])
+                    part[pos][1].append(trace[pos].extra)
             index += 1
         for pos, (indices, keys) in part.items():
             width = len(keys[0]) if keys and isinstance(keys[0], list) else None
@@ -237,20 +237,20 @@ def _new_stats() -> dict[str, Any]:
 
 
 def _record(
-    step_stats: dict[str, dict[str, Any]], source: str, trace: list[list[Any]], dedup: set[str]
+    step_stats: dict[str, dict[str, Any]], source: str, trace: Trace, dedup: set[str]
 ) -> tuple[str | None, str | None]:
-    for name, size_in, size_out, reason, extra in trace:
-        entry = step_stats[name]
+    for step in trace:
+        entry = step_stats[step.step]
         entry["documents_in"] += 1
-        entry["bytes_in"] += size_in
-        if reason is not None:
+        entry["bytes_in"] += step.bytes_in
+        if step.reason is not None:
             entry["removed"] += 1
-            entry["reasons"][reason] += 1
+            entry["reasons"][step.reason] += 1
             entry["removed_by_source"][source] += 1
-            return name, reason
-        entry["bytes_out"] += size_out
-        if extra and name not in dedup:
-            entry["counts"].update(extra)
+            return step.step, step.reason
+        entry["bytes_out"] += step.bytes_out
+        if step.extra and step.step not in dedup:
+            entry["counts"].update(step.extra)
     return None, None
 
 
@@ -281,13 +281,13 @@ def build_corpus(cfg: DataConfig, base_dir: Path, out: Path, progress: Progress 
         originals = {original for _, _, original in removed_at.values()}
         ids: dict[int, str] = {}  # the kept documents that removed ones duplicate
         for index, record in enumerate(records):
-            doc, trace = record["doc"], record["trace"]
+            doc, trace = record["doc"], trace_of(record)
             if index in originals:
                 ids[index] = doc["id"]
             duplicate_of = None
             if index in removed_at:
                 pos, reason, duplicate_of = removed_at[index]
-                trace = [*trace[:pos], [trace[pos][0], trace[pos][1], None, reason, None]]
+                trace = [*trace[:pos], trace[pos]._replace(bytes_out=None, reason=reason, extra=None)]
             step_name, reason = _record(step_stats, doc["source"], trace, dedup_names)
             if step_name is not None:
                 if not in_fraction(f"removed:{doc['id']}", cfg.removed_sample):

@@ -15,7 +15,7 @@ from clearlm.data.documents import Document
 from clearlm.data.sources import read_source
 from clearlm.data.steps import Removed, Result
 from clearlm.eval.taskspec import load_docs, resolve_tasks
-from clearlm.recipe import DecontaminateStep, SourceConfig
+from clearlm.recipe import DecontaminateConfig, SourceConfig
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -27,7 +27,7 @@ def ngrams(text: str, n: int) -> set[bytes]:
             for i in range(len(words) - n + 1)}  # fmt: skip
 
 
-def _task_texts(cfg: DecontaminateStep, base_dir: Path) -> dict[str, list[str]]:
+def _task_texts(cfg: DecontaminateConfig, base_dir: Path) -> dict[str, list[str]]:
     specs = resolve_tasks(cfg.tasks, [base_dir / f for f in cfg.task_files])
     data_dir = base_dir / cfg.data_dir if cfg.data_dir else None
     texts: dict[str, list[str]] = {}
@@ -49,7 +49,7 @@ def _task_texts(cfg: DecontaminateStep, base_dir: Path) -> dict[str, list[str]]:
 class Decontaminate:
     """A step that removes documents overlapping any evaluation set (the reason names the set)."""
 
-    def __init__(self, cfg: DecontaminateStep, base_dir: Path) -> None:
+    def __init__(self, cfg: DecontaminateConfig, base_dir: Path) -> None:
         self.n = cfg.ngram
         self.index: dict[bytes, str] = {}
         for name, items in _task_texts(cfg, base_dir).items():

@@ -25,7 +25,7 @@ import numpy as np
 
 from clearlm.data.documents import Document
 from clearlm.errors import RecipeError
-from clearlm.recipe import ExactDedupStep, MinHashDedupStep
+from clearlm.recipe import ExactDedupConfig, MinHashDedupConfig
 
 # datatrove.utils.text.PUNCTUATION (what simplify_text turns into spaces)
 _PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + "".join(
@@ -55,7 +55,7 @@ class ExactDedup:
 
     reason = "exact_duplicate"
 
-    def __init__(self, cfg: ExactDedupStep) -> None:
+    def __init__(self, cfg: ExactDedupConfig) -> None:
         self.cfg = cfg
 
     def key(self, doc: Document) -> int:
@@ -74,7 +74,7 @@ class MinHashDedup:
 
     reason = "near_duplicate"
 
-    def __init__(self, cfg: MinHashDedupStep) -> None:
+    def __init__(self, cfg: MinHashDedupConfig) -> None:
         try:
             import xxhash
         except ImportError:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from clearlm.data.documents import Document
 from clearlm.data.steps import Removed, Result
 from clearlm.errors import RecipeError
-from clearlm.recipe import LanguageStep
+from clearlm.recipe import LanguageConfig
 
 
 class IdentifyLanguage:
-    def __init__(self, cfg: LanguageStep) -> None:
+    def __init__(self, cfg: LanguageConfig) -> None:
         try:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier
         except ImportError:

@@ -6,7 +6,7 @@ import re
 
 from clearlm.data.documents import Document
 from clearlm.data.steps import Counted, Result
-from clearlm.recipe import PIIStep
+from clearlm.recipe import PIIConfig
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 PATTERNS = {
@@ -21,7 +21,7 @@ PATTERNS = {
 class MaskPII:
     """A step that replaces each match and says how many of each kind it replaced."""
 
-    def __init__(self, cfg: PIIStep) -> None:
+    def __init__(self, cfg: PIIConfig) -> None:
         self.kinds = [k for k in PATTERNS if getattr(cfg, k)]
 
     def __call__(self, doc: Document) -> Result:

@@ -7,6 +7,7 @@ keeps and drops exactly the same documents in both tools (tests check this again
 
 from __future__ import annotations
 
+import importlib
 import re
 import unicodedata
 from collections import Counter
@@ -20,18 +21,7 @@ from clearlm.data.documents import Document
 if TYPE_CHECKING:
     from clearlm.data.dedup import DedupStep
 from clearlm.data.text import english
-from clearlm.recipe import (
-    C4QualityStep,
-    DecontaminateStep,
-    ExactDedupStep,
-    GopherQualityStep,
-    GopherRepetitionStep,
-    LanguageStep,
-    MinHashDedupStep,
-    NormalizeStep,
-    PIIStep,
-    StepConfig,
-)
+from clearlm.recipe import C4QualityConfig, GopherQualityConfig, GopherRepetitionConfig, NormalizeConfig, StepConfig
 
 # datatrove.utils.text.PUNCTUATION: ASCII/CJK punctuation plus the C0/C1 control characters.
 _PUNCTUATION = "!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»" + "".join(
@@ -57,7 +47,7 @@ Result = Document | Removed | Counted
 Step = Callable[[Document], Result]
 
 
-def normalize(cfg: NormalizeStep) -> Step:
+def normalize(cfg: NormalizeConfig) -> Step:
     def step(doc: Document) -> Result:
         text = unicodedata.normalize(cfg.form, doc["text"]).replace("\r\n", "\n").replace("\r", "\n")
         text = "\n".join(line.rstrip() for line in text.split("\n"))
@@ -66,7 +56,7 @@ def normalize(cfg: NormalizeStep) -> Step:
     return step
 
 
-def gopher_quality(cfg: GopherQualityStep) -> Step:
+def gopher_quality(cfg: GopherQualityConfig) -> Step:
     splitter = english()
     stop_words = set(cfg.stop_words)
 
@@ -133,7 +123,7 @@ def _repeated_chars(words: tuple[str, ...], n: int) -> int:
     return chars
 
 
-def gopher_repetition(cfg: GopherRepetitionStep) -> Step:
+def gopher_repetition(cfg: GopherRepetitionConfig) -> Step:
     splitter = english()
     paragraph_re, line_re = re.compile(r"\n{2,}"), re.compile("\n+")
 
@@ -174,7 +164,7 @@ _END_PUNCTUATION = (".", "?", "!", '"', "'")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
-def c4_quality(cfg: C4QualityStep) -> Step:
+def c4_quality(cfg: C4QualityConfig) -> Step:
     splitter = english()
 
     def step(doc: Document) -> Result:
@@ -209,33 +199,27 @@ def c4_quality(cfg: C4QualityStep) -> Step:
     return step
 
 
-_BUILDERS: dict[type, Callable[..., Step]] = {
-    NormalizeStep: normalize,
-    GopherQualityStep: gopher_quality,
-    GopherRepetitionStep: gopher_repetition,
-    C4QualityStep: c4_quality,
+# Every cleaning step, by its recipe `type`: "module:callable" (imported when a recipe uses it, so a step's
+# dependency is needed only then) and whether it reads files relative to the recipe.
+STEPS: dict[str, tuple[str, bool]] = {
+    "normalize": ("clearlm.data.steps:normalize", False),
+    "gopher_quality": ("clearlm.data.steps:gopher_quality", False),
+    "gopher_repetition": ("clearlm.data.steps:gopher_repetition", False),
+    "c4_quality": ("clearlm.data.steps:c4_quality", False),
+    "exact_dedup": ("clearlm.data.dedup:ExactDedup", False),
+    "minhash_dedup": ("clearlm.data.dedup:MinHashDedup", False),
+    "language": ("clearlm.data.language:IdentifyLanguage", False),
+    "pii": ("clearlm.data.pii:MaskPII", False),
+    "decontaminate": ("clearlm.data.decontaminate:Decontaminate", True),
 }
 
 
 def build_steps(configs: list[StepConfig], base_dir: Path = Path(".")) -> list[tuple[str, Step | DedupStep]]:
     """(name, step) pairs in recipe order; dependencies are checked here, before any document is read."""
-    from clearlm.data.decontaminate import Decontaminate
-    from clearlm.data.dedup import ExactDedup, MinHashDedup
-    from clearlm.data.language import IdentifyLanguage
-    from clearlm.data.pii import MaskPII
-
     steps: list[tuple[str, Step | DedupStep]] = []
     for cfg in configs:
-        if isinstance(cfg, ExactDedupStep):
-            steps.append((cfg.type, ExactDedup(cfg)))
-        elif isinstance(cfg, PIIStep):
-            steps.append((cfg.type, MaskPII(cfg)))
-        elif isinstance(cfg, DecontaminateStep):
-            steps.append((cfg.type, Decontaminate(cfg, base_dir)))
-        elif isinstance(cfg, LanguageStep):
-            steps.append((cfg.type, IdentifyLanguage(cfg)))
-        elif isinstance(cfg, MinHashDedupStep):
-            steps.append((cfg.type, MinHashDedup(cfg)))
-        else:
-            steps.append((cfg.type, _BUILDERS[type(cfg)](cfg)))
+        path, reads_files = STEPS[cfg.type]
+        module, _, name = path.partition(":")
+        make = getattr(importlib.import_module(module), name)
+        steps.append((cfg.type, make(cfg, base_dir) if reads_files else make(cfg)))
     return steps

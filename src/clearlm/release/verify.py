@@ -28,8 +28,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from clearlm.artifacts import MANIFEST, intact
-from clearlm.errors import InputError
+from clearlm.artifacts import integrity
 from clearlm.numerics import stage_threads
 from clearlm.pipeline import Pipeline
 from clearlm.recipe import LoadedRecipe, Recipe, load_recipe, without_guards
@@ -51,21 +50,6 @@ class Verdict:
     files: list[str] = field(default_factory=list)
     max_weight_diff: float | None = None
     rounding: bool = False  # the first difference is no larger than float rounding
-
-
-def integrity(folder: Path) -> list[str]:
-    """Files of the release that do not match its manifest: changed, missing or not listed."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise InputError(f"{folder}: no {MANIFEST}; not a clearlm release")
-    outputs = json.loads(manifest_path.read_text())["outputs"]
-    problems = [f"{rel}: {'missing' if not (folder / rel).is_file() else 'content differs from manifest'}"
-                for rel, digest in outputs.items()
-                if not intact(folder / rel, digest)]  # fmt: skip
-    listed = set(outputs)
-    problems += [f"{p.relative_to(folder).as_posix()}: not in manifest" for p in sorted(folder.rglob("*"))
-                 if p.is_file() and p.name != MANIFEST and p.relative_to(folder).as_posix() not in listed]  # fmt: skip
-    return problems
 
 
 def _weight_diff(release_weights: Path, rerun_weights: Path) -> tuple[float, float]:
