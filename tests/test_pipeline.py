@@ -121,6 +121,15 @@ def test_eval_reports_bits_per_byte_per_domain(tiny_run):
         assert 0 < m["bits_per_byte"] < metrics["untrained_bits_per_byte"][domain]["bits_per_byte"]
 
 
+def test_the_recipe_eval_and_clearlm_eval_on_the_release_are_one_scoring_path(tiny_run):
+    from clearlm.eval.run import EvalRequest, evaluate_model
+
+    validation = tiny_run.artifacts["data"].path / "validation.jsonl"
+    release = tiny_run.artifacts["release"].path
+    results, _, _ = evaluate_model(EvalRequest(release, bpb_files=[validation], batch_size=4))
+    assert results["bpb:validation.jsonl"] == tiny_run.artifacts["eval"].metrics["bits_per_byte"]
+
+
 def test_rerun_skips_everything_and_a_changed_setting_reruns_downstream(tmp_path, tiny_recipe):
     rec = Recorder()
     Pipeline(load_recipe(tiny_recipe), tmp_path, rec).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,14 @@ from tokenizers import Tokenizer
 
 from clearlm.data.documents import read_jsonl
 from clearlm.data.sources import read_source
-from clearlm.data.tokenizer import load_tokenizer
 from clearlm.errors import InputError
 from clearlm.eval.harness import evaluate_tasks
 from clearlm.eval.perplexity import domain_bits_per_byte
 from clearlm.eval.preference import preference_accuracy, read_preferences
 from clearlm.eval.results import describe_inputs, write_samples
 from clearlm.eval.scoring import Encoder
-from clearlm.eval.taskspec import resolve_tasks
+from clearlm.eval.taskspec import TaskSpec, resolve_tasks
+from clearlm.model.auto import CausalLM
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model
 from clearlm.numerics import begin_stage, stage_threads
@@ -43,6 +44,31 @@ class EvalRequest:
     threads: int = 0  # 0: this process's cores; a sum split over another count of threads rounds differently
 
 
+def _corpus_text(tok: Tokenizer) -> Tokenizer:
+    """The tokenizer reading documents as training read them: special-token strings in the text stay text."""
+    clone = Tokenizer.from_str(tok.to_str())
+    clone.encode_special_tokens = True
+    return clone
+
+
+def score(
+    model: CausalLM, tok: Tokenizer, prefix_id: int, eos_id: int | None, *, specs: list[TaskSpec],
+    data_dirs: list[Path], corpora: dict[str, Iterable[dict[str, Any]]], num_fewshot: int, limit: int | None,
+    batch_size: int, max_documents: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """(task results, bits per byte per domain of each corpus, per-item samples): what `clearlm eval MODEL` and
+    the recipe's eval stage both compute, the same way. `prefix_id` is the token log-likelihoods start after
+    (lm-eval's: the model's BOS, else its end-of-text)."""
+    tasks, samples = {}, []
+    if specs:
+        tasks, samples = evaluate_tasks(model, tok, specs, data_dirs, prefix_id=prefix_id, eos_id=eos_id,
+                                        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size)  # fmt: skip
+    text_tok = _corpus_text(tok)
+    bpb = {key: domain_bits_per_byte(model, text_tok, docs, prefix_id, batch_size, max_documents)
+           for key, docs in corpora.items()}  # fmt: skip
+    return tasks, bpb, samples
+
+
 def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """(results, samples, metadata) for everything the request names."""
     specs = resolve_tasks(req.tasks, req.task_files)
@@ -52,16 +78,11 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
     model, tok, eos_id = load_release(req.model)
     prefix_id = bos_token_id(req.model, eos_id)
     started = time.perf_counter()
-    results: dict[str, Any] = {}
-    samples: list[dict[str, Any]] = []
-    if specs:
-        results, samples = evaluate_tasks(
-            model, tok, specs, req.data_dir, prefix_id=prefix_id, eos_id=eos_id, num_fewshot=req.num_fewshot,
-            limit=req.limit, batch_size=req.batch_size,
-        )  # fmt: skip
-    for path in req.bpb_files:
-        docs = read_source(SourceConfig(path=str(path)), Path.cwd())
-        results[f"bpb:{path.name}"] = domain_bits_per_byte(model, tok, docs, prefix_id, req.batch_size)
+    corpora = {f"bpb:{path.name}": read_source(SourceConfig(path=str(path)), Path.cwd()) for path in req.bpb_files}
+    results, bpb, samples = score(model, tok, prefix_id, eos_id, specs=specs, data_dirs=[req.data_dir] if req.data_dir
+                                  else [], corpora=corpora, num_fewshot=req.num_fewshot, limit=req.limit,
+                                  batch_size=req.batch_size)  # fmt: skip
+    results.update(bpb)
     reference = load_release(req.reference)[0] if req.reference else None
     for path in req.preference_files:
         triples = read_preferences(path)
@@ -88,34 +109,35 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
-    """The recipe's evaluation of its final model: bits per byte per validation domain (and the untrained model's,
-    for scale) and the `[eval]` tasks, scored as `clearlm eval` scores them."""
+    """The recipe's evaluation of its final model, scored by `score` as `clearlm eval MODEL` scores a folder:
+    bits per byte per validation domain of every corpus (and the untrained model's, for scale) and the `[eval]`
+    tasks. The prefix token is the end-of-text token, which a clearlm release also names as its BOS."""
     cfg, recipe = run.recipe.eval, run.recipe
     final = run.inputs[final_model(recipe)]
-    tok_dir = run.inputs.get("tokenizer", final).path
-    tok = load_tokenizer(tok_dir)
+    tok = Tokenizer.from_file(str(run.inputs.get("tokenizer", final).path / "tokenizer.json"))
     eos_id = tok.token_to_id(recipe.tokenizer.eos_token)
     trained = load_model(final.path)
-    metrics: dict[str, Any] = {}
-    corpora = [name for name in run.inputs if spec(name).datasets]
-    if cfg.bpb and corpora:
+    corpora = [name for name in run.inputs if spec(name).datasets]  # the recipe's corpus: "bits_per_byte"
+
+    def validation() -> dict[str, Any]:  # others (mid-training's): "<stage>_bits_per_byte"
+        return {("" if name == "data" else f"{name}_") + "bits_per_byte":
+                read_jsonl(run.inputs[name].path / "validation.jsonl") for name in corpora if cfg.bpb}  # fmt: skip
+
+    data_dirs = [run.base_dir / cfg.data_dir] if cfg.data_dir else []
+    data_dirs += [run.inputs[name].path for name in corpora]
+    specs = resolve_tasks(cfg.tasks, [run.base_dir / f for f in cfg.task_files])
+    tasks, metrics, samples = score(trained, tok, eos_id, eos_id, specs=specs, data_dirs=data_dirs,
+                                    corpora=validation(), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                    batch_size=cfg.batch_size, max_documents=cfg.max_documents_per_domain)  # fmt: skip
+    if metrics:
         untrained = Transformer(trained.cfg)
         untrained.init_weights(recipe.seed)
-        for name in corpora:  # the recipe's corpus, then any other (mid-training's): "<stage>_bits_per_byte"
-            prefix = "" if name == "data" else f"{name}_"
-            for key, model in (("bits_per_byte", trained), ("untrained_bits_per_byte", untrained)):
-                docs = read_jsonl(run.inputs[name].path / "validation.jsonl")
-                metrics[prefix + key] = domain_bits_per_byte(model, tok, docs, eos_id, cfg.batch_size,
-                                                             cfg.max_documents_per_domain)  # fmt: skip
-    specs = resolve_tasks(cfg.tasks, [run.base_dir / f for f in cfg.task_files])
+        _, scale, _ = score(untrained, tok, eos_id, eos_id, specs=[], data_dirs=[], corpora=validation(),
+                            num_fewshot=0, limit=None, batch_size=cfg.batch_size,
+                            max_documents=cfg.max_documents_per_domain)  # fmt: skip
+        metrics.update({key.replace("bits_per_byte", "untrained_bits_per_byte"): v for key, v in scale.items()})
     if specs:
-        data_dirs = [run.base_dir / cfg.data_dir] if cfg.data_dir else []
-        data_dirs += [run.inputs[name].path for name in corpora]
-        task_tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))  # lm-eval's special-token rules
-        metrics["tasks"], samples = evaluate_tasks(
-            trained, task_tok, specs, data_dirs, prefix_id=eos_id, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-            batch_size=cfg.batch_size,
-        )  # fmt: skip
+        metrics["tasks"] = tasks
         write_samples(out / "samples.jsonl", samples)
     (out / "results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
