@@ -34,10 +34,8 @@ from kill_trials import SMALL, Run, after_resume, checkpoints_left, incomplete_a
 from clearlm.release.compare import stage_outputs
 from clearlm.stages import names
 
-STAGES = tuple(names())
-
-COMMANDS = {"data": "data", "tokenizer": "train", "shards": "train", "train": "train", "sft": "sft", "dpo": "dpo",
-            "eval": "run", "release": "run"}  # fmt: skip
+# the command that fills the disk inside a stage (any other stage: `run`)
+COMMANDS = {"data": "data", "tokenizer": "train", "shards": "train", "train": "train", "sft": "sft", "dpo": "dpo"}
 LAST = {"data": "data", "train": "train", "sft": "sft", "dpo": "dpo", "run": "release"}
 ROOM = "1G"
 SLACK = 4 << 10  # the page of the lock file held while building
@@ -81,12 +79,13 @@ def allocated(path: Path) -> int:
 def stage_space(workdir: Path) -> dict[str, int]:
     """The space each stage's artifact takes, in stage order."""
     found = {d.name.rsplit("-", 1)[0]: allocated(d) for d in (workdir / "artifacts").iterdir() if d.is_dir()}
-    return {s: found[s] for s in STAGES if s in found}
+    return {s: found[s] for s in names() if s in found}
 
 
 def fill_level(space: dict[str, int], stage: str, fraction: float) -> int:
     """A size limit `fraction` of the way into `stage`'s own space (whole pages, at least one short of it)."""
-    before = sum(space[s] for s in STAGES[: STAGES.index(stage)])
+    order = list(space)
+    before = sum(space[s] for s in order[: order.index(stage)])
     own = min(int(fraction * space[stage]) // 4096 * 4096, space[stage] - 4096)
     return before + own + SLACK
 
@@ -104,7 +103,7 @@ def trial(
     empty(disk)
     size = fill_level(space, stage, fraction)
     limit(disk, size)
-    workdir, verb = disk / "work", COMMANDS[stage]
+    workdir, verb = disk / "work", COMMANDS.get(stage, "run")
     run = Run(command(recipe, sets, workdir, verb), env)
     code = run.finish()
     hit = run.stage_at_end()
@@ -124,7 +123,8 @@ def trial(
     resumed = Run(command(recipe, sets, workdir, verb, resume=True), env)
     if resumed.finish() != 0:
         return {**record, "problems": [*problems, f"resume failed: {' | '.join(x for _, x in resumed.lines[-3:])}"]}
-    built = {s: reference[s] for s in STAGES[: STAGES.index(LAST[verb]) + 1]}
+    order = list(reference)
+    built = {s: reference[s] for s in order[: order.index(LAST[verb]) + 1]}
     return {**record, "problems": problems + after_resume(workdir, left, resumed, built)}
 
 
@@ -149,9 +149,9 @@ def main() -> None:
             sys.exit("the reference run failed:\n" + "\n".join(line for _, line in ref.lines[-20:]))
         reference, space = stage_outputs(disk / "work"), stage_space(disk / "work")
         print("space per stage: " + ", ".join(f"{s} {n / 2**20:.1f} MiB" for s, n in space.items()), flush=True)
-        records = []
+        records, order = [], list(space)
         for k in range(args.trials):
-            stage = STAGES[k % len(STAGES)] if k < len(STAGES) else rng.choice(STAGES)
+            stage = order[k % len(order)] if k < len(order) else rng.choice(order)
             record = trial(args.recipe, sets, disk, stage, rng.uniform(0.05, 0.95), space, reference, env)
             records.append(record)
             verdict = "ok" if not record["problems"] else "; ".join(record["problems"])
@@ -160,7 +160,7 @@ def main() -> None:
     failed = [r for r in records if r["problems"]]
     hits = Counter(r["hit"] for r in records)
     print(f"\n{len(records) - len(failed)}/{len(records)} trials ok; disk filled in: "
-          + ", ".join(f"{s} {hits[s]}" for s in [*STAGES, "fit"] if hits[s]))  # fmt: skip
+          + ", ".join(f"{s} {hits[s]}" for s in [*names(), "fit"] if hits[s]))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
     sys.exit(1 if failed else 0)

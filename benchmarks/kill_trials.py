@@ -34,16 +34,17 @@ from typing import Any
 
 from clearlm.artifacts import MANIFEST, integrity
 from clearlm.release.compare import first_difference, stage_outputs
-from clearlm.stages import names
-from clearlm.train.checkpoint_files import latest_checkpoint
+from clearlm.stages import names, spec
+from clearlm.train.checkpoint_files import resumable, shown
 
 STAGES = tuple(names())
 
 # The issue's small recipe: the built-in quickstart, shrunk, with frequent checkpoints in every training stage.
 SMALL = ["train.max_steps=40", "model.n_layers=2", "model.d_model=96", "model.n_heads=4",
          "train.checkpoint_interval=10", "train.eval_interval=20", "sft.builtin_examples=48", "sft.epochs=1",
-         "sft.checkpoint_interval=2", "dpo.builtin_pairs=24", "dpo.checkpoint_interval=2", "eval.limit=20"]  # fmt: skip
-CHECKPOINTED = ("train", "sft", "dpo")
+         "sft.checkpoint_interval=2", "dpo.builtin_pairs=24", "dpo.checkpoint_interval=2", "eval.limit=20",
+         "midtrain.max_steps=6", "midtrain.checkpoint_interval=2"]  # fmt: skip
+CHECKPOINTED = ("train", "midtrain", "sft", "dpo")
 
 
 def incomplete_artifacts(workdir: Path) -> list[str]:
@@ -68,8 +69,8 @@ def checkpoints_left(workdir: Path) -> dict[str, str]:
     found = {}
     for partial in sorted((workdir / "artifacts").glob("*.partial")) if (workdir / "artifacts").is_dir() else []:
         kind = partial.name.rsplit("-", 1)[0]
-        if kind in CHECKPOINTED and (ckpt := latest_checkpoint(partial / "checkpoints")) is not None:
-            found[kind] = ckpt.name
+        if kind in CHECKPOINTED and (ckpt := resumable(partial, spec(kind).resume_from)) is not None:
+            found[kind] = shown(partial, ckpt)
     return found
 
 
@@ -145,7 +146,7 @@ def command(recipe: str, sets: list[str], workdir: Path, resume: bool = False) -
 
 def _first_checkpoint(workdir: Path, stage: str, run: Run) -> None:
     """Block until a checkpoint of `stage` is complete on disk (or the run ended)."""
-    pattern = f"{stage}-*.partial/checkpoints/step-[0-9][0-9][0-9][0-9][0-9][0-9][0-9]/state.json"  # not a .tmp one
+    pattern = f"{stage}-*.partial/{spec(stage).resume_from}/step-{'[0-9]' * 7}/state.json"  # not a .tmp one
     while run.proc.poll() is None and not any((workdir / "artifacts").glob(pattern)):
         time.sleep(0.005)
 

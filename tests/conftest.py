@@ -108,9 +108,9 @@ def write_tiny_recipe(folder: Path, steps: int = 8) -> Path:
 
 
 def write_all_stages_recipe(folder: Path) -> Path:
-    """The tiny corpus through every stage (pretraining, SFT and DPO with checkpoints every step or few,
-    eval, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's result then depends
-    on its thread count on this kind of machine, so an inherited thread count would show."""
+    """The tiny corpus through every stage (pretraining, mid-training, SFT and DPO with checkpoints every step or
+    few, eval, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's result then
+    depends on its thread count on this kind of machine, so an inherited thread count would show."""
     recipe = write_tiny_recipe(folder, steps=10)
     rng = random.Random(7)
 
@@ -124,6 +124,12 @@ def write_all_stages_recipe(folder: Path) -> Path:
     (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     text = recipe.read_text().replace("d_model = 32", "d_model = 64").replace("context = 32", "context = 128")
     text = text.replace("micro_batch_size = 4", "micro_batch_size = 8")
+    (folder / "mid").mkdir(exist_ok=True)
+    write_corpus(folder / "mid", n_docs=24, seed=11)
+    text += (
+        "\n[midtrain]\nseeds = [1, 2]\nmax_steps = 3\nwarmup_steps = 1\ncheckpoint_interval = 1\n"
+        '[midtrain.data]\nvalidation_fraction = 0.2\nsources = [{ path = "mid/corpus.jsonl", license = "CC0-1.0" }]\n'
+    )
     text += ('\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\nepochs = 1\nmicro_batch_size = 16\n'
              "checkpoint_interval = 1\n"
              '\n[dpo]\ndata = [{ path = "pairs.jsonl", license = "CC0-1.0" }]\nepochs = 2\nmicro_batch_size = 8\n'

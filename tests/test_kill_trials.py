@@ -23,7 +23,7 @@ def test_runs_killed_inside_each_stage_resume_to_the_uninterrupted_runs_bytes(tm
     assert reference.finish() == 0, reference.lines[-5:]
     outputs = stage_outputs(tmp_path / "reference")
     order = Pipeline(load_recipe(recipe), tmp_path).stages()
-    assert list(outputs) == order
+    assert set(outputs) == set(order)
     for stage in order:
         record = trial(recipe, [], tmp_path / "trial", stage, 0.0, outputs, env, after_checkpoint=stage in CHECKPOINTED)
         assert record["hit"] == stage and not record["problems"], record

@@ -20,7 +20,7 @@ from clearlm.numerics import begin_stage, cnr_not_in_effect, keep_freed_memory, 
 from clearlm.recipe import LoadedRecipe
 from clearlm.stages import Reporter, StageRun, StageSpec, resolve, spec
 from clearlm.storage import bytes_under, disk_full, failed_path, free_bytes, human
-from clearlm.train.checkpoint_files import latest_checkpoint
+from clearlm.train.checkpoint_files import resumable, shown
 from clearlm.world import barrier, world
 
 __all__ = ["Pipeline", "PlanEntry", "Reporter"]
@@ -145,7 +145,7 @@ class Pipeline:
                 found = self.store.lookup(name, digest)
                 if found is None:
                     if stage.resumes == "checkpoints":
-                        self._announce_resume(name, digest, run.resume)
+                        self._announce_resume(stage, digest, run.resume)
                     return self._build(stage, digest, run)
         self.reporter.stage_skipped(name, found)
         return found
@@ -198,7 +198,7 @@ class Pipeline:
         do so that nothing kept is thrown away."""
         if stage.resumes == "checkpoints":
             then = ("run again with --resume to continue from its last checkpoint"
-                    if latest_checkpoint(work / "checkpoints") else "run again")  # fmt: skip
+                    if resumable(work, stage.resume_from) else "run again")  # fmt: skip
         else:
             then = "run again: its finished parts are kept" if stage.resumes else "run again"
         if isinstance(err, DiskFullError):
@@ -207,12 +207,14 @@ class Pipeline:
         return DiskFullError(f"{where}: no space left on the device ({free} free) while building {stage.name}, "
                              f"after writing {human(written)}; once space is freed, {then}")  # fmt: skip
 
-    def _announce_resume(self, name: str, digest: str, resume: bool) -> None:
-        found = latest_checkpoint(self.store.partial_path(name, digest) / "checkpoints")
+    def _announce_resume(self, stage: StageSpec, digest: str, resume: bool) -> None:
+        name, partial = stage.name, self.store.partial_path(stage.name, digest)
+        found = resumable(partial, stage.resume_from)
         if found and resume:
-            self.reporter.note(f"{name}: resuming from {found.name}")
+            self.reporter.note(f"{name}: resuming from {shown(partial, found)}")
         elif found:
-            self.reporter.note(f"{name}: discarding an interrupted run at {found.name} (pass --resume to continue it)")
+            self.reporter.note(f"{name}: discarding an interrupted run at {shown(partial, found)} (pass --resume to "
+                               "continue it)")  # fmt: skip
         elif resume:
             self.reporter.note(f"{name}: nothing to resume, starting from step 0")
 
@@ -244,8 +246,9 @@ class Pipeline:
             if self.store.lookup(name, digest) is not None:
                 action, why = "cached", "found with the same settings and inputs"
             else:
-                partial = latest_checkpoint(self.store.partial_path(name, digest) / "checkpoints")
-                action = "resume" if partial and resume and stage.resumes == "checkpoints" else "build"
-                why = f"from {partial.name}" if action == "resume" else explain(self, name)
+                partial = self.store.partial_path(name, digest)
+                found = resumable(partial, stage.resume_from) if stage.resumes == "checkpoints" else None
+                action = "resume" if found and resume else "build"
+                why = f"from {shown(partial, found)}" if action == "resume" else explain(self, name)
             entries.append(PlanEntry(name, stage.label, action, why, digest))
         return entries

@@ -86,6 +86,7 @@ class StageSpec:
     card: str | None = None  # "module:function" (recipe dict, metrics) -> the model card's lines about it
     report: str | None = None  # "module:function" (recipe dict, metrics, log) -> the report's HTML about it
     checkpoints: str | None = None  # the release folder that keeps its intermediate weights (step-*/)
+    resume_from: str = "checkpoints"  # the folders (glob) in its partial folder that hold its checkpoints
     timed: tuple[str, ...] = ()  # files (globs) holding wall-clock times: compared without them
 
     def load(self) -> Build:
@@ -301,7 +302,8 @@ STAGES: dict[str, StageSpec] = {
                   release={"log.jsonl": "midtraining/log.jsonl", "ingredients/*/model.safetensors": "midtraining"},
                   timed=("log.jsonl", "ingredients/*/log.jsonl", "ingredients/*/checkpoints/*/state.json",
                          "ingredients/*/checkpoints/*/checksums.json"),
-                  card="clearlm.train.midtrain:card_lines", report="clearlm.train.midtrain:report_section"),
+                  resume_from="ingredients/*/checkpoints", card="clearlm.train.midtrain:card_lines",
+                  report="clearlm.train.midtrain:report_section"),
         _post_training_stage("sft", "Supervised fine-tuning", "clearlm.train.sft:build_stage"),
         _post_training_stage("dpo", "Preference tuning (DPO)", "clearlm.train.dpo:build_stage"),
         StageSpec("eval", "Evaluation", "clearlm.eval.run:build_stage", needs=_eval_needs, config=_section("eval"),

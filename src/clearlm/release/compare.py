@@ -58,7 +58,7 @@ def comparable(path: Path, digest: str) -> Any:
 
 
 def stage_outputs(workdir: Path) -> dict[str, dict[str, Any]]:
-    """Per finished stage of a work directory, each output file as `comparable` gives it."""
+    """Per finished stage of a work directory, in stage order, each output file as `comparable` gives it."""
     found: dict[str, dict[str, Any]] = {}
     root = workdir / "artifacts"
     for art in sorted(root.iterdir()) if root.is_dir() else []:
@@ -68,7 +68,7 @@ def stage_outputs(workdir: Path) -> dict[str, dict[str, Any]]:
         outputs = json.loads((art / MANIFEST).read_text())["outputs"]
         found[kind] = {rel: comparable(art / rel, digest) for rel, digest in outputs.items()
                        if kind != "release" or rel not in RELEASE_TIMED}  # fmt: skip
-    return found
+    return {stage: found[stage] for stage in names() if stage in found}  # in the order the stages run
 
 
 def first_step(ours: list[Any], theirs: list[Any]) -> int | None:
