@@ -78,8 +78,9 @@ def test_every_stage_gives_the_same_bytes_whatever_ran_before_it_in_the_process(
     warm = folder / "warm-cache"
     for stage in ("train", "midtrain", "sft", "dpo", "release"):  # each alone in a process that was disturbed first
         _run(recipe, tmp_path / "fresh", ["disturb", stage], warm)
-    _run(recipe, tmp_path / "resumed", ["train:stop=3", "train:resume", "midtrain:stop=4", "midtrain:resume",
-                                        "sft:stop=2", "sft:resume", "dpo:stop=2", "dpo:resume", "release"], warm)  # fmt: skip
+    stops = ["train:stop=3", "train:resume", "midtrain:stop=4", "midtrain:resume", "sft:stop=2", "sft:resume",
+             "dpo:stop=2", "dpo:resume", "release"]  # fmt: skip
+    _run(recipe, tmp_path / "resumed", stops, warm)
     _run(recipe, tmp_path / "loaded", ["release"], warm, busy=True)
 
     together = stage_outputs(folder / "together")
