@@ -24,7 +24,9 @@ def test_runs_killed_inside_each_stage_resume_to_the_uninterrupted_runs_bytes(tm
     outputs = stage_outputs(tmp_path / "reference")
     order = Pipeline(load_recipe(recipe), tmp_path).stages()
     assert set(outputs) == set(order)
-    for stage in order:
+    # mid-training's data and shards stages run the data and shards stages' code on another mix: not killed again
+    # (their outputs are still compared after every resume)
+    for stage in [s for s in order if s not in ("mid_data", "mid_shards")]:
         record = trial(recipe, [], tmp_path / "trial", stage, 0.0, outputs, env, after_checkpoint=stage in CHECKPOINTED)
         assert record["hit"] == stage and not record["problems"], record
         assert (stage in record["checkpoints"]) == (stage in CHECKPOINTED), record
