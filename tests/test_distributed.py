@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_recipe
+from conftest import write_corpus, write_tiny_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -134,10 +134,17 @@ def test_compile_where_it_cannot_work_falls_back_with_a_message(folder, monkeypa
 
 
 def test_a_release_trained_on_two_processes_verifies_bit_for_bit_on_two(folder):
-    run = _clearlm(["run", "tiny.toml", "--workdir", "rel", "--set", FSDP2], folder, 2)
+    """Pretraining and mid-training (both ingredients) on two processes, then verify on one and on two."""
+    (folder / "mid").mkdir()
+    write_corpus(folder / "mid", n_docs=24, seed=11)
+    mid = ('\n[midtrain]\nseeds = [1, 2]\nmax_steps = 2\n[midtrain.data]\nvalidation_fraction = 0.2\n'
+           'sources = [{ path = "mid/corpus.jsonl", license = "CC0-1.0" }]\n')  # fmt: skip
+    (folder / "mid.toml").write_text((folder / "tiny.toml").read_text() + mid)
+    run = _clearlm(["run", "mid.toml", "--workdir", "rel", "--set", FSDP2], folder, 2)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     release = folder / "rel" / "tiny" / "release"
-    assert json.loads((release / "lineage.json").read_text())["train"]["world_size"] == 2
+    lineage = json.loads((release / "lineage.json").read_text())
+    assert lineage["train"]["world_size"] == lineage["midtrain"]["world_size"] == 2
     one = _clearlm(["verify", str(release), "--base-dir", "."], folder, 1)
     said = " ".join((one.stdout + one.stderr).split())
     assert one.returncode == 3 and "train: differs at float-rounding level" in said, said[-2000:]

@@ -174,7 +174,8 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
             "tokens": cfg.max_steps * cfg.micro_batch_size * cfg.grad_accum_steps * model.cfg.context,
             "optimizer": "fresh" if optimizer_from is None else "continued from pretraining",
             "bits_per_byte_before": before, "bits_per_byte_after": _bits_per_byte(load_model(out), tok, run),
-            "bits_per_byte_ingredients": each, "licenses": run.inputs["mid_data"].metrics["licenses"]}  # fmt: skip
+            "bits_per_byte_ingredients": each, "licenses": run.inputs["mid_data"].metrics["licenses"],
+            "world_size": run.world.size}  # fmt: skip
 
 
 def card_lines(recipe: dict[str, Any], m: dict[str, Any]) -> list[str]:
