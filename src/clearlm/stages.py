@@ -133,9 +133,9 @@ def base_stage(recipe: Recipe, base: str, stage: str) -> str | None:
     return base if base in before and spec(base).model else None
 
 
-def post_training(recipe: Recipe, names: list[str] | None = None) -> list[str]:
-    """The model stages after pretraining (SFT, DPO, ...) among `names` (default: those the recipe asks for)."""
-    return [s.name for s in table() if s.model and not s.pretraining and (s.name in names if names is not None
+def post_training(recipe: Recipe, among: list[str] | None = None) -> list[str]:
+    """The model stages after pretraining (SFT, DPO, ...) among `among` (default: those the recipe asks for)."""
+    return [s.name for s in table() if s.model and not s.pretraining and (s.name in among if among is not None
                                                                            else s.asked(recipe))]  # fmt: skip
 
 
