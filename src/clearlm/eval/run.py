@@ -129,10 +129,11 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
     tasks, metrics, samples = score(trained, tok, eos_id, eos_id, specs=specs, data_dirs=data_dirs,
                                     corpora=validation(), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                                     batch_size=cfg.batch_size, max_documents=cfg.max_documents_per_domain)  # fmt: skip
-    if metrics:
+    if "bits_per_byte" in metrics:  # the recipe's corpus, scored by the untrained model for scale
         untrained = Transformer(trained.cfg)
         untrained.init_weights(recipe.seed)
-        _, scale, _ = score(untrained, tok, eos_id, eos_id, specs=[], data_dirs=[], corpora=validation(),
+        corpus = {"bits_per_byte": validation()["bits_per_byte"]}
+        _, scale, _ = score(untrained, tok, eos_id, eos_id, specs=[], data_dirs=[], corpora=corpus,
                             num_fewshot=0, limit=None, batch_size=cfg.batch_size,
                             max_documents=cfg.max_documents_per_domain)  # fmt: skip
         metrics.update({key.replace("bits_per_byte", "untrained_bits_per_byte"): v for key, v in scale.items()})
