@@ -1,4 +1,4 @@
-"""Assemble the release folder from the artifacts of a run.
+"""Assemble the release folder from the artifacts of a run; what it copies of each stage is in the stage table.
 
 Layout (transformers reads the top level and ignores the rest):
   config.json, model.safetensors, generation_config.json   the model, in transformers' Llama layout
@@ -7,9 +7,11 @@ Layout (transformers reads the top level and ignores the rest):
   recipe.toml        the recipe exactly as run (overrides applied)
   training/log.jsonl the per-step training log
   checkpoints/       intermediate weights (safetensors)
+  midtraining/       mid-training's per-step log and each ingredient's weights (when the recipe mid-trains)
   eval/results.json  evaluation results
   data/data_card.json  the data card's figures: sources, licences, steps, mix, tokens per source
   data/datasets/     the cleaned train and validation documents (jsonl.zst), unless the recipe says not
+                     (and data/midtrain_datasets/: mid-training's mix)
   eval/generations.jsonl  sample generations (fixed prompts and seeds)
   code/              the exact clearlm source that built this folder, and the library versions
   report.html        the technical report (self-contained page with charts)
