@@ -54,6 +54,7 @@ class Pipeline:
         self.world = world()
         self._done: dict[str, Artifact] = {}
         self._digests: dict[str, str] = {}
+        self._made_from: dict[str, tuple[Any, Any]] = {}
         self._warned = False
 
     @property
@@ -68,13 +69,17 @@ class Pipeline:
     def digest(self, name: str) -> str:
         """A stage's digest, from its settings, its outside inputs and its inputs' digests: nothing is built."""
         if name not in self._digests:
-            stage = spec(name)
-            inputs = {up: self.digest(up) for up in stage.needs(self.recipe)}
-            self._digests[name] = compute_digest(name, stage.config(self.loaded), inputs, self._identity(stage))
+            inputs = {up: self.digest(up) for up in spec(name).needs(self.recipe)}
+            config, identity = self.made_from(name)
+            self._digests[name] = compute_digest(name, config, inputs, identity)
         return self._digests[name]
 
-    def _identity(self, stage: StageSpec) -> Any:
-        return stage.identity(self.loaded) if stage.identity else None
+    def made_from(self, name: str) -> tuple[Any, Any]:
+        """(settings, digests of the outside files) of a stage, worked out once: an identity hashes whole files."""
+        if name not in self._made_from:
+            stage = spec(name)
+            self._made_from[name] = (stage.config(self.loaded), stage.identity(self.loaded) if stage.identity else None)
+        return self._made_from[name]
 
     def run(self, target: str = "release", resume: bool = False, stop_after: int | None = None) -> Artifact | None:
         """Build `target` and what it needs. `resume` continues interrupted stages from their checkpoints;
@@ -167,8 +172,9 @@ class Pipeline:
             if metrics is None:
                 return None
             seconds = time.perf_counter() - started
-            art = self.store.finish(name, digest, stage.config(self.loaded), run.inputs, metrics, seconds,
-                                    sources=self._identity(stage), numerics=numerics)  # fmt: skip
+            config, sources = self.made_from(name)
+            art = self.store.finish(name, digest, config, run.inputs, metrics, seconds, sources=sources,
+                                    numerics=numerics)  # fmt: skip
         except BaseException as err:
             full = disk_full(err)
             written = bytes_under(work) if full else 0

@@ -53,7 +53,7 @@ def explain(pipe: Pipeline, name: str) -> str:
     if before is None:
         return "not built yet in this work directory"
     stage = spec(name)
-    config = json.loads(json.dumps(stage.config(pipe.loaded)))  # as a manifest holds it (tuples as lists)
+    config, identity = json.loads(json.dumps(pipe.made_from(name)))  # as a manifest holds them (tuples as lists)
     settings = _changed(before.get("config"), config, "")
     if settings:
         section = name if name in type(pipe.recipe).model_fields else ""
@@ -63,7 +63,6 @@ def explain(pipe: Pipeline, name: str) -> str:
               if (before.get("inputs") or {}).get(up, {}).get("digest") != pipe.digest(up)]  # fmt: skip
     if inputs:
         return "input changed: " + _shown(inputs)
-    identity = json.loads(json.dumps(stage.identity(pipe.loaded))) if stage.identity else None
     if before.get("sources") != identity:
         return "outside files changed: " + _shown(_changed(before.get("sources"), identity, "") or ["(all)"])
     if before.get("clearlm_version") != code_version():

@@ -24,14 +24,13 @@ from clearlm.data.chat import ChatTemplate, Pair, tokenize_pair
 from clearlm.data.chat import read_preferences as read_pair_file
 from clearlm.data.documents import in_fraction
 from clearlm.data.instructions import stdlib_function_pairs
-from clearlm.data.sources import post_training_sources
 from clearlm.errors import RecipeError, TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import save_model
 from clearlm.recipe import DPOConfig
 from clearlm.stages import StageRun
-from clearlm.train.post_setup import base_model, licences, read_rows, starting_model
+from clearlm.train.post_setup import base_model, licences, stage_start
 from clearlm.train.posttrain import run_steps
 
 
@@ -224,11 +223,7 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `[dpo]` stage: preference tuning of its base against a reference whose log-probabilities are computed
     once; None when `stop_after` stopped it."""
     cfg, tok_cfg = run.recipe.dpo, run.recipe.tokenizer
-    model, tok = starting_model(run, "dpo")
-    files, _ = post_training_sources(cfg, run.base_dir, tok_cfg)
-    pairs, bad = read_rows(files, read_pair_file, out)
-    if cfg.builtin:
-        pairs = stdlib_function_pairs(run.inputs["data"].path / "train.jsonl", cfg.builtin_pairs) + pairs
+    model, tok, pairs, bad = stage_start(run, "dpo", read_pair_file, stdlib_function_pairs, cfg.builtin_pairs, out)
     template = ChatTemplate(eos_token=tok_cfg.eos_token)
     tokenized = [(p, TokenizedPair(*tokenize_pair(tok, template, p))) for p in pairs]
     empty = sum(1 for _, t in tokenized if not t.prompt)

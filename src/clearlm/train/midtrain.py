@@ -28,7 +28,7 @@ from clearlm.data.documents import read_jsonl
 from clearlm.data.shards import write_shards
 from clearlm.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from clearlm.errors import ArtifactError
-from clearlm.eval.perplexity import domain_bits_per_byte
+from clearlm.eval.run import score
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import MODEL_CONFIG, WEIGHTS, load_model, tied
 from clearlm.recipe import Recipe, TrainConfig
@@ -113,10 +113,13 @@ def _starter(weights: dict[str, torch.Tensor], optimizer_from: Path | None) -> A
 
 
 def _bits_per_byte(model: Transformer, tok: Tokenizer, run: StageRun) -> dict[str, Any]:
+    """Bits per byte per domain of the mix's validation split, scored as the eval stage scores a corpus."""
     docs = read_jsonl(run.inputs["mid_data"].path / "validation.jsonl")
     eos_id = tok.token_to_id(run.recipe.tokenizer.eos_token)
-    return domain_bits_per_byte(model, tok, docs, eos_id, run.recipe.eval.batch_size,
-                                run.recipe.eval.max_documents_per_domain)  # fmt: skip
+    cfg = run.recipe.eval
+    _, bpb, _ = score(model, tok, eos_id, eos_id, specs=[], data_dirs=[], corpora={"mix": docs}, num_fewshot=0,
+                      limit=None, batch_size=cfg.batch_size, max_documents=cfg.max_documents_per_domain)  # fmt: skip
+    return bpb["mix"]
 
 
 def _finished(folder: Path) -> bool:
@@ -137,7 +140,6 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `midtrain` stage: every ingredient (resumed where it stopped), then the soup; None when stopped."""
     recipe, shards = run.recipe, run.inputs["mid_shards"]
     model, tok, optimizer_from = _base(run)
-    tok.encode_special_tokens = True  # text is read as corpus text, as the shards were made
     weights = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or not tied(model)}
     before = _bits_per_byte(model, tok, run) if run.world.main else {}
     cfg, ingredients = train_config(recipe), []
@@ -166,7 +168,6 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     with open(out / LOG, "w") as f:  # every ingredient's steps, each record naming its seed
         for seed, folder in zip(recipe.midtrain.seeds, ingredients, strict=True):
             f.writelines(json.dumps({"seed": seed, **r}) + "\n" for r in read_log(folder / LOG))
-    tok.encode_special_tokens = True
     each = {str(seed): _bits_per_byte(load_model(folder), tok, run)
             for seed, folder in zip(recipe.midtrain.seeds, ingredients, strict=True)}  # fmt: skip
     return {"ingredients": [f"{INGREDIENTS}/{f.name}" for f in ingredients], "seeds": recipe.midtrain.seeds,

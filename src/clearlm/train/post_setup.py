@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from clearlm.data.chat import BadRow
 from clearlm.data.instructions import LICENSE as INSTRUCTIONS_LICENSE
+from clearlm.data.sources import post_training_sources
 from clearlm.data.tokenizer import load_tokenizer, own_tokenizer
 from clearlm.errors import RecipeError
 from clearlm.eval.results import write_samples
@@ -75,3 +76,18 @@ def starting_model(run: StageRun, section: str) -> tuple[Transformer, Tokenizer]
     art = run.inputs[stage]
     tok_dir = art.path if own_tokenizer(art.path) else run.inputs["tokenizer"].path
     return load_model(art.path), load_tokenizer(tok_dir)
+
+
+def stage_start(
+    run: StageRun, section: str, reader: Callable[[Path], Any], builtin: Callable[[Path, int], list[Any]],
+    builtin_count: int, out: Path,
+) -> tuple[Transformer, Tokenizer, list[Any], dict[str, int]]:  # fmt: skip
+    """What an SFT or DPO stage starts from: its model and tokenizer, and its rows (the built-in set made from the
+    corpus first, when the recipe asks for it), bad rows counted and listed in `out/rejects.jsonl`."""
+    cfg = getattr(run.recipe, section)
+    model, tok = starting_model(run, section)
+    files, _ = post_training_sources(cfg, run.base_dir, run.recipe.tokenizer)
+    rows, bad = read_rows(files, reader, out)
+    if cfg.builtin:
+        rows = builtin(run.inputs["data"].path / "train.jsonl", builtin_count) + rows
+    return model, tok, rows, bad

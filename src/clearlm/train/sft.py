@@ -20,14 +20,13 @@ from tokenizers import Tokenizer
 
 from clearlm.data.chat import ChatTemplate, Example, read_sft, tokenize_sft
 from clearlm.data.instructions import stdlib_function_examples
-from clearlm.data.sources import post_training_sources
 from clearlm.errors import TrainingError
 from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import save_model
 from clearlm.recipe import SFTConfig
 from clearlm.stages import StageRun
-from clearlm.train.post_setup import licences, read_rows, starting_model
+from clearlm.train.post_setup import licences, stage_start
 from clearlm.train.posttrain import run_steps
 
 
@@ -157,11 +156,7 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `[sft]` stage: its chat data (and the built-in set made from the corpus), fine-tuned from its base;
     None when `stop_after` stopped it (continue with `resume`)."""
     cfg, tok_cfg = run.recipe.sft, run.recipe.tokenizer
-    model, tok = starting_model(run, "sft")
-    files, _ = post_training_sources(cfg, run.base_dir, tok_cfg)
-    examples, bad = read_rows(files, read_sft, out)
-    if cfg.builtin:
-        examples = stdlib_function_examples(run.inputs["data"].path / "train.jsonl", cfg.builtin_examples) + examples
+    model, tok, examples, bad = stage_start(run, "sft", read_sft, stdlib_function_examples, cfg.builtin_examples, out)
     max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
     items, counts = prepare(examples, tok, ChatTemplate(eos_token=tok_cfg.eos_token), max_length)
     metrics = train_sft(model, items, cfg, run.recipe.seed, tok.token_to_id(tok_cfg.pad_token), out,
