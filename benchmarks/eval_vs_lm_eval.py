@@ -1,17 +1,22 @@
 """clearlm's task evaluation against lm-evaluation-harness on the same model, files and prompts.
 
-Exports the tasks as lm-eval YAMLs over the same local files, runs lm-eval's `hf` model and clearlm
-in the same process, and prints per-task metrics side by side, the largest per-item log-likelihood
-difference and the wall-time ratio.
+Log-likelihood tasks are exported as lm-eval YAMLs over the same local files; the generative and safety tasks
+(gsm8k, humaneval, mbpp, ifeval, truthfulqa, crows_pairs, bbq) run lm-eval's own configs pointed at the local files.
+lm-eval's `hf` model and clearlm run in the same process; the script prints per-task metrics side by side, the
+largest per-item log-likelihood difference or the number of identical generations, and the wall-time ratio with
+lm-eval's fixed start-up cost (a one-item run) shown separately.
 
     python benchmarks/eval_vs_lm_eval.py runs/quickstart/release --data-dir ../shared/data \\
         --tasks arc_easy,piqa,winogrande,hellaswag --limit 200
+    python benchmarks/eval_vs_lm_eval.py runs/quickstart/release --data-dir ../shared/data --context 2048 \\
+        --tasks gsm8k,humaneval,mbpp,ifeval,truthfulqa_mc2,crows_pairs_english,bbq --limit 20 --max-gen-tokens 128
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -19,11 +24,18 @@ import time
 from pathlib import Path
 
 import torch
-from lm_eval_export import run_lm_eval
+from lm_eval_export import NATIVE_TASKS, long_context_copy, run_lm_eval, run_lm_eval_native
 
 from clearlm.eval.harness import evaluate_tasks
-from clearlm.eval.taskspec import resolve_tasks
+from clearlm.eval.taskspec import TaskSpec, resolve_tasks
 from clearlm.release.load import bos_token_id, load_release
+
+
+def _lm_eval(model: Path, specs: list[TaskSpec], data_dir: Path, work: Path, limit: int, batch: int) -> dict:
+    native = [s for s in specs if s.name in NATIVE_TASKS]
+    exported = [s for s in specs if s.name not in NATIVE_TASKS]
+    out = run_lm_eval(model, exported, data_dir, work / "exported", limit, batch) if exported else {}
+    return out | (run_lm_eval_native(model, native, data_dir, work / "native", limit, batch) if native else {})
 
 
 def main() -> None:
@@ -34,45 +46,56 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--max-gen-tokens", type=int, help="cap generative tasks' token budget (both harnesses)")
+    ap.add_argument("--context", type=int, help="evaluate a random-weight copy with this context and the model's "
+                    "tokenizer (generative tasks' prompts need more than the quickstart's 256 tokens)")  # fmt: skip
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     specs = resolve_tasks(args.tasks.split(","), [])
-    if any(s.output_type == "generate" for s in specs):
-        ap.error("generation tasks have no log-likelihoods to compare; pick log-likelihood tasks")
+    if args.max_gen_tokens:
+        specs = [s.model_copy(update={"max_gen_tokens": min(s.max_gen_tokens, args.max_gen_tokens)})
+                 if s.output_type == "generate" else s for s in specs]  # fmt: skip
 
     with tempfile.TemporaryDirectory() as work:
+        model_dir = args.model  # with --context: a quickstart-sized random model with the release's tokenizer
+        if args.context:
+            model_dir = long_context_copy(args.model, Path(work) / "model", args.context, d_model=192, n_layers=4)
         # One item per task is lm-eval's fixed cost (task index, datasets, model load). It is timed on a second
         # such run: the first also builds caches and imports that the full run then finds ready.
-        run_lm_eval(args.model, specs, args.data_dir, Path(work) / "cold", 1, args.batch_size)
+        _lm_eval(model_dir, specs, args.data_dir, Path(work) / "cold", 1, args.batch_size)
         started = time.perf_counter()
-        run_lm_eval(args.model, specs, args.data_dir, Path(work) / "warm", 1, args.batch_size)
+        _lm_eval(model_dir, specs, args.data_dir, Path(work) / "warm", 1, args.batch_size)
         lm_eval_fixed_s = time.perf_counter() - started
         started = time.perf_counter()
-        theirs = run_lm_eval(args.model, specs, args.data_dir, Path(work) / "run", args.limit, args.batch_size)
+        theirs = _lm_eval(model_dir, specs, args.data_dir, Path(work) / "run", args.limit, args.batch_size)
         lm_eval_s = time.perf_counter() - started
 
-    started = time.perf_counter()
-    model, tok, eos = load_release(args.model)
-    ours, samples = evaluate_tasks(
-        model, tok, specs, args.data_dir, prefix_id=bos_token_id(args.model, eos), limit=args.limit,
-        batch_size=args.batch_size,
-    )  # fmt: skip
-    clearlm_s = time.perf_counter() - started
+        started = time.perf_counter()
+        model, tok, eos = load_release(model_dir)
+        ours, samples = evaluate_tasks(
+            model, tok, specs, args.data_dir, prefix_id=bos_token_id(model_dir, eos), eos_id=eos, limit=args.limit,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+        clearlm_s = time.perf_counter() - started
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "tasks": {}}
-    print(f"{'task':<16}{'metric':<10}{'clearlm':>12}{'lm-eval':>12}   max |dLL|")
+    print(f"{'task':<22}{'metric':<34}{'clearlm':>10}{'lm-eval':>10}   agreement")
     for spec in specs:
-        mine = [s.get("loglikelihoods", [s.get("loglikelihood")]) for s in samples if s["task"] == spec.name]
-        other = theirs[spec.name]["loglikelihoods"]
-        diffs = [abs(a - b) for x, y in zip(mine, other, strict=True) for a, b in zip(x, y, strict=True)]
-        max_diff = max(diffs) if diffs else float("nan")
-        report["tasks"][spec.name] = {"clearlm": ours[spec.name], "lm_eval": theirs[spec.name]["metrics"],
-                                      "max_loglikelihood_diff": max_diff}  # fmt: skip
-        for metric in spec.metrics:
-            a, b = ours[spec.name][metric], theirs[spec.name]["metrics"].get(metric, float("nan"))
+        mine = [s for s in samples if s["task"] == spec.name]
+        other = theirs[spec.name]
+        if spec.output_type == "generate":
+            same = sum(m["generations"][0] == t for m, t in zip(mine, other["generations"], strict=True))
+            agreement = f"{same}/{len(mine)} generations identical"
+        else:
+            diffs = [abs(a - b) for m, t in zip(mine, other["loglikelihoods"], strict=True)
+                     for a, b in zip(m.get("loglikelihoods", [m.get("loglikelihood")]), t, strict=True)]  # fmt: skip
+            agreement = f"max |dLL| {max(diffs):.2e}"
+        report["tasks"][spec.name] = {"clearlm": ours[spec.name], "lm_eval": other["metrics"], "agreement": agreement}
+        for metric, b in other["metrics"].items():
+            a = ours[spec.name].get(metric, math.nan)
             form = ".4f" if max(abs(a), abs(b)) < 1e5 else ".4e"  # perplexities of an untrained model are huge
-            print(f"{spec.name:<16}{metric:<10}{a:>12{form}}{b:>12{form}}   {max_diff:.2e}")
+            print(f"{spec.name:<22}{metric:<34}{a:>10{form}}{b:>10{form}}   {agreement}")
     report |= {"clearlm_seconds": clearlm_s, "lm_eval_seconds": lm_eval_s, "speedup": lm_eval_s / clearlm_s,
                "lm_eval_fixed_seconds": lm_eval_fixed_s}  # fmt: skip
     print(f"wall time: clearlm {clearlm_s:.1f} s, lm-eval {lm_eval_s:.1f} s -> {lm_eval_s / clearlm_s:.2f}x")

@@ -8,6 +8,8 @@ tasks use hook functions in `clearlm_hooks.py`, which call the same task definit
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -124,8 +126,6 @@ def run_lm_eval(
     except ImportError as e:  # pragma: no cover - lm-eval is a test dependency
         raise ImportError("comparing with lm-evaluation-harness needs `pip install lm-eval accelerate`") from e
     names = export_tasks(specs, data_dir, work, {})
-    import sys
-
     sys.path.insert(0, str(work))
     try:
         out = lm_eval.simple_evaluate(
@@ -149,3 +149,172 @@ def run_lm_eval(
             "loglikelihoods": [_loglikelihoods(s["filtered_resps"]) for s in samples],
         }
     return results
+
+
+# lm-eval's own configs for the tasks clearlm mirrors: its YAML (by path under lm_eval/tasks) and what must change to
+# read the local copy of the data. HumanEval and MBPP get their YAML's settings with hooks of their own (their utils
+# load HF evaluate's code_eval from the hub at import).
+_NATIVE = {
+    "gsm8k": ("gsm8k/gsm8k.yaml", {"training_split": None, "fewshot_split": "test", "test_split": "test"}),
+    "truthfulqa_mc1": ("truthfulqa/truthfulqa_mc1.yaml", {"validation_split": "test", "test_split": None}),
+    "truthfulqa_mc2": ("truthfulqa/truthfulqa_mc2.yaml", {"validation_split": "test", "test_split": None}),
+    "crows_pairs_english": ("crows_pairs/crows_pairs_english.yaml", {"test_split": "test"}),
+    "bbq": ("bbq/bbq_multiple_choice.yaml", {"test_split": "test"}),
+    "ifeval": ("ifeval/ifeval.yaml", {"test_split": "test"}),
+}
+NATIVE_TASKS = frozenset({*_NATIVE, "humaneval", "mbpp"})  # compared through lm-eval's own configs
+_CODE_HOOKS = '''"""HumanEval's and MBPP's lm-eval hooks without HF evaluate: the same predictions and few-shot rows."""
+
+
+def build_predictions(resps, docs):
+    return [[doc["prompt"] + r for r in resp] for resp, doc in zip(resps, docs)]
+
+
+def no_metric(references, predictions):
+    return 0.0
+
+
+{fewshot}
+'''
+
+
+def _truthfulqa_rows(path: Path, out: Path) -> Path:
+    """The original mc_task.json in the Hugging Face dataset's shape ({"choices": [...], "labels": [...]})."""
+    rows = json.loads(path.read_text())
+    with open(out, "w") as f:
+        for row in rows:
+            shaped = {key: {"choices": list(row[key]), "labels": list(row[key].values())}
+                      for key in ("mc1_targets", "mc2_targets")}  # fmt: skip
+            f.write(json.dumps({"question": row["question"], **shaped}) + "\n")
+    return out
+
+
+def _native_config(spec: TaskSpec, data_dir: Path, work: Path, tasks_dir: Path) -> dict:
+    name = PREFIX + spec.name
+    data = spec.data_path(data_dir).resolve()
+    kind = {".csv": "csv", ".gz": "json"}.get(data.suffix, "json")
+    if spec.name.startswith("truthfulqa"):
+        data = _truthfulqa_rows(data, work / "truthfulqa.jsonl")
+    split = "test"
+    if spec.name in _NATIVE:
+        path, changes = _NATIVE[spec.name]
+        config = {"include": str(tasks_dir / path), "task": name, "tag": [], **changes}
+        split = changes.get("validation_split") or "test"
+    else:  # humaneval, mbpp
+        theirs = their_yaml(tasks_dir / spec.name / f"{spec.name}.yaml")
+        config = {key: theirs[key] for key in ("output_type", "doc_to_text", "doc_to_target", "generation_kwargs",
+                                                "num_fewshot") if key in theirs}  # fmt: skip
+        config |= {
+            "task": name,
+            "test_split": "test",
+            "target_delimiter": theirs.get("target_delimiter", " "),
+            "metric_list": [{"metric": _Function("clearlm_code_hooks.no_metric"), "aggregation": "mean"}],
+        }
+        if spec.name == "humaneval":
+            config["filter_list"] = [{"name": "create_test", "filter": [{"function": "custom", "filter_fn":
+                                     _Function("clearlm_code_hooks.build_predictions")}]}]  # fmt: skip
+        else:  # mbpp's test split is task ids 11-510 of the full file; its examples are lm-eval's literal list
+            config["process_docs"] = _Function("clearlm_code_hooks.mbpp_test")
+            config["fewshot_config"] = {"sampler": "first_n",
+                                        "samples": _Function("clearlm_code_hooks.list_fewshot_samples")}  # fmt: skip
+    config["dataset_path"] = kind
+    config["dataset_name"] = None
+    config["dataset_kwargs"] = {"data_files": {split: str(data)}}
+    if spec.output_type == "generate":  # theirs, with the token budget of the comparison
+        path = _NATIVE[spec.name][0] if spec.name in _NATIVE else f"{spec.name}/{spec.name}.yaml"
+        their = their_yaml(tasks_dir / path).get("generation_kwargs", {})
+        config["generation_kwargs"] = {**their, "max_gen_toks": spec.max_gen_tokens}
+    return config
+
+
+class _TagLoader(yaml.SafeLoader):
+    """Reads lm-eval's YAML as data: a `!function` hook becomes its dotted name."""
+
+
+_TagLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def their_yaml(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=_TagLoader)
+
+
+def run_lm_eval_native(
+    model_dir: Path, specs: list[TaskSpec], data_dir: Path, work: Path, limit: int, batch_size: int
+) -> dict[str, dict]:
+    """lm-eval's own task configs on the local files, with its `hf` model. Per clearlm task: lm-eval's metrics
+    (named as clearlm names them), contexts, first generations or log-likelihoods. For the code tasks, pass@1 is
+    HF code_eval's program (prediction, newline, tests) on lm-eval's generations, run in clearlm's sandbox."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from clearlm.eval.metrics import pass_at_k
+    from clearlm.sandbox import Limits, run_many
+
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    work.mkdir(parents=True, exist_ok=True)
+    source = (tasks_dir / "mbpp" / "utils.py").read_text()
+    fewshot = source[source.index("def list_fewshot_samples") :]
+    mbpp_test = "\n\ndef mbpp_test(dataset):\n    return dataset.filter(lambda d: 11 <= d['task_id'] <= 510)\n"
+    (work / "clearlm_code_hooks.py").write_text(_CODE_HOOKS.format(fewshot=fewshot + mbpp_test))
+    names = []
+    for spec in specs:
+        config = _native_config(spec, data_dir, work, tasks_dir)
+        (work / f"{config['task']}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        names.append(config["task"])
+    sys.path.insert(0, str(work))
+    try:
+        out = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "device": "cpu"}, tasks=names,
+            task_manager=TaskManager(include_path=str(work)), limit=limit, batch_size=batch_size, log_samples=True,
+            bootstrap_iters=0,
+        )  # fmt: skip
+    finally:
+        sys.path.remove(str(work))
+    results = {}
+    for spec, name in zip(specs, names, strict=True):
+        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+        first_filter = samples[0]["filter"]
+        samples = [s for s in samples if s["filter"] == first_filter]
+        metrics = {}
+        for key, value in out["results"][name].items():
+            metric, _, flt = key.partition(",")
+            if not flt or "_stderr" in metric:
+                continue
+            metric = "mc2" if spec.name == "truthfulqa_mc2" and metric == "acc" else metric
+            metrics[metric if flt == "none" else f"{metric},{flt}"] = float(value)
+        if spec.name in ("humaneval", "mbpp"):
+            predictions = [s["filtered_resps"][0] for s in samples]  # HumanEval's: [prompt + completion]
+            programs = [(p[0] if isinstance(p, list) else p) + "\n" + s["target"]
+                        for p, s in zip(predictions, samples, strict=True)]  # fmt: skip
+            passed = [v.passed for v in run_many(programs, Limits(wall_seconds=spec.timeout), workers=2)]
+            key = "pass@1,create_test" if spec.name == "humaneval" else "pass@1"
+            metrics = {key: sum(pass_at_k(1, int(p), 1) for p in passed) / len(passed)}
+        results[spec.name] = {
+            "metrics": metrics,
+            "contexts": [s["arguments"][0][0] for s in samples],
+            "generations": [s["resps"][0][0] for s in samples] if spec.output_type == "generate" else [],
+            "loglikelihoods": [_loglikelihoods(s["filtered_resps"]) for s in samples if spec.output_type != "generate"],
+        }
+    return results
+
+
+def long_context_copy(release: Path, out: Path, context: int, d_model: int = 48, n_layers: int = 2) -> Path:
+    """A random-weight Llama with `context` positions and the release's tokenizer files: generative prompts (five
+    GSM8K examples, IFEval's answers) need more room than a small release has; speed and agreement do not need its
+    weights."""
+    import shutil
+
+    import torch
+
+    from clearlm.model.hf import save_hf
+    from clearlm.model.transformer import Transformer, TransformerConfig
+
+    config = json.loads((release / "config.json").read_text())
+    model = Transformer(TransformerConfig(vocab_size=config["vocab_size"], d_model=d_model, n_layers=n_layers,
+                                          n_heads=4, context=context, tie_embeddings=False, init_std=0.2))  # fmt: skip
+    model.init_weights(7)
+    save_hf(model, out, config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(release / name, out / name)
+    torch.manual_seed(0)
+    return out

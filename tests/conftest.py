@@ -22,6 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # t
 # `make test` (CI) sets this: a comparison whose peer library or ../shared/data is missing then fails, where a
 # plain local `pytest` skips it
 REQUIRE_PEERS = bool(os.environ.get("CLEARLM_REQUIRE_PEERS"))
+# NLTK's punkt_tab (ifeval's sentence splitter) from ../shared/data, never downloaded: clearlm does not ship it
+_PUNKT = Path(__file__).resolve().parents[2] / "shared" / "data" / "nltk_punkt_tab"
+if _PUNKT.is_dir():
+    os.environ.setdefault("NLTK_DATA", str(_PUNKT))
 _MISSING_PEER = ("could not import", "../shared/data")
 
 

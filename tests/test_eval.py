@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from clearlm.eval.generate import generate
 from clearlm.eval.perplexity import domain_bits_per_byte, rolling_windows
+from clearlm.model.generate import Sampling, complete
 from clearlm.model.transformer import Transformer, TransformerConfig
 
 
@@ -67,13 +67,13 @@ def test_bits_per_byte_equals_a_direct_computation():
 
 
 def test_generation_is_seeded_and_greedy_is_deterministic():
-    cfg = TransformerConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, context=8)
+    cfg = TransformerConfig(vocab_size=96, d_model=32, n_layers=1, n_heads=2, context=16)
     model = Transformer(cfg)
     model.init_weights(0)
     tok = _char_tokenizer()
-    a = generate(model, tok, "hi", max_new_tokens=12, seed=1, temperature=1.0)
-    assert a == generate(model, tok, "hi", max_new_tokens=12, seed=1, temperature=1.0)
-    assert a != generate(model, tok, "hi", max_new_tokens=12, seed=2, temperature=1.0)
-    greedy = generate(model, tok, "hi", max_new_tokens=12, temperature=0)
-    assert greedy == generate(model, tok, "hi", max_new_tokens=12, temperature=0, seed=5)
+    a = complete(model, tok, "hi", max_new_tokens=12, sampling=Sampling(1.0, seed=1))
+    assert a == complete(model, tok, "hi", max_new_tokens=12, sampling=Sampling(1.0, seed=1))
+    assert a != complete(model, tok, "hi", max_new_tokens=12, sampling=Sampling(1.0, seed=2))
+    greedy = complete(model, tok, "hi", max_new_tokens=12)
+    assert greedy == complete(model, tok, "hi", max_new_tokens=12, sampling=Sampling(0.0, seed=5))
     assert len(greedy.split(" ")) == 12  # the word-level test tokenizer decodes with spaces

@@ -19,7 +19,7 @@ import clearlm
 from clearlm.artifacts import integrity, sha256_file
 from clearlm.cli import app
 from clearlm.data.chat import ChatTemplate
-from clearlm.eval.generate import generate
+from clearlm.model.generate import Sampling, complete
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.model.weights import load_model
 from clearlm.openness.audit import audit_folder
@@ -164,8 +164,8 @@ def test_cli_run_generate_and_skip(tmp_path, tiny_recipe):
     assert again.output.count("up to date, skipped") == 6
     out = runner.invoke(app, ["generate", f"{workdir}/tiny/release", "def", "--max-new-tokens", "5", "--seed", "1"])
     model, tok, eos = load_release(tmp_path / "w" / "tiny" / "release")
-    assert out.exit_code == 0 and out.stdout == "def" + generate(model, tok, "def", max_new_tokens=5, seed=1,
-                                                                 stop_id=eos) + "\n"  # fmt: skip
+    expected = complete(model, tok, "def", max_new_tokens=5, sampling=Sampling(0.8, 50, seed=1), eos_id=eos)
+    assert out.exit_code == 0 and out.stdout == "def" + expected + "\n"
 
 
 def test_cli_bad_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
@@ -254,7 +254,7 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     """The real quickstart recipe (full stdlib corpus, both domains) with a tiny model and 3 steps. (`verify` of
     a release with every stage: tests/test_reproducibility.py, test_midtrain.py, test_stages.py.)"""
     shrink = ["tokenizer.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
-              "model.context=64", "train.max_steps=3", "train.eval_batches=1", "train.checkpoint_interval=0",
+              "model.context=128", "train.max_steps=3", "train.eval_batches=1", "train.checkpoint_interval=0",
               "eval.max_documents_per_domain=3", "sft.builtin_examples=40", "sft.epochs=1",
               "dpo.builtin_pairs=30", "midtrain.max_steps=2", "midtrain.warmup_steps=1"]  # fmt: skip
     pipe = Pipeline(load_recipe(None, shrink), tmp_path)
@@ -272,8 +272,16 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     items = [r for r in items if r["task"] == "stdlib_next_line"]
     assert next_line["samples"] == len(items) > 20
     assert next_line["acc"] == pytest.approx(sum(r["acc"] for r in items) / len(items))
+    functions = pipe.artifacts["eval"].metrics["tasks"]["stdlib_functions"]  # generated, run in the sandbox
+    rows = [json.loads(line) for line in (pipe.artifacts["eval"].path / "samples.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["task"] == "stdlib_functions"]
+    assert functions["samples"] == len(rows) >= 5 and all(len(r["verdicts"]["function"]) == 1 for r in rows)
+    assert functions["pass@1,function"] == pytest.approx(sum(r["verdicts"]["function"] == ["passed"] for r in rows)
+                                                         / len(rows))  # fmt: skip
     card = (tmp_path / "quickstart" / "release" / "README.md").read_text()
-    assert "stdlib_next_line" in card and (tmp_path / "quickstart" / "release" / "eval" / "samples.jsonl").is_file()
+    assert "stdlib_next_line" in card and "pass@1,function" in card
+    assert (tmp_path / "quickstart" / "release" / "eval" / "samples.jsonl").is_file()
+    assert "stdlib_functions: generations" in (tmp_path / "quickstart" / "release" / "report.html").read_text()
     assert (tmp_path / "quickstart" / "release" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "quickstart" / "release" / "openness.json").read_text())["mof"]["class"] == 1
 
@@ -513,8 +521,8 @@ def test_pretrain_sft_dpo_release_end_to_end(tmp_path, tiny_recipe):
     model, tok, eos = load_release(rel)
     text, _ = ChatTemplate(eos_token="<|endoftext|>").render([{"role": "user", "content": "Say alpha twice."}],
                                                             add_generation_prompt=True)  # fmt: skip
-    assert chat.exit_code == 0 and chat.output == generate(model, tok, text, max_new_tokens=8, seed=0,
-                                                            stop_id=eos) + "\n"  # fmt: skip
+    expected = complete(model, tok, text, max_new_tokens=8, sampling=Sampling(0.8, 50, seed=0), eos_id=eos)
+    assert chat.exit_code == 0 and chat.output == expected + "\n"
     assert (rel / "data" / "post_training" / "dpo" / "pairs.jsonl.zst").is_file()
     assert "Preference tuning (DPO): reward accuracy and margin" in (rel / "report.html").read_text()
     verdict = verify_release(rel, tiny_recipe.parent, tmp_path)

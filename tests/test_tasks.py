@@ -26,7 +26,8 @@ def _first_requests(name, k=1):
 def test_every_builtin_task_names_its_source_and_licence():
     assert set(TASKS) == {
         "arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "winogrande", "sciq", "openbookqa",
-        "social_iqa", "copa", "commonsense_qa", "wsc273", "lambada_openai", "stdlib_next_line",
+        "social_iqa", "copa", "commonsense_qa", "wsc273", "lambada_openai", "stdlib_next_line", "stdlib_functions",
+        "gsm8k", "humaneval", "mbpp", "ifeval", "truthfulqa_mc1", "truthfulqa_mc2", "crows_pairs_english", "bbq",
     }  # fmt: skip
     assert all(spec.source and spec.license != "NOASSERTION" for spec in TASKS.values())
 
@@ -77,10 +78,11 @@ def test_prompts_match_hand_checked_items():
 
 @needs_shared
 def test_every_builtin_task_loads_its_data():
-    for spec in (s for s in TASKS.values() if s.name != "stdlib_next_line"):  # that one reads a run's split
+    for spec in (s for s in TASKS.values() if not s.name.startswith("stdlib_")):  # those read a run's split
         docs = load_docs(spec, SHARED, limit=5)
         assert len(docs) == 5
-        assert build_requests(spec, docs, spec.data_path(SHARED), 0, 1234).requests
+        run = build_requests(spec, docs, spec.data_path(SHARED), 0, 1234)
+        assert run.requests if spec.output_type != "generate" else all(run.contexts)
 
 
 def test_acc_and_acc_norm_from_known_loglikelihoods():
@@ -149,24 +151,11 @@ def test_example_task_files_load(tmp_path):
             assert load_docs(spec, None)
 
 
-def _long_context_copy(release: Path, out: Path) -> Path:
-    """The tiny release's tokenizer with a random 512-token-context model (lm-eval needs room)."""
-    import shutil
+def _long_context_copy(release: Path, out: Path, context: int = 512) -> Path:
+    """The tiny release's tokenizer with a random model of a longer context (lm-eval needs room)."""
+    from lm_eval_export import long_context_copy
 
-    import torch
-
-    from clearlm.model.hf import save_hf
-    from clearlm.model.transformer import Transformer, TransformerConfig
-
-    config = json.loads((release / "config.json").read_text())
-    model = Transformer(TransformerConfig(vocab_size=config["vocab_size"], d_model=48, n_layers=2, n_heads=4,
-                                          context=512, tie_embeddings=False, init_std=0.2))  # fmt: skip
-    model.init_weights(7)
-    save_hf(model, out, config["bos_token_id"], config["eos_token_id"], config["pad_token_id"])
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(release / name, out / name)
-    torch.manual_seed(0)
-    return out
+    return long_context_copy(release, out, context)
 
 
 @pytest.mark.slow

@@ -283,7 +283,7 @@ def eval_(
     bpb: Annotated[list[Path] | None, typer.Option(help="jsonl/txt file or folder: bits per byte per source")] = None,
     preferences: Annotated[list[Path] | None, typer.Option(help="prompt/chosen/rejected (or HH) jsonl")] = None,
     reference: Annotated[Path | None, typer.Option(help="reference model folder for DPO reward accuracy")] = None,
-    num_fewshot: Annotated[int, typer.Option(min=0)] = 0,
+    num_fewshot: Annotated[int | None, typer.Option(min=0, help="default: each task's own (gsm8k 5, mbpp 3)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items of each task")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: all cores); scores are exact per count")] = 0,
@@ -308,7 +308,8 @@ def eval_(
             results, samples, meta = evaluate_model(req)
             out = output or workdir / "eval" / Path(target).resolve().name
             write_results(out, results, samples, meta)
-            _print_results(f"{target} ({num_fewshot}-shot)", results)
+            shots = "each task's default shots" if num_fewshot is None else f"{num_fewshot}-shot"
+            _print_results(f"{target} ({shots})", results)
             console.print(f"results: {out / 'results.json'}")
             return
         if tasks or task_file or bpb or preferences:
@@ -356,21 +357,28 @@ def release(recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt =
 
 @app.command()
 def generate(
-    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a release (or Llama model) folder")],
+    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a release or any causal LM folder")],
     prompt: Annotated[str, typer.Argument(help="text to continue")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="0 = no top-k filtering")] = 50,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="1 = no nucleus filtering")] = 1.0,
     seed: int = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="end the text before this string (repeatable)")] = None,
     chat: Annotated[bool, typer.Option(help="treat PROMPT as a user turn of the release's chat template")] = False,
 ) -> None:
     """Sample a continuation of PROMPT from a release (with --chat: the assistant's answer to it)."""
     from clearlm.data.chat import ChatTemplate
-    from clearlm.eval.generate import generate as sample
+    from clearlm.model.generate import Sampling, complete
     from clearlm.release.load import load_release
 
     with _user_errors():
         model, tok, eos_id = load_release(release_dir)
+        if max_new_tokens >= model.cfg.context:
+            raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's context "
+                             f"of {model.cfg.context} tokens")  # fmt: skip
+        if top_p == 0:
+            raise InputError("--top-p must be above 0 (1 = no nucleus filtering)")
         text = prompt
         if chat:
             config_path = release_dir / "tokenizer_config.json"
@@ -379,10 +387,8 @@ def generate(
                 raise InputError(f"{config_path}: no chat_template (is this a post-trained release?)")
             template = ChatTemplate(config["chat_template"], config.get("eos_token", "<|endoftext|>"))
             text, _ = template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        answer = sample(
-            model, tok, text, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_k=top_k or None, seed=seed, stop_id=eos_id,
-        )  # fmt: skip
+        answer = complete(model, tok, text, max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p,
+                          seed), eos_id=eos_id, stop=stop or ())  # fmt: skip
         sys.stdout.write((answer if chat else prompt + answer) + "\n")
 
 

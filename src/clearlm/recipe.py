@@ -300,7 +300,7 @@ class EvalConfig(_Section):
     tasks: list[str] = Field([], description="built-in tasks (clearlm eval --list)")
     task_files: list[str] = Field([], description="task definition files, relative to the recipe")
     data_dir: str | None = Field(None, description="folder of task data files; the run's data split is also searched")
-    num_fewshot: int = Field(0, ge=0)
+    num_fewshot: int | None = Field(None, ge=0, description="None: each task's own default")
     limit: int | None = Field(None, gt=0, description="first N items of each task")
 
 

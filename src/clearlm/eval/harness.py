@@ -10,11 +10,16 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from clearlm.errors import InputError
-from clearlm.eval.generate import generate
-from clearlm.eval.metrics import acc_norm_pred, argmax, mean_and_stderr, perplexity
+from clearlm.eval import bbq
+from clearlm.eval.filters import NO_FILTER, Filter, apply_filter
+from clearlm.eval.metrics import acc_norm_pred, argmax, exact_match, mean_and_stderr, pass_at_k, perplexity, true_mass
 from clearlm.eval.scoring import Encoder, score_requests
 from clearlm.eval.taskspec import Doc, TaskSpec, load_docs
 from clearlm.model.auto import CausalLM
+from clearlm.model.generate import Sampling, generate
+from clearlm.sandbox import Limits, run_many
+
+IFEVAL_METRICS = {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"}
 
 
 @dataclass
@@ -34,15 +39,18 @@ def _gold_text(spec: TaskSpec, doc: Doc) -> str:
 
 
 def _fewshot_prefix(spec: TaskSpec, pool: list[Doc], doc: Doc, k: int, rng: random.Random) -> str:
-    """k labelled examples drawn as lm-eval's default sampler draws them from a task's only split:
-    k + 1 documents, the evaluated one removed, redrawn from the others if too few remain."""
+    """k labelled examples drawn as lm-eval's samplers draw them: `first_n` takes the pool's first k; the default
+    draws k + 1 documents, the evaluated one removed, redrawn from the others if too few remain."""
     if k == 0:
         return ""
-    if k >= len(pool):
+    if k >= len(pool) + (spec.fewshot_filter is not None):
         raise InputError(f"task {spec.name!r} has {len(pool)} items: too few for {k}-shot prompts")
-    shots = [x for x in rng.sample(pool, k + 1) if x != doc][:k]
-    if len(shots) < k:
-        shots = rng.sample([x for x in pool if x != doc], k)
+    if spec.fewshot_sampler == "first_n":
+        shots = pool[:k]
+    else:
+        shots = [x for x in rng.sample(pool, k + 1) if x != doc][:k]
+        if len(shots) < k:
+            shots = rng.sample([x for x in pool if x != doc], k)
     parts = []
     for shot in shots:
         if spec.partial:
@@ -87,29 +95,91 @@ def _doc_result(spec: TaskSpec, doc: Doc, scores: list[Any]) -> dict[str, Any]:
     out["acc"] = float(pred == gold)
     if "acc_norm" in spec.metrics and not spec.partial:
         out["acc_norm"] = float(acc_norm_pred(lls, spec.choices(doc)) == gold)
+    if "mc2" in spec.metrics:
+        out["mc2"] = true_mass(lls, spec.labels(doc))
+    if "likelihood_diff" in spec.metrics or "pct_stereotype" in spec.metrics:  # CrowS-Pairs: choice 0 is stereotyped
+        out["likelihood_diff"], out["pct_stereotype"] = abs(lls[0] - lls[1]), float(lls[0] > lls[1])
+    if spec.preprocess == "bbq":
+        out["bbq"] = bbq.item(doc, pred)
+        out["acc"] = out["bbq"]["acc"]
     return out
 
 
 def _aggregate(spec: TaskSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric's mean and standard error over items; lm-eval's own aggregates where a metric is not a mean
+    (perplexity, ifeval's instruction level, BBQ's context-split accuracies and bias scores)."""
     metrics: dict[str, Any] = {"samples": len(rows)}
-    for name in spec.metrics:
-        if name == "perplexity":
-            metrics["perplexity"] = perplexity([r["loglikelihood"] for r in rows])
-            metrics["perplexity_stderr"] = None
+    if spec.output_type == "generate":
+        columns = {name: [r["metrics"][name] for r in rows] for name in rows[0]["metrics"]}
+    else:
+        columns = {name: [r[name] for r in rows] for name in spec.metrics if name in rows[0]}
+    for name, values in columns.items():
+        if isinstance(values[0], list):  # ifeval's instruction level: over all instructions of all prompts
+            metrics[name], metrics[f"{name}_stderr"] = sum(map(sum, values)) / sum(map(len, values)), None
         else:
-            metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr([r[name] for r in rows])
+            metrics[name], metrics[f"{name}_stderr"] = mean_and_stderr(values)
+    if "perplexity" in spec.metrics:
+        metrics["perplexity"], metrics["perplexity_stderr"] = perplexity([r["loglikelihood"] for r in rows]), None
+    if spec.preprocess == "bbq":
+        metrics.update(bbq.aggregate([r["bbq"] for r in rows]))
     return metrics
 
 
-def _generate_rows(run: TaskRun, model: CausalLM, tok: Tokenizer, stop_id: int | None) -> list[dict[str, Any]]:
-    rows = []
-    for doc, context in zip(run.docs, run.contexts, strict=True):
-        text = generate(
-            model, tok, context, max_new_tokens=run.spec.max_gen_tokens, temperature=0, stop_id=stop_id,
-            stop_strings=run.spec.until, add_special_tokens=True,
-        )  # fmt: skip
-        gold = str(run.spec.target(doc))
-        rows.append({"generation": text, "gold": gold, "exact_match": float(text == gold)})  # lm-eval: no strip
+def _metric_key(metric: str, flt: Filter, spec: TaskSpec) -> str:
+    """lm-eval's `metric,filter` naming; a task without filters keeps plain metric names."""
+    return metric if not spec.filters else f"{metric},{flt.name}"
+
+
+def _generate(run: TaskRun, model: CausalLM, tok: Tokenizer, encoder: Encoder, eos_id: int | None, batch_size: int,
+              seed: int) -> list[list[str]]:  # fmt: skip
+    """`repeats` generations per document, decoded as lm-eval decodes them (special tokens skipped)."""
+    spec = run.spec
+    if spec.max_gen_tokens >= model.cfg.context:
+        raise InputError(f"task {spec.name!r}: max_gen_tokens {spec.max_gen_tokens} leaves no room for a prompt in "
+                         f"the model's context of {model.cfg.context}")  # fmt: skip
+    prompts = [encoder.encode(context) for context in run.contexts for _ in range(spec.repeats)]
+    completions = generate(
+        model, prompts, max_new_tokens=spec.max_gen_tokens, eos_ids=[] if eos_id is None else [eos_id],
+        stop=spec.until, decode=lambda ids: tok.decode(ids, skip_special_tokens=True), batch_size=batch_size,
+        sampling=Sampling(spec.temperature, spec.top_k, spec.top_p, seed),
+    )  # fmt: skip
+    texts = [c.text for c in completions]
+    return [texts[i : i + spec.repeats] for i in range(0, len(texts), spec.repeats)]
+
+
+def _generation_rows(run: TaskRun, generations: list[list[str]], workers: int | None) -> list[dict[str, Any]]:
+    """Each document's generations, filtered answers and metrics; code tasks' programs run in the sandbox."""
+    spec, rows, programs = run.spec, [], []
+    single = [m for m in spec.metrics if m != "pass@k"]
+    letters = random.Random(0)  # ifeval's draws, in item order, as lm-eval's run seeded 0 draws them
+    for doc, responses in zip(run.docs, generations, strict=True):
+        target = str(spec.target(doc))
+        row: dict[str, Any] = {"generations": responses, "target": target, "filtered": {}, "metrics": {}}
+        for flt in spec.filters or [NO_FILTER]:
+            answer = apply_filter(flt, responses, doc)
+            row["filtered"][flt.name] = answer
+            if "pass@k" in spec.metrics:  # HF code_eval's program: the candidate, a newline, the tests
+                programs += [(row, flt, [c + "\n" + target for c in ([answer] if isinstance(answer, str) else answer)])]
+            if single and not isinstance(answer, str):
+                raise InputError(f"task {spec.name!r}: filter {flt.name!r} leaves {len(answer)} answers per item; "
+                                 f"{single[0]} needs one (end the filter with take_first)")  # fmt: skip
+            if "exact_match" in single:
+                row["metrics"][_metric_key("exact_match", flt, spec)] = exact_match(answer, target, spec.exact_match)
+            if set(single) & IFEVAL_METRICS:
+                from clearlm.eval.ifeval import score_response
+
+                scores = score_response(doc, answer, letters)
+                row["metrics"].update({_metric_key(m, flt, spec): scores[m] for m in single if m in IFEVAL_METRICS})
+        rows.append(row)
+    if programs:
+        limits = Limits(wall_seconds=spec.timeout)
+        verdicts = iter(run_many([p for _, _, group in programs for p in group], limits, workers=workers))
+        for row, flt, group in programs:
+            mine = [next(verdicts) for _ in group]
+            row.setdefault("verdicts", {})[flt.name] = [v.reason for v in mine]
+            correct = sum(v.passed for v in mine)
+            for k in spec.pass_k:
+                row["metrics"][_metric_key(f"pass@{k}", flt, spec)] = pass_at_k(len(mine), correct, k)
     return rows
 
 
@@ -121,24 +191,32 @@ def evaluate_tasks(
     *,
     prefix_id: int,
     eos_id: int | None = None,
-    num_fewshot: int = 0,
+    num_fewshot: int | None = None,
     limit: int | None = None,
     batch_size: int = 16,
     seed: int = 1234,
+    workers: int | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Per-task metrics and per-item samples. All log-likelihood requests of all tasks are scored in
-    one sorted, batched pass."""
+    """Per-task metrics and per-item samples. All log-likelihood requests of all tasks are scored in one sorted,
+    batched pass; each generative task's prompts go through the generation engine together. `num_fewshot` None
+    means each task's own default; `workers` is how many sandboxed programs run at once (default: the cores)."""
     runs = []
     for spec in specs:
-        pool = load_docs(spec, data_dir) if num_fewshot else None
-        docs = pool[:limit] if pool is not None else load_docs(spec, data_dir, limit)
-        runs.append(build_requests(spec, docs, spec.data_path(data_dir), num_fewshot, seed, pool))
+        shots = spec.num_fewshot if num_fewshot is None else num_fewshot
+        docs = load_docs(spec, data_dir, limit)
+        pool = None
+        if shots:
+            pool = load_docs(spec, data_dir, fewshot=True) if spec.fewshot_filter else load_docs(spec, data_dir)
+        runs.append(build_requests(spec, docs, spec.data_path(data_dir), shots, seed, pool))
+    encoder = Encoder(tok, prefix_id)
     all_requests = [r for run in runs for r in run.requests]
-    scores = score_requests(model, Encoder(tok, prefix_id), all_requests, batch_size) if all_requests else []
+    scores = score_requests(model, encoder, all_requests, batch_size) if all_requests else []
     results, samples, offset = {}, [], 0
     for run in runs:
         if run.spec.output_type == "generate":
-            rows = _generate_rows(run, model, tok, eos_id if eos_id is not None else prefix_id)
+            generations = _generate(run, model, tok, encoder, eos_id if eos_id is not None else prefix_id,
+                                    batch_size, seed)  # fmt: skip
+            rows = _generation_rows(run, generations, workers)
         else:
             mine = scores[offset : offset + len(run.requests)]
             offset += len(run.requests)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
+import string
 from collections.abc import Sequence
+
+import numpy as np
+
+from clearlm.eval.taskspec import ExactMatch
 
 
 def argmax(values: Sequence[float]) -> int:
@@ -28,3 +34,30 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float | None]:
 def perplexity(logprobs: Sequence[float]) -> float:
     """exp of the mean negative log-likelihood per item (lm-eval's `perplexity` aggregation)."""
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def exact_match(prediction: str, reference: str, options: ExactMatch) -> float:
+    """lm-eval's exact_match for one item: each regex removed from both, then case, punctuation and digits."""
+    for pattern in options.regexes_to_ignore:
+        prediction, reference = re.sub(pattern, "", prediction), re.sub(pattern, "", reference)
+    if options.ignore_case:
+        prediction, reference = prediction.lower(), reference.lower()
+    for ignored, asked in ((string.punctuation, options.ignore_punctuation), (string.digits, options.ignore_numbers)):
+        if asked:
+            table = str.maketrans("", "", ignored)
+            prediction, reference = prediction.translate(table), reference.translate(table)
+    return float(prediction == reference)
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k of the HumanEval paper, 1 - C(n-c, k) / C(n, k), computed as its product form (as HF
+    evaluate's code_eval computes it) for numerical stability."""
+    if n - correct < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - correct + 1, n + 1)))
+
+
+def true_mass(logprobs: Sequence[float], labels: Sequence[int]) -> float:
+    """TruthfulQA MC2 (lm-eval's truthfulqa_mc2 `acc`): the share of probability on the true answers."""
+    probs = np.exp(np.array(logprobs))
+    return float(np.sum((probs / np.sum(probs))[np.array(labels) == 1]))

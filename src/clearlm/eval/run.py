@@ -38,7 +38,7 @@ class EvalRequest:
     bpb_files: list[Path] = field(default_factory=list)
     preference_files: list[Path] = field(default_factory=list)
     reference: Path | None = None
-    num_fewshot: int = 0
+    num_fewshot: int | None = None  # None: each task's own default
     limit: int | None = None
     batch_size: int = 16
     threads: int = 0  # 0: this process's cores; a sum split over another count of threads rounds differently
@@ -53,7 +53,7 @@ def _corpus_text(tok: Tokenizer) -> Tokenizer:
 
 def score(
     model: CausalLM, tok: Tokenizer, prefix_id: int, eos_id: int | None, *, specs: list[TaskSpec],
-    data_dirs: list[Path], corpora: dict[str, Iterable[dict[str, Any]]], num_fewshot: int, limit: int | None,
+    data_dirs: list[Path], corpora: dict[str, Iterable[dict[str, Any]]], num_fewshot: int | None, limit: int | None,
     batch_size: int, max_documents: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """(task results, bits per byte per domain of each corpus, per-item samples): what `clearlm eval MODEL` and
@@ -96,7 +96,7 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
     meta = {
         "config": {
             "tasks": [s.name for s in specs], "num_fewshot": req.num_fewshot, "limit": req.limit,
-            "fewshot_source": "the evaluated file, the evaluated item excluded (seed 1234)",
+            "fewshot_source": "a task's fewshot_filter rows, else the evaluated file, the item excluded (seed 1234)",
             "batch_size": req.batch_size, "bpb_files": [str(p) for p in req.bpb_files],
             "preference_files": [str(p) for p in req.preference_files],
             "reference": str(req.reference) if req.reference else None,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ast
 import csv
 import functools
+import gzip
 import hashlib
 import json
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,8 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clearlm.errors import InputError
+from clearlm.eval import bbq
+from clearlm.eval.filters import Filter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,11 +95,74 @@ def _next_line(doc: Doc) -> Doc | None:
     return {"id": doc["id"], "context": "\n".join(lines[i - 10 : i]) + "\n", "choices": choices, "gold": gold}
 
 
+def _self_contained(node: ast.FunctionDef) -> bool:
+    """Whether defining the function evaluates nothing from its module: no decorators, annotations or non-constant
+    defaults (all of which run at definition time)."""
+    args = node.args
+    every = [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, (args.vararg, args.kwarg))]
+    defaults = [d for d in (*args.defaults, *args.kw_defaults) if d is not None]
+    return (not node.decorator_list and node.returns is None and all(a.annotation is None for a in every)
+            and all(isinstance(d, ast.Constant) for d in defaults))  # fmt: skip
+
+
+def _function_body(doc: Doc) -> Doc | None:
+    """Write this function: from one held-out source file, a top-level function with a docstring whose definition is
+    self-contained (picked by hashing the document id); its signature and docstring are the prompt, its original body
+    the reference. Files with no such function (or that do not parse) are skipped."""
+    try:
+        tree = ast.parse(doc["text"])
+    except (SyntaxError, ValueError):
+        return None
+    lines = doc["text"].splitlines(keepends=True)
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and len(node.body) > 1 and (
+                _self_contained(node)):  # fmt: skip
+            # the prompt stops at the docstring's closing quotes: the newline and indent of the body's first line are
+            # one token for a BPE tokenizer, which a prompt ending in "\n" would split as training never did
+            prompt = "".join(lines[node.lineno - 1 : node.body[0].end_lineno]).rstrip("\n")
+            body = "".join(lines[node.body[0].end_lineno : node.end_lineno])
+            if len(prompt) <= 600 and body.strip():
+                found.append({"name": node.name, "prompt": prompt, "body": body})
+    if not found:
+        return None
+    pick = found[_stable_int(doc["id"], "function") % len(found)]
+    return {"id": doc["id"], **pick}
+
+
 PREPROCESSORS: dict[str, Callable[[Doc], Doc | None]] = {
     "hellaswag": _hellaswag,
     "winogrande": _winogrande,
     "next_line": _next_line,
+    "function_body": _function_body,
+    "bbq": bbq.preprocess,
 }
+
+
+class ExactMatch(BaseModel):
+    """lm-eval's exact_match options: each regex removed from prediction and reference, then case, punctuation and
+    digits ignored as asked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    regexes_to_ignore: list[str] = []
+    ignore_case: bool = False
+    ignore_punctuation: bool = False
+    ignore_numbers: bool = False
+
+
+METRICS = {
+    "multiple_choice": {"acc", "acc_norm", "mc2", "likelihood_diff", "pct_stereotype", "accuracy_amb",
+                        "accuracy_disamb", "amb_bias_score", "disamb_bias_score"},
+    "loglikelihood": {"acc", "perplexity"},
+    "generate": {"exact_match", "pass@k", "prompt_level_strict_acc", "inst_level_strict_acc",
+                 "prompt_level_loose_acc", "inst_level_loose_acc"},
+}  # fmt: skip
+Metric = Literal[
+    "acc", "acc_norm", "perplexity", "exact_match", "pass@k", "mc2", "likelihood_diff", "pct_stereotype",
+    "accuracy_amb", "accuracy_disamb", "amb_bias_score", "disamb_bias_score", "prompt_level_strict_acc",
+    "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc",
+]  # fmt: skip
 
 
 class TaskSpec(BaseModel):
@@ -112,19 +179,29 @@ class TaskSpec(BaseModel):
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     partial: bool = False
-    preprocess: Literal["hellaswag", "winogrande", "next_line"] | None = None
+    preprocess: Literal["hellaswag", "winogrande", "next_line", "function_body", "bbq"] | None = None
+    doc_to_labels: str | None = Field(None, description="mc2: a 0/1 list marking the true choices")
+    num_fewshot: int = Field(0, ge=0, description="shots when the command line names none (lm-eval's default)")
+    test_filter: str | None = Field(None, description="Jinja test of a row: which rows are evaluated")
+    fewshot_filter: str | None = Field(None, description="Jinja test of a row: which rows give the examples")
+    fewshot_sampler: Literal["random", "first_n"] = "random"
+    fewshot_fields: dict[str, Any] = Field({}, description="fields added to each few-shot example's row")
     until: list[str] = ["\n\n"]
     max_gen_tokens: int = Field(32, gt=0)
-    metrics: list[Literal["acc", "acc_norm", "perplexity", "exact_match"]] | None = None
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repeats: int = Field(1, ge=1, description="generations per item (pass@k with n samples)")
+    filters: list[Filter] = []
+    exact_match: ExactMatch = ExactMatch()
+    pass_k: list[int] = Field([1], min_length=1)
+    timeout: float = Field(3.0, gt=0, description="seconds of wall time per program of a code task")
+    metrics: list[Metric] | None = None
     base_dir: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
     def _metrics_fit_output_type(self) -> TaskSpec:
-        allowed = {
-            "multiple_choice": {"acc"} if self.partial else {"acc", "acc_norm"},
-            "loglikelihood": {"acc", "perplexity"},
-            "generate": {"exact_match"},
-        }[self.output_type]
+        allowed = {"acc"} if self.partial else METRICS[self.output_type]
         if self.metrics is None:
             object.__setattr__(self, "metrics", ["exact_match"] if self.output_type == "generate" else ["acc"])
         wrong = [m for m in self.metrics if m not in allowed]
@@ -137,7 +214,26 @@ class TaskSpec(BaseModel):
             raise ValueError(f"metrics {wrong} do not apply to {kind} tasks (use {sorted(allowed)})")
         if self.output_type == "multiple_choice" and self.doc_to_choice is None:
             raise ValueError("multiple_choice tasks need doc_to_choice")
+        if "mc2" in self.metrics and self.doc_to_labels is None:
+            raise ValueError("the mc2 metric needs doc_to_labels")
+        if "pass@k" in self.metrics and max(self.pass_k) > self.repeats:
+            k = max(self.pass_k)
+            raise ValueError(f"pass@{k} needs at least {k} repeats (repeats = {self.repeats})")
+        if self.repeats > 1 and self.temperature == 0:
+            raise ValueError("repeats > 1 with greedy decoding (temperature 0) gives the same answer each time")
         return self
+
+    def selects(self, condition: str | None, doc: Doc) -> bool:
+        """Whether a row passes a `test_filter`/`fewshot_filter` Jinja test (no test: every row)."""
+        return condition is None or _compiled(condition).render(**doc).strip() == "True"
+
+    def labels(self, doc: Doc) -> list[int]:
+        value = self._render(self.doc_to_labels or "", doc)
+        if isinstance(value, str):
+            value = ast.literal_eval(value)
+        if not isinstance(value, list) or len(value) != len(self.choices(doc)):
+            raise ValueError(f"doc_to_labels must give one 0/1 label per choice, got {value!r}")
+        return [int(v) for v in value]
 
     def data_path(self, data_dir: Path | list[Path] | None) -> Path:
         dirs = data_dir if isinstance(data_dir, list) else [data_dir]
@@ -150,7 +246,7 @@ class TaskSpec(BaseModel):
         raise InputError(f"{where}: data file for task {self.name!r} not found{origin}; pass --data-dir")
 
     def _render(self, template: str, doc: Doc) -> str:
-        if template in doc:
+        if template and template in doc:  # a field's name (a CSV's unnamed index column is "": not a field)
             return doc[template]
         return _compiled(template).render(**doc)
 
@@ -197,27 +293,35 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Doc]]:
         if not isinstance(rows, list):
             raise InputError(f"{path}: expected a JSON array of objects")
         yield from enumerate(rows, 1)
-    else:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    else:  # JSON lines, gzipped when the name ends in .gz (HumanEval's release)
+        opener = gzip.open if name.endswith(".gz") else open
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield i, json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise InputError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise InputError(f"{path}: not a readable gzip file ({e})") from None
 
 
-def load_docs(spec: TaskSpec, data_dir: Path | list[Path] | None, limit: int | None = None) -> list[Doc]:
-    """The task's documents, preprocessed and checked: a bad row names the file and line."""
+def load_docs(
+    spec: TaskSpec, data_dir: Path | list[Path] | None, limit: int | None = None, *, fewshot: bool = False
+) -> list[Doc]:
+    """The task's documents (with `fewshot`, those its examples come from, `fewshot_fields` added), preprocessed and
+    checked: a bad row names the file and line."""
     path = spec.data_path(data_dir)
     try:
-        return _load_docs(spec, path, limit)
+        return _load_docs(spec, path, limit, fewshot)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not valid UTF-8") from None
 
 
-def _load_docs(spec: TaskSpec, path: Path, limit: int | None) -> list[Doc]:
+def _load_docs(spec: TaskSpec, path: Path, limit: int | None, fewshot: bool) -> list[Doc]:
     docs = []
+    condition = spec.fewshot_filter if fewshot else spec.test_filter
     for line, row in _read_rows(path):
         if limit is not None and len(docs) >= limit:
             break
@@ -225,10 +329,14 @@ def _load_docs(spec: TaskSpec, path: Path, limit: int | None) -> list[Doc]:
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected an object")
         try:
-            doc = spec.prepare(row)
+            if not spec.selects(condition, row):
+                continue
+            doc = spec.prepare({**row, **spec.fewshot_fields} if fewshot else row)
             if doc is None:
                 continue
             spec.text(doc), spec.choices(doc), spec.target(doc)
+            if spec.doc_to_labels is not None:
+                spec.labels(doc)
         except (KeyError, ValueError, TypeError, SyntaxError, jinja2.TemplateError) as e:
             raise InputError(f"{where}: task {spec.name!r} cannot use this row ({type(e).__name__}: {e})") from None
         if spec.output_type == "multiple_choice":

@@ -86,6 +86,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per sequence [batch, heads, 1, head_dim] over the cached keys and values
+    [batch, kv_heads, cached, head_dim]: each key/value head serves its group of query heads in place (no copy of
+    the cache per step), and two small matmuls beat SDPA's CPU kernel, which is built for long queries."""
+    B, H, _, D = q.shape
+    groups = q.view(B, k.shape[1], H // k.shape[1], D)
+    scores = (groups @ k.transpose(-1, -2)) * D**-0.5
+    if mask is not None:  # [batch, 1, 1, cached]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).view(B, H, 1, D)
+
+
+class LayerCache:
+    """One layer's state while a batch is generated: its keys and values, allocated once at the longest length they
+    will reach, so that a step computes one new column instead of re-running the prefix; and its projections fused
+    (q/k/v, gate/up), so that a step makes two matrix products where training makes five: on a CPU, a decoding step
+    is mostly per-operation overhead. The fused copies are made when the cache is, from the weights of that moment."""
+
+    def __init__(self, block: Block, batch: int, length: int) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        w = attn.q_proj.weight
+        self.keys = w.new_empty(batch, attn.kv_heads, length, attn.head_dim)
+        self.values = torch.empty_like(self.keys)
+        self.filled = 0
+        with torch.no_grad():
+            self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys and values [batch, heads, new, head_dim]; all of them so far."""
+        end = self.filled + k.shape[2]
+        self.keys[:, :, self.filled : end] = k
+        self.values[:, :, self.filled : end] = v
+        self.filled = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the sequences not in `rows` (finished ones), so later steps compute only the others."""
+        self.keys, self.values = self.keys[rows], self.values[rows]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -100,8 +141,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.kv_heads * cfg.head_dim, cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
+        if cache is not None:
+            return self.cached(x, cos, sin, mask, cache)
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
         if self.qk_norm:
@@ -118,6 +166,27 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+    def cached(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, cache: LayerCache
+    ) -> torch.Tensor:
+        """`forward` for generation: the same computation from the fused q/k/v projection, with rotary positions
+        applied to queries and keys at once, and this step's keys and values appended to the cache."""
+        B, T, _ = x.shape
+        H, G, D = self.n_heads, self.kv_heads, self.head_dim
+        qkv = F.linear(x, cache.qkv)
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qkv[..., : H * D]), self.k_norm(qkv[..., H * D : (H + G) * D])], -1)
+        else:
+            qk = qkv[..., : (H + G) * D]
+        qk = apply_rope(qk.view(B, T, H + G, D).transpose(1, 2), cos, sin)
+        v = qkv[..., (H + G) * D :].view(B, T, G, D).transpose(1, 2)
+        k, v = cache.extend(qk[:, H:], v)
+        if T == 1:
+            y = decode_attention(qk[:, :H], k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -126,7 +195,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is not None:  # generation: one product for gate and up
+            gate, up = F.linear(x, cache.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -146,13 +218,18 @@ class Block(nn.Module):
             self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         if self.post_norm:
-            h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask))
-            return h + self.post_feedforward_layernorm(self.mlp(h))
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            return h + self.post_feedforward_layernorm(self.mlp(h, cache))
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h), cache)
 
 
 class Transformer(nn.Module):
@@ -209,6 +286,24 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask)
         return self.norm(x)
+
+    def new_cache(self, batch: int, length: int) -> list[LayerCache]:
+        """Empty key/value caches of every layer for `batch` sequences of up to `length` tokens."""
+        return [LayerCache(block, batch, length) for block in self.layers]
+
+    def forward_cached(
+        self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits [batch, vocab] of the last of `idx`'s tokens [batch, new], which sit at `positions` [batch, new]
+        after what `cache` holds; `mask` [batch, 1, new, cached + new] (True: may attend) hides padding, None
+        means causal attention over everything. The cache is extended with the new tokens' keys and values."""
+        if int(positions.max()) >= self.cfg.context:
+            raise ValueError(f"position {int(positions.max())} is beyond the context of {self.cfg.context}")
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        x = self.embed_tokens(idx)
+        for block, layer_cache in zip(self.layers, cache, strict=True):
+            x = block(x, cos, sin, mask, layer_cache)
+        return self.lm_head(self.norm(x[:, -1]))
 
     def forward(
         self,

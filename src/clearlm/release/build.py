@@ -38,8 +38,8 @@ from clearlm.data.card import post_training_section, tokens_section
 from clearlm.data.chat import CHAT_TEMPLATE
 from clearlm.data.documents import read_jsonl
 from clearlm.data.tokenizer import load_tokenizer, own_tokenizer
-from clearlm.eval.generate import generate
 from clearlm.eval.taskspec import resolve_tasks
+from clearlm.model.generate import Sampling, complete
 from clearlm.model.hf import save_hf
 from clearlm.model.weights import WEIGHTS, load_model
 from clearlm.openness.audit import audit_folder
@@ -117,9 +117,10 @@ def _generations(model: Any, tok: Any, eos_id: int, validation: Path | None, n: 
             prompts.append(first + "\n")
         if len(prompts) == n:
             break
-    settings = {"max_new_tokens": 60, "temperature": 0.8, "top_k": 50}
-    return [{"prompt": p, "completion": generate(model, tok, p, seed=i, stop_id=eos_id, **settings), "seed": i,
-             **settings} for i, p in enumerate(prompts)]  # fmt: skip
+    settings = {"max_new_tokens": min(60, model.cfg.context // 2), "temperature": 0.8, "top_k": 50}
+    return [{"prompt": p, "completion": complete(model, tok, p, max_new_tokens=settings["max_new_tokens"],
+                                                 sampling=Sampling(0.8, 50, seed=i), eos_id=eos_id),
+             "seed": i, **settings} for i, p in enumerate(prompts)]  # fmt: skip
 
 
 def _licences(recipe: Recipe, base_dir: Path, artifacts: dict[str, Artifact]) -> tuple[set[str], set[str]]:
@@ -264,7 +265,9 @@ def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Pat
     (out / "mot.yml").write_text(mot_yaml(recipe, components, created))
     (out / "README.md").write_text(model_card(ctx) + "\n" + card_section(report))
     logs = {name: list(read_jsonl(out / log)) for name in artifacts if (log := spec(name).log)}
-    (out / "report.html").write_text(technical_report(ctx, logs, report, generations))
+    samples = artifacts["eval"].path / "samples.jsonl"
+    answered = [row for row in read_jsonl(samples) if "generations" in row] if samples.is_file() else []
+    (out / "report.html").write_text(technical_report(ctx, logs, report, generations, answered))
     return {
         "name": ctx["name"],
         "parameters": ctx["parameters"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from clearlm.stages import describe, spec
@@ -27,6 +28,13 @@ def _front_matter(meta: dict[str, Any]) -> str:
     """YAML front matter; every value is written as JSON, which YAML reads unchanged."""
     lines = [f"{key}: {json.dumps(value, ensure_ascii=False)}" for key, value in meta.items()]
     return "---\n" + "\n".join(lines) + "\n---\n"
+
+
+def _headline(metrics: dict[str, Any]) -> list[str]:
+    """A task's metric for the card's model-index: accuracy where there is one, else its first finite metric."""
+    names = [k for k, v in metrics.items() if k != "samples" and "_stderr" not in k and isinstance(v, (int, float))
+             and math.isfinite(v)]  # fmt: skip
+    return ["acc"] if "acc" in names else names[:1]
 
 
 def _task_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
@@ -129,12 +137,12 @@ def model_card(ctx: dict[str, Any]) -> str:
                 ]
                 + [
                     {
-                        "task": {"type": "multiple-choice", "name": task},
+                        "task": {"type": "multiple-choice" if "acc" in m else "text-generation", "name": task},
                         "dataset": {"name": task, "type": task},
-                        "metrics": [{"type": "acc", "value": round(m["acc"], 4)}],
+                        "metrics": [{"type": name, "value": round(m[name], 4)} for name in _headline(m)],
                     }
                     for task, m in evaluation.get("tasks", {}).items()
-                    if "acc" in m
+                    if _headline(m)
                 ],
             }
         ],

@@ -52,7 +52,7 @@ def release_components(
         "Model architecture": (["code/clearlm/model/", "config.json"], code, ""),
         "Data preprocessing code": (["code/clearlm/data/"], code, ""),
         "Training code": (["code/clearlm/train/"], code, ""),
-        "Inference code": (["code/clearlm/model/", "code/clearlm/eval/generate.py"], code, ""),
+        "Inference code": (["code/clearlm/model/generate.py", "code/clearlm/model/transformer.py"], code, ""),
         "Evaluation code": (["code/clearlm/eval/"], code, ""),
         "Supporting libraries and tools": (["code/requirements.txt", "code/clearlm/cli.py"], code, ""),
         "Model parameters (Final)": (["model.safetensors"], weights, ""),

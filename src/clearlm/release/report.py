@@ -8,7 +8,10 @@ records (data card, training log, evaluation results, openness report).
 from __future__ import annotations
 
 import html
+import json
 import math
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from clearlm.release.card import metric_rows, optimizer_summary, schedule_summary
@@ -101,9 +104,11 @@ def _figure(title: str, parts: list[str], height: int = _H) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], pre: bool = False) -> str:
+    """An HTML table; with `pre`, cells keep their line breaks and indentation (prompts, generated code)."""
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    td = "<td class='code'>" if pre else "<td>"
+    body = "".join("<tr>" + "".join(f"{td}{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -113,7 +118,8 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}th{ba
 figure{display:inline-block;margin:.4em 1em .8em 0;vertical-align:top}figcaption{font-weight:600}
 svg.chart text{font-size:11px;fill:#444}svg.chart .frame{fill:none;stroke:#bbb}
 .class{display:inline-block;padding:.3em .8em;border-radius:4px;background:#e6f4ea;font-weight:700}
-.no{color:#b00}.note{color:#666;font-size:13px}pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}"""
+.no{color:#b00}.note{color:#666;font-size:13px}pre{background:#f6f6f6;padding:.6em;white-space:pre-wrap}
+td.code{white-space:pre-wrap;font:12px/1.35 monospace;vertical-align:top;max-width:420px}"""
 
 
 def _curve(log: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
@@ -257,6 +263,27 @@ def _generations(generations: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _answered(samples: list[dict[str, Any]], shown: int = 5) -> list[str]:
+    """Per generative task: how its items ended (the code sandbox's verdicts, counted) and its first items, each with
+    the end of its prompt, the generation and what was scored (the extracted answer, the verdict)."""
+    out = []
+    for task in dict.fromkeys(row["task"] for row in samples):
+        rows = [row for row in samples if row["task"] == task]
+        out.append(f"<h3>{_esc(task)}: generations</h3>")
+        verdicts = Counter(v for row in rows for vs in row.get("verdicts", {}).values() for v in vs)
+        if verdicts:
+            out.append(_table(["sandbox verdict", "programs"], [[k, n] for k, n in verdicts.most_common()]))
+        table = []
+        for row in rows[:shown]:
+            answers = "; ".join(f"{name}: {value}" for name, value in row["filtered"].items() if isinstance(value, str)
+                                and name != "none" and len(value) < 80)  # fmt: skip
+            verdict = "; ".join(v for vs in row.get("verdicts", {}).values() for v in vs)
+            table.append([row["doc_id"], "…" + row["context"][-160:], row["generations"][0][:300],
+                          verdict or answers or "", json.dumps(row["metrics"])])  # fmt: skip
+        out.append(_table(["item", "prompt (end)", "generation", "scored", "metrics"], table, pre=True))
+    return out
+
+
 def _reproduce(lineage: dict[str, str]) -> list[str]:
     return [
         "<h2>Reproduce</h2>",
@@ -272,14 +299,17 @@ def technical_report(
     logs: dict[str, list[dict[str, Any]]],
     openness: dict[str, Any],
     generations: list[dict[str, Any]],
+    answered: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """The page: summary, data, model, training and post-training curves, evaluation, openness, samples,
-    reproduction. `logs` holds the per-step log of each training stage, by stage name."""
+    """The page: summary, data, model, training and post-training curves, evaluation (with the generative tasks'
+    items, `answered`: their rows of the evaluation's samples), openness, samples, reproduction. `logs` holds the
+    per-step log of each training stage, by stage name."""
     own = [part for name, metrics in ctx["stages"].items()
            for part in describe(name, "report", ctx["recipe"], metrics, logs.get(name))]  # fmt: skip
     sections = [
         _summary(ctx, openness), _data(ctx["data"]), _model(ctx), _training(ctx, logs), own,
         _post_training(ctx, logs),
-        _evaluation(ctx["eval"]), _openness(openness), _generations(generations), _reproduce(ctx["lineage"]),
+        _evaluation(ctx["eval"]), _answered(list(answered)), _openness(openness), _generations(generations),
+        _reproduce(ctx["lineage"]),
     ]  # fmt: skip
     return "\n".join(part for section in sections for part in section if part)

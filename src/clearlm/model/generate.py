@@ -1,0 +1,278 @@
+"""The generation engine: continuations of many prompts at once, with a key/value cache.
+
+`clearlm generate`, generative evaluation and RL all generate through `generate`. Prompts are sorted by
+length and run in batches, left-padded as transformers pads them; each sequence keeps its own position
+numbers, and padding is masked out, so a prompt's continuation does not depend on what it is batched
+with. A finished sequence (end-of-text, a stop string or its token budget) leaves the batch, so later
+steps compute only the live ones. Greedy decoding is `argmax` of the float32 logits, as transformers'
+`generate(do_sample=False)`; sampling applies temperature, then top-k, then top-p (transformers' order),
+and draws each sequence's tokens from its own generator seeded by (seed, prompt index), so a sample is
+reproducible whatever the batch size or the other prompts.
+
+The model is clearlm's decoder (its own cache, `Transformer.forward_cached`) or any transformers causal
+LM (its `DynamicCache`), behind the same two calls: `prefill` and `step`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer
+
+from clearlm.model.auto import CausalLM, TransformersCausalLM
+from clearlm.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: temperature 0 is greedy; top_k 0 and top_p 1 filter nothing."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings {self} (temperature >= 0, top_k >= 0, 0 < top_p <= 1)")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A prompt's new tokens (up to and without the end-of-text token; all of them when a stop string ended
+    it), their text cut before the first stop string, and why generation ended."""
+
+    tokens: list[int]
+    text: str
+    finish: Literal["eos", "stop", "length"]
+
+
+class _Runner:
+    """One batch of sequences on a model: `prefill` the prompts, then `step` one token at a time."""
+
+    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keep(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _positions(real: torch.Tensor) -> torch.Tensor:
+    """Position of each token counted over the real ones (padding is on the left), as transformers numbers them."""
+    return (real.long().cumsum(1) - 1).clamp(min=0)
+
+
+class _ClearlmRunner(_Runner):
+    def __init__(self, model: Transformer, batch: int, length: int) -> None:
+        self.model, self.cache = model, model.new_cache(batch, length)
+        self.real: torch.Tensor | None = None  # [batch, tokens so far]: False at padding; None when none
+        self.next_pos = torch.zeros(batch, dtype=torch.long)
+
+    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        positions = _positions(real)
+        mask = None
+        if not bool(real.all()):
+            self.real = real
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            # a padding query attends to itself, so that no row of the softmax is empty (NaN)
+            mask = (causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool)
+            mask = mask.unsqueeze(1)
+        self.next_pos = positions[:, -1] + 1
+        return self.model.forward_cached(ids, positions, self.cache, mask)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = None
+        if self.real is not None:
+            self.real = torch.cat([self.real, self.real.new_ones(len(ids), 1)], dim=1)
+            mask = self.real[:, None, None, :]
+        logits = self.model.forward_cached(ids[:, None], self.next_pos[:, None], self.cache, mask)
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for layer in self.cache:
+            layer.keep(rows)
+        self.next_pos = self.next_pos[rows]
+        if self.real is not None:
+            self.real = self.real[rows]
+
+
+class _TransformersRunner(_Runner):
+    """transformers' own forward and cache, fed the attention mask and positions its `generate` would feed."""
+
+    def __init__(self, hf: torch.nn.Module) -> None:
+        from transformers import DynamicCache
+
+        self.hf, self.cache = hf, DynamicCache(config=hf.config)
+        self.mask = torch.ones(0, 0, dtype=torch.long)
+        # the keyword transformers >= 5.2x takes for the cache, `past_key_values` before it
+        self.cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        start = self.cache.get_seq_length()
+        out = self.hf(
+            input_ids=ids, attention_mask=self.mask, position_ids=positions, **{self.cache_arg: self.cache},
+            cache_position=torch.arange(start, start + ids.shape[1]), use_cache=True, logits_to_keep=1,
+        )  # fmt: skip
+        return out.logits[:, -1]
+
+    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        self.mask = real.long()
+        positions = (self.mask.cumsum(1) - 1).masked_fill(self.mask == 0, 1)
+        return self._forward(ids, positions)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = self.mask.sum(1, keepdim=True)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(ids), 1)], dim=1)
+        return self._forward(ids[:, None], positions)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.reorder_cache(rows)
+        self.mask = self.mask[rows]
+
+
+def _runner(model: CausalLM, batch: int, length: int) -> _Runner:
+    if isinstance(model, TransformersCausalLM):
+        return _TransformersRunner(model.hf)
+    return _ClearlmRunner(model, batch, length)
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+def choose(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Next token ids [batch] from float32 logits [batch, vocab]."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = torch.sort(logits, descending=False)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+
+
+def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string (lm-eval splits at each in turn: the same), and whether one
+    occurred."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: CausalLM, prompts: list[list[int]], indices: list[int], *, max_new_tokens: int, sampling: Sampling,
+    eos_ids: frozenset[int], stop: Sequence[str], decode: Callable[[list[int]], str] | None, pad_id: int,
+) -> list[Completion]:  # fmt: skip
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        real[row, width - len(prompt) :] = True
+    runner = _runner(model, len(prompts), width + max_new_tokens)
+    generators = [_generator(sampling.seed, i) for i in indices]
+    live = list(range(len(prompts)))  # the prompts still generating, in batch row order
+    new: list[list[int]] = [[] for _ in prompts]
+    done: dict[int, Completion] = {}
+    logits = runner.prefill(ids, real)
+    for step in range(max_new_tokens):
+        chosen = choose(logits.float(), sampling, [generators[i] for i in live]).tolist()
+        still = []
+        for row, (i, token) in enumerate(zip(live, chosen, strict=True)):
+            if token in eos_ids:
+                done[i] = Completion(new[i], decode(new[i]) if decode else "", "eos")
+                continue
+            new[i].append(token)
+            if stop and decode:
+                text, stopped = _cut(decode(new[i]), stop)
+                if stopped:
+                    done[i] = Completion(new[i], text, "stop")
+                    continue
+            if step == max_new_tokens - 1:
+                done[i] = Completion(new[i], decode(new[i]) if decode else "", "length")
+                continue
+            still.append(row)
+        if not still:
+            break
+        rows = torch.tensor(still)
+        if len(still) < len(live):
+            runner.keep(rows)
+        live = [live[r] for r in still]
+        logits = runner.step(torch.tensor(chosen)[rows])
+    return [done[i] for i in range(len(prompts))]
+
+
+def generate(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_ids: Sequence[int] = (),
+    stop: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    batch_size: int = 16,
+    pad_id: int = 0,
+) -> list[Completion]:
+    """Continuations of token-id prompts, in the prompts' order. Each stops at an `eos_ids` token, at the first
+    of the `stop` strings in its decoded text (which needs `decode`), or after `max_new_tokens`. A prompt longer
+    than the model's context leaves room for the new tokens by dropping its oldest ones, as lm-eval does."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if stop and decode is None:
+        raise ValueError("stop strings need a decode function")
+    context = model.cfg.context
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in a context of {context}")
+    kept = [list(p)[-(context - max_new_tokens) :] for p in prompts]
+    if any(not p for p in kept):
+        raise ValueError("a prompt has no tokens (start it with the model's BOS or end-of-text token)")
+    model.eval()
+    order = sorted(range(len(kept)), key=lambda i: -len(kept[i]))
+    out: list[Completion | None] = [None] * len(kept)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        results = _generate_batch(
+            model, [kept[i] for i in chunk], chunk, max_new_tokens=max_new_tokens, sampling=sampling,
+            eos_ids=frozenset(eos_ids), stop=[s for s in stop if s], decode=decode, pad_id=pad_id,
+        )  # fmt: skip
+        for i, result in zip(chunk, results, strict=True):
+            out[i] = result
+    return out  # type: ignore[return-value]
+
+
+def complete(
+    model: CausalLM,
+    tok: Tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: int | None = None,
+    stop: Sequence[str] = (),
+) -> str:
+    """One text prompt's continuation, cut before the first stop string: what `clearlm generate` prints. An empty
+    prompt starts from the end-of-text token, as a document does."""
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not ids and eos_id is not None:
+        ids = [eos_id]
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                   eos_ids=[] if eos_id is None else [eos_id], stop=stop, decode=tok.decode)  # fmt: skip
+    return out[0].text if stop else tok.decode(out[0].tokens)

@@ -1,0 +1,158 @@
+"""The generation engine: token-identical to transformers' greedy `generate`, reproducible sampling, stops."""
+
+import pytest
+import torch
+
+from clearlm.model.auto import TransformersCausalLM
+from clearlm.model.generate import Sampling, choose, generate
+from clearlm.model.hf import save_hf
+from clearlm.model.transformer import Transformer, TransformerConfig
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [[0, 5, 17, 42], [0, 9], [0, 3, 3, 3, 3, 3, 3, 3, 3, 8, 100], [0, 250, 4, 7, 7], [0, 61, 2], [0, 77] * 6]
+
+
+def _model(**kw) -> Transformer:
+    cfg = TransformerConfig(**{"vocab_size": 300, "d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, **kw})
+    model = Transformer(cfg)
+    model.init_weights(0)
+    with torch.no_grad():  # sharper distributions than at init: a real model's margins, not near-ties
+        for p in model.parameters():
+            p.mul_(torch.empty_like(p).uniform_(0.5, 3.0))
+    return model.eval()
+
+
+def _hf_greedy(hf, prompts: list[list[int]], new: int, eos: int | None) -> list[list[int]]:
+    """transformers' generate on one left-padded batch; each row's tokens up to (without) its end-of-text."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[1] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=1,
+                      eos_token_id=eos)  # fmt: skip
+    rows = []
+    for row in out[:, width:].tolist():
+        rows.append(row[: row.index(eos)] if eos is not None and eos in row else row)
+    return rows
+
+
+def _batched_like_ours(hf, prompts, new, eos, batch_size):
+    """The reference run on the same batches the engine forms (longest prompts first)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, tokens in zip(chunk, _hf_greedy(hf, [prompts[i] for i in chunk], new, eos), strict=True):
+            out[i] = tokens
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kw", "batch_size"),
+    [({}, 1), ({}, 6), ({"n_kv_heads": 2, "tie_embeddings": False}, 4),
+     ({"architecture": "olmo2", "n_kv_heads": 2, "rope_theta": 5e5}, 4)],
+)  # fmt: skip
+def test_greedy_is_token_identical_to_transformers(tmp_path, kw, batch_size):
+    model = _model(**kw)
+    save_hf(model, tmp_path, bos_id=0, eos_id=2, pad_id=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    expected = _batched_like_ours(hf, PROMPTS, 24, 2, batch_size)
+    ours = generate(model, PROMPTS, max_new_tokens=24, eos_ids=[2], batch_size=batch_size)
+    assert [c.tokens for c in ours] == expected
+    assert any(c.finish == "eos" for c in ours) or all(len(c.tokens) == 24 for c in ours)
+    # the same engine driving transformers' own model and cache gives the same tokens
+    wrapped = generate(TransformersCausalLM(hf, 64), PROMPTS, max_new_tokens=24, eos_ids=[2], batch_size=batch_size)
+    assert [c.tokens for c in wrapped] == expected
+
+
+def test_a_non_llama_transformers_model_generates_as_transformers_does(tmp_path):
+    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4.0)
+    expected = _batched_like_ours(hf, PROMPTS, 16, 2, 3)
+    ours = generate(TransformersCausalLM(hf, 64), PROMPTS, max_new_tokens=16, eos_ids=[2], batch_size=3, pad_id=1)
+    assert [c.tokens for c in ours] == expected
+
+
+def test_a_continuation_does_not_depend_on_its_batch():
+    model = _model(n_kv_heads=2)
+    alone = [generate(model, [p], max_new_tokens=20)[0].tokens for p in PROMPTS]
+    together = generate(model, PROMPTS, max_new_tokens=20, batch_size=len(PROMPTS))
+    assert [c.tokens for c in together] == alone
+
+
+def test_sampling_is_reproducible_under_a_seed_whatever_the_batching():
+    model = _model()
+    sampling = Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    first = generate(model, PROMPTS, max_new_tokens=16, sampling=sampling, batch_size=2)
+    again = generate(model, PROMPTS, max_new_tokens=16, sampling=sampling, batch_size=5)
+    assert [c.tokens for c in first] == [c.tokens for c in again]
+    other = generate(model, PROMPTS, max_new_tokens=16, sampling=Sampling(1.0, 50, 0.9, seed=4), batch_size=2)
+    assert [c.tokens for c in other] != [c.tokens for c in first]
+    greedy = generate(model, PROMPTS, max_new_tokens=16)
+    assert [c.tokens for c in first] != [c.tokens for c in greedy]
+    # repeats of one prompt are different samples (each prompt index has its own generator)
+    repeats = generate(model, [PROMPTS[0]] * 4, max_new_tokens=16, sampling=sampling)
+    assert len({tuple(c.tokens) for c in repeats}) > 1
+
+
+def test_top_k_and_top_p_keep_what_transformers_warpers_keep():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 50) * 3
+    for k, p in ((5, 1.0), (0, 0.8), (10, 0.5), (0, 0.05)):
+        expected = logits.clone()
+        if k:
+            expected = TopKLogitsWarper(k)(None, expected)
+        if p < 1:
+            expected = TopPLogitsWarper(p)(None, expected)
+        kept = torch.isfinite(expected)
+        # a token is drawn only from what the warpers keep: draw many times and look
+        drawn = torch.zeros_like(kept)
+        gens = [torch.Generator().manual_seed(i) for i in range(8)]
+        for _ in range(300):
+            picks = choose(logits, Sampling(1.0, k, p), gens)
+            drawn[torch.arange(8), picks] = True
+        assert not (drawn & ~kept).any(), (k, p)
+        if p <= 0.05:  # only the top token survives
+            assert drawn.sum(1).eq(1).all()
+
+
+def test_stop_strings_and_eos_end_a_continuation():
+    model = _model()
+    texts = {i: f"<{i}>" for i in range(300)}
+
+    def decode(ids: list[int]) -> str:
+        return "".join(texts[i] for i in ids)
+
+    prompts = PROMPTS[1:3]
+    free = generate(model, prompts, max_new_tokens=12, decode=decode)
+    assert all(c.finish == "length" and len(c.tokens) == 12 for c in free)
+    tokens = free[0].tokens
+    at = next(i for i in range(1, 12) if tokens[i] not in tokens[:i])  # a token not generated before
+    stopped = generate(model, prompts, max_new_tokens=12, decode=decode, stop=[texts[tokens[at]]])
+    assert stopped[0].finish == "stop" and stopped[0].tokens == tokens[: at + 1]
+    assert stopped[0].text == decode(tokens[:at])  # cut before the stop string
+    assert stopped[1].tokens == free[1].tokens  # the other prompt goes on to its budget
+    ended = generate(model, prompts, max_new_tokens=12, decode=decode, eos_ids=[tokens[at]])
+    assert ended[0].finish == "eos" and ended[0].tokens == tokens[:at]
+
+
+def test_long_prompts_keep_their_last_tokens_and_bad_settings_are_refused():
+    model = _model()
+    long = list(range(2, 100))
+    out = generate(model, [long], max_new_tokens=8)[0]
+    assert out.tokens == generate(model, [long[-56:]], max_new_tokens=8)[0].tokens
+    with pytest.raises(ValueError, match="no room"):
+        generate(model, [long], max_new_tokens=64)
+    with pytest.raises(ValueError, match="no tokens"):
+        generate(model, [[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="decode"):
+        generate(model, [[0]], max_new_tokens=4, stop=["x"])
+    with pytest.raises(ValueError, match="sampling"):
+        Sampling(temperature=-1)
