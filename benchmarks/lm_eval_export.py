@@ -208,7 +208,9 @@ def _native_config(spec: TaskSpec, data_dir: Path, work: Path, tasks_dir: Path) 
             "task": name,
             "test_split": "test",
             "target_delimiter": theirs.get("target_delimiter", " "),
-            "metric_list": [{"metric": _Function("clearlm_code_hooks.no_metric"), "aggregation": "mean"}],
+            "metric_list": [
+                {"metric": _Function("clearlm_code_hooks.no_metric"), "aggregation": "mean", "higher_is_better": True}
+            ],
         }
         if spec.name == "humaneval":
             config["filter_list"] = [{"name": "create_test", "filter": [{"function": "custom", "filter_fn":

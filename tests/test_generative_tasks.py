@@ -123,6 +123,21 @@ def test_code_tasks_pass_reference_solutions_and_fail_wrong_ones_in_the_sandbox(
     assert all(r != "passed" for r in reasons) and len(reasons) == 4
 
 
+@needs_shared
+def test_pass_at_k_over_sampled_repeats(tmp_path):
+    """Four samples per problem, two of them right: pass@1 = 2/4 and pass@2 = 1 - C(2,2)/C(4,2) = 5/6, per item and
+    averaged; the samples come from the engine with the task's temperature and a seed per repeat."""
+    spec = TASKS["humaneval"].model_copy(update={"repeats": 4, "temperature": 0.8, "pass_k": [1, 2]})
+    docs = load_docs(spec, SHARED, limit=2)
+    run = build_requests(spec, docs, spec.data_path(SHARED), 0, 1234)
+    right = [d["canonical_solution"] for d in docs]
+    rows = _generation_rows(run, [[r, "    return None\n", r, "    pass\n"] for r in right], workers=2)
+    metrics = _aggregate(spec, rows)
+    assert metrics["pass@1,create_test"] == pytest.approx(0.5)
+    assert metrics["pass@2,create_test"] == pytest.approx(5 / 6)
+    assert [v.count("passed") for row in rows for v in row["verdicts"].values()] == [2, 2]
+
+
 def test_task_files_for_generation_are_checked(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"q": "1+1", "a": "2"}\n{"q": 3}\n')

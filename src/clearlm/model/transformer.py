@@ -9,6 +9,7 @@ measured slower, because their backward has to concatenate the gradients again.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -102,13 +103,14 @@ class LayerCache:
     """One layer's state while a batch is generated: its keys and values, allocated once at the longest length they
     will reach, so that a step computes one new column instead of re-running the prefix; and its projections fused
     (q/k/v, gate/up), so that a step makes two matrix products where training makes five: on a CPU, a decoding step
-    is mostly per-operation overhead. The fused copies are made when the cache is, from the weights of that moment."""
+    is mostly per-operation overhead. The fused copies are made when the cache is, from the weights of that moment.
+    Keys and values start at zero: columns a padded row never writes are masked, and must not hold NaN."""
 
     def __init__(self, block: Block, batch: int, length: int) -> None:
         attn, mlp = block.self_attn, block.mlp
         w = attn.q_proj.weight
-        self.keys = w.new_empty(batch, attn.kv_heads, length, attn.head_dim)
-        self.values = torch.empty_like(self.keys)
+        self.keys = w.new_zeros(batch, attn.kv_heads, length, attn.head_dim)
+        self.values = torch.zeros_like(self.keys)
         self.filled = 0
         with torch.no_grad():
             self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
@@ -125,6 +127,13 @@ class LayerCache:
     def keep(self, rows: torch.Tensor) -> None:
         """Drop the sequences not in `rows` (finished ones), so later steps compute only the others."""
         self.keys, self.values = self.keys[rows], self.values[rows]
+
+    def row(self, i: int, start: int) -> LayerCache:
+        """Row i's cache from column `start` on, sharing this cache's tensors: a left-padded prompt prefilled alone
+        (causal attention, no padding mask: SDPA's fast path) writes its keys and values in place."""
+        view = copy.copy(self)
+        view.keys, view.values, view.filled = self.keys[i : i + 1, :, start:], self.values[i : i + 1, :, start:], 0
+        return view
 
 
 class Attention(nn.Module):
