@@ -65,7 +65,7 @@ def export_tasks(specs: list[TaskSpec], data_dir: Path | None, out: Path, task_f
         config = {
             "task": name,
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(spec.data_path(data_dir).resolve())}},
+            "dataset_kwargs": {"data_files": {"test": [str(p.resolve()) for p in spec.data_paths(data_dir)]}},
             "test_split": "test",
             # few-shot examples come from the same file, never the evaluated item itself
             "fewshot_split": "test",
@@ -191,10 +191,10 @@ def _truthfulqa_rows(path: Path, out: Path) -> Path:
 
 def _native_config(spec: TaskSpec, data_dir: Path, work: Path, tasks_dir: Path) -> dict:
     name = PREFIX + spec.name
-    data = spec.data_path(data_dir).resolve()
-    kind = {".csv": "csv", ".gz": "json"}.get(data.suffix, "json")
+    files = [str(p.resolve()) for p in spec.data_paths(data_dir)]
+    kind = {".csv": "csv", ".gz": "json"}.get(Path(files[0]).suffix, "json")
     if spec.name.startswith("truthfulqa"):
-        data = _truthfulqa_rows(data, work / "truthfulqa.jsonl")
+        files = [str(_truthfulqa_rows(Path(files[0]), work / "truthfulqa.jsonl"))]
     split = "test"
     if spec.name in _NATIVE:
         path, changes = _NATIVE[spec.name]
@@ -221,7 +221,7 @@ def _native_config(spec: TaskSpec, data_dir: Path, work: Path, tasks_dir: Path) 
                                         "samples": _Function("clearlm_code_hooks.list_fewshot_samples")}  # fmt: skip
     config["dataset_path"] = kind
     config["dataset_name"] = None
-    config["dataset_kwargs"] = {"data_files": {split: str(data)}}
+    config["dataset_kwargs"] = {"data_files": {split: files}}
     if spec.output_type == "generate":  # theirs, with the token budget of the comparison
         path = _NATIVE[spec.name][0] if spec.name in _NATIVE else f"{spec.name}/{spec.name}.yaml"
         their = their_yaml(tasks_dir / path).get("generation_kwargs", {})

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from clearlm.eval.perplexity import domain_bits_per_byte, rolling_windows
+from clearlm.eval.scoring import Encoder, score_choices, score_requests, score_windows
 from clearlm.model.generate import Sampling, complete
 from clearlm.model.transformer import Transformer, TransformerConfig
 
@@ -77,3 +78,37 @@ def test_generation_is_seeded_and_greedy_is_deterministic():
     greedy = complete(model, tok, "hi", max_new_tokens=12)
     assert greedy == complete(model, tok, "hi", max_new_tokens=12, sampling=Sampling(0.0, seed=5))
     assert len(greedy.split(" ")) == 12  # the word-level test tokenizer decodes with spaces
+
+
+def test_choices_over_one_pass_of_their_context_score_as_whole_windows():
+    """A question's choices scored over the context's cached keys and values give the log-probabilities (and greedy
+    flags) of scoring each (context, choice) whole; a context that needs truncating falls back to whole windows."""
+    cfg = TransformerConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, context=40)
+    model = Transformer(cfg)
+    model.init_weights(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def toks(n: int) -> list[int]:
+        return torch.randint(3, 96, (n,), generator=gen).tolist()
+
+    questions = [(toks(20), [toks(1), toks(4), toks(7), toks(2)]), (toks(3), [toks(5), toks(5)]),
+                 (toks(35), [toks(3), toks(9)])]  # the last needs truncating: whole windows  # fmt: skip
+    for ctx, conts in questions:
+        windows = [((ctx + c)[-41:][:-1], c[-40:]) for c in conts]
+        whole = score_windows(model, windows)
+        if all(len(ctx) + len(c) <= 40 for c in conts):
+            shared = score_choices(model, ctx, conts)
+            assert [s.n_tokens for s in shared] == [s.n_tokens for s in whole]
+            assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(shared, whole, strict=True))
+            assert [s.is_greedy for s in shared] == [s.is_greedy for s in whole]
+    # through score_requests, with a tokenizer: every request whose context is shared goes the shared way
+    tok = _char_tokenizer()
+    encoder = Encoder(tok, 0)
+    requests = [("ab cd ef", " gh"), ("ab cd ef", " ij kl"), ("mn", " op"), ("ab cd ef", " qr")]
+    got = score_requests(model, encoder, requests)
+    expected = score_windows(model, [((c + t)[:-1], t) for c, t in (encoder.pair(*r) for r in requests)])
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(got, expected, strict=True))

@@ -309,3 +309,22 @@ def test_too_few_items_for_k_shot_is_an_input_error():
     docs = [{"question": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(3)]
     with pytest.raises(InputError, match="too few for 3-shot"):
         build_requests(spec, docs, Path("x"), 3, 1234)
+
+
+def test_a_data_file_pattern_reads_every_match_in_name_order(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "b.jsonl").write_text('{"q": "b1", "a": "x"}\n{"q": "b2"}\n')
+    (tmp_path / "parts" / "a.jsonl").write_text('{"q": "a1", "a": "y"}\n')
+    (tmp_path / "t.toml").write_text('name = "t"\ndata_file = "parts/*.jsonl"\noutput_type = "generate"\n'
+                                     'doc_to_text = "{{q}}"\ndoc_to_target = "{{a}}"\n')  # fmt: skip
+    spec = load_task_file(tmp_path / "t.toml")
+    assert [p.name for p in spec.data_paths(None)] == ["a.jsonl", "b.jsonl"]
+    assert [d["q"] for d in load_docs(spec, None, limit=2)] == ["a1", "b1"]
+    with pytest.raises(InputError, match=r"b\.jsonl:2: .*'a' is undefined"):
+        load_docs(spec, None)
+    from clearlm.eval.results import describe_inputs
+
+    (tmp_path / "parts" / "b.jsonl").write_text('{"q": "b1", "a": "x"}\n')
+    files = describe_inputs(tmp_path, [spec], None)["data"]["t"]["files"]
+    assert list(files) == [str(tmp_path / "parts" / n) for n in ("a.jsonl", "b.jsonl")]
+    assert all(v.startswith("sha256:") for v in files.values())

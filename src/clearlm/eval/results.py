@@ -17,16 +17,16 @@ def describe_inputs(model_dir: Path, specs: list[TaskSpec], data_dir: Path | Non
     weights = sorted(model_dir.glob("*.safetensors"))
     return {
         "model": {"path": str(model_dir), "weights": {w.name: sha256_file(w) for w in weights}},
-        "data": {
-            s.name: {
-                "file": str(s.data_path(data_dir)),
-                "sha256": sha256_file(s.data_path(data_dir)),
-                "source": s.source,
-                "license": s.license,
-            }
-            for s in specs
-        },
+        "data": {s.name: _data_files(s, data_dir) for s in specs},
     }
+
+
+def _data_files(spec: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
+    """Where a task's data came from: its file and sha256, or with a pattern (`bbq/*.jsonl`) each file's."""
+    paths = spec.data_paths(data_dir)
+    where = {"file": str(paths[0]), "sha256": sha256_file(paths[0])} if len(paths) == 1 else {
+        "files": {str(p): sha256_file(p) for p in paths}}  # fmt: skip
+    return {**where, "source": spec.source, "license": spec.license}
 
 
 def write_samples(path: Path, samples: list[dict[str, Any]]) -> None:

@@ -235,15 +235,25 @@ class TaskSpec(BaseModel):
             raise ValueError(f"doc_to_labels must give one 0/1 label per choice, got {value!r}")
         return [int(v) for v in value]
 
-    def data_path(self, data_dir: Path | list[Path] | None) -> Path:
+    def data_paths(self, data_dir: Path | list[Path] | None) -> list[Path]:
+        """The task's data files: `data_file` under the first of the data directories (then the task file's folder)
+        that has it; a glob pattern (`bbq/*.jsonl`) gives every match there, in name order."""
         dirs = data_dir if isinstance(data_dir, list) else [data_dir]
-        candidates = [d / self.data_file for d in (*dirs, self.base_dir) if d is not None]
-        for path in candidates:
-            if path.is_file():
-                return path
-        where = candidates[0] if candidates else Path(self.data_file)
+        candidates = [d for d in (*dirs, self.base_dir) if d is not None]
+        for folder in candidates:
+            if any(c in self.data_file for c in "*?["):
+                found = sorted(p for p in folder.glob(self.data_file) if p.is_file())
+            else:
+                found = [folder / self.data_file] if (folder / self.data_file).is_file() else []
+            if found:
+                return found
+        where = candidates[0] / self.data_file if candidates else Path(self.data_file)
         origin = f" (upstream: {self.source}, licence {self.license})" if self.source else ""
         raise InputError(f"{where}: data file for task {self.name!r} not found{origin}; pass --data-dir")
+
+    def data_path(self, data_dir: Path | list[Path] | None) -> Path:
+        """The first data file (the only one unless `data_file` is a pattern)."""
+        return self.data_paths(data_dir)[0]
 
     def _render(self, template: str, doc: Doc) -> str:
         if template and template in doc:  # a field's name (a CSV's unnamed index column is "": not a field)
@@ -312,11 +322,17 @@ def load_docs(
 ) -> list[Doc]:
     """The task's documents (with `fewshot`, those its examples come from, `fewshot_fields` added), preprocessed and
     checked: a bad row names the file and line."""
-    path = spec.data_path(data_dir)
-    try:
-        return _load_docs(spec, path, limit, fewshot)
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not valid UTF-8") from None
+    docs: list[Doc] = []
+    for path in spec.data_paths(data_dir):
+        if limit is not None and len(docs) >= limit:
+            break
+        try:
+            docs += _load_docs(spec, path, None if limit is None else limit - len(docs), fewshot)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not valid UTF-8") from None
+    if not docs:
+        raise InputError(f"{spec.data_path(data_dir)}: no documents")
+    return docs
 
 
 def _load_docs(spec: TaskSpec, path: Path, limit: int | None, fewshot: bool) -> list[Doc]:
@@ -347,8 +363,6 @@ def _load_docs(spec: TaskSpec, path: Path, limit: int | None, fewshot: bool) -> 
             if not 0 <= gold < n:
                 raise InputError(f"{where}: gold index {gold} is outside the {n} choices")
         docs.append(doc)
-    if not docs:
-        raise InputError(f"{path}: no documents")
     return docs
 
 

@@ -128,6 +128,10 @@ class LayerCache:
         """Drop the sequences not in `rows` (finished ones), so later steps compute only the others."""
         self.keys, self.values = self.keys[rows], self.values[rows]
 
+    def repeat(self, n: int) -> None:
+        """n copies of the one sequence cached so far (a shared context), each to be extended on its own."""
+        self.keys, self.values = self.keys.repeat(n, 1, 1, 1), self.values.repeat(n, 1, 1, 1)
+
     def row(self, i: int, start: int) -> LayerCache:
         """Row i's cache from column `start` on, sharing this cache's tensors: a left-padded prompt prefilled alone
         (causal attention, no padding mask: SDPA's fast path) writes its keys and values in place."""
@@ -300,19 +304,26 @@ class Transformer(nn.Module):
         """Empty key/value caches of every layer for `batch` sequences of up to `length` tokens."""
         return [LayerCache(block, batch, length) for block in self.layers]
 
-    def forward_cached(
+    def hidden_cached(
         self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Logits [batch, vocab] of the last of `idx`'s tokens [batch, new], which sit at `positions` [batch, new]
-        after what `cache` holds; `mask` [batch, 1, new, cached + new] (True: may attend) hides padding, None
-        means causal attention over everything. The cache is extended with the new tokens' keys and values."""
+        """Final-norm hidden states [batch, new, d_model] of `idx`'s tokens [batch, new], which sit at `positions`
+        [batch, new] after what `cache` holds; `mask` [batch, 1, new, cached + new] (True: may attend) hides padding
+        or other rows' tokens, None means causal attention (a first call, or one new token). The cache is extended
+        with the new tokens' keys and values."""
         if int(positions.max()) >= self.cfg.context:
             raise ValueError(f"position {int(positions.max())} is beyond the context of {self.cfg.context}")
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.embed_tokens(idx)
         for block, layer_cache in zip(self.layers, cache, strict=True):
             x = block(x, cos, sin, mask, layer_cache)
-        return self.lm_head(self.norm(x[:, -1]))
+        return self.norm(x)
+
+    def forward_cached(
+        self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`hidden_cached`'s logits [batch, vocab] at the last new token: what generation needs."""
+        return self.lm_head(self.hidden_cached(idx, positions, cache, mask)[:, -1])
 
     def forward(
         self,
