@@ -80,7 +80,7 @@ def test_generation_is_seeded_and_greedy_is_deterministic():
     assert len(greedy.split(" ")) == 12  # the word-level test tokenizer decodes with spaces
 
 
-def test_choices_over_one_pass_of_their_context_score_as_whole_windows():
+def test_choices_over_one_pass_of_their_context_score_as_whole_windows(monkeypatch):
     """A question's choices scored over the context's cached keys and values give the log-probabilities (and greedy
     flags) of scoring each (context, choice) whole; a context that needs truncating falls back to whole windows."""
     cfg = TransformerConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, context=40)
@@ -105,10 +105,17 @@ def test_choices_over_one_pass_of_their_context_score_as_whole_windows():
             assert [s.n_tokens for s in shared] == [s.n_tokens for s in whole]
             assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(shared, whole, strict=True))
             assert [s.is_greedy for s in shared] == [s.is_greedy for s in whole]
-    # through score_requests, with a tokenizer: every request whose context is shared goes the shared way
+    # through score_requests, with a tokenizer: consecutive requests sharing a context go the shared way (here from
+    # any saving; by default from SHARE_FROM context tokens saved)
+    import clearlm.eval.scoring as scoring
+
+    calls = []
+    monkeypatch.setattr(scoring, "SHARE_FROM", 1)
+    monkeypatch.setattr(scoring, "score_choices", lambda *a: calls.append(len(a[2])) or score_choices(*a))
     tok = _char_tokenizer()
     encoder = Encoder(tok, 0)
     requests = [("ab cd ef", " gh"), ("ab cd ef", " ij kl"), ("mn", " op"), ("ab cd ef", " qr")]
     got = score_requests(model, encoder, requests)
+    assert calls == [2]
     expected = score_windows(model, [((c + t)[:-1], t) for c, t in (encoder.pair(*r) for r in requests)])
     assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(got, expected, strict=True))
