@@ -285,6 +285,7 @@ def eval_(
     reference: Annotated[Path | None, typer.Option(help="reference model folder for DPO reward accuracy")] = None,
     num_fewshot: Annotated[int | None, typer.Option(min=0, help="default: each task's own (gsm8k 5, mbpp 3)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N items of each task")] = None,
+    max_gen_tokens: Annotated[int | None, typer.Option(min=1, help="cap generative tasks' new tokens")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: all cores); scores are exact per count")] = 0,
     output: Annotated[Path | None, typer.Option(help="where results.json and samples.jsonl go")] = None,
@@ -303,7 +304,7 @@ def eval_(
 
             req = EvalRequest(
                 Path(target), [t.strip() for t in (tasks or "").split(",") if t.strip()], task_file or [], data_dir,
-                bpb or [], preferences or [], reference, num_fewshot, limit, batch_size, threads,
+                bpb or [], preferences or [], reference, num_fewshot, limit, batch_size, threads, max_gen_tokens,
             )  # fmt: skip
             results, samples, meta = evaluate_model(req)
             out = output or workdir / "eval" / Path(target).resolve().name

@@ -136,7 +136,7 @@ def _generate(run: TaskRun, model: CausalLM, tok: Tokenizer, encoder: Encoder, e
     spec = run.spec
     if spec.max_gen_tokens >= model.cfg.context:
         raise InputError(f"task {spec.name!r}: max_gen_tokens {spec.max_gen_tokens} leaves no room for a prompt in "
-                         f"the model's context of {model.cfg.context}")  # fmt: skip
+                         f"the model's context of {model.cfg.context} (cap it with --max-gen-tokens)")  # fmt: skip
     prompts = [encoder.encode(context) for context in run.contexts for _ in range(spec.repeats)]
     completions = generate(
         model, prompts, max_new_tokens=spec.max_gen_tokens, eos_ids=[] if eos_id is None else [eos_id],

@@ -42,6 +42,7 @@ class EvalRequest:
     limit: int | None = None
     batch_size: int = 16
     threads: int = 0  # 0: this process's cores; a sum split over another count of threads rounds differently
+    max_gen_tokens: int | None = None  # a cap on generative tasks' budgets (lm-eval's gen_kwargs max_gen_toks)
 
 
 def _corpus_text(tok: Tokenizer) -> Tokenizer:
@@ -72,6 +73,9 @@ def score(
 def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """(results, samples, metadata) for everything the request names."""
     specs = resolve_tasks(req.tasks, req.task_files)
+    if req.max_gen_tokens:
+        specs = [s.model_copy(update={"max_gen_tokens": min(s.max_gen_tokens, req.max_gen_tokens)})
+                 if s.output_type == "generate" else s for s in specs]  # fmt: skip
     if not (specs or req.bpb_files or req.preference_files):
         raise InputError("nothing to evaluate: pass --tasks (see --list), --task-file, --bpb or --preferences")
     numerics = begin_stage(stage_threads(req.threads))  # the same scores whatever the process did before
@@ -97,7 +101,8 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
         "config": {
             "tasks": [s.name for s in specs], "num_fewshot": req.num_fewshot, "limit": req.limit,
             "fewshot_source": "a task's fewshot_filter rows, else the evaluated file, the item excluded (seed 1234)",
-            "batch_size": req.batch_size, "bpb_files": [str(p) for p in req.bpb_files],
+            "batch_size": req.batch_size, "max_gen_tokens": req.max_gen_tokens,
+            "bpb_files": [str(p) for p in req.bpb_files],
             "preference_files": [str(p) for p in req.preference_files],
             "reference": str(req.reference) if req.reference else None,
             "seconds": round(time.perf_counter() - started, 3),
