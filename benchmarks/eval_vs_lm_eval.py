@@ -90,7 +90,9 @@ def main() -> None:
         else:
             diffs = [abs(a - b) for m, t in zip(mine, other["loglikelihoods"], strict=True)
                      for a, b in zip(m.get("loglikelihoods", [m.get("loglikelihood")]), t, strict=True)]  # fmt: skip
-            agreement = f"max |dLL| {max(diffs):.2e}"
+            agreement = f"max |dLL| {max(diffs, default=math.nan):.2e}"
+        if spec.name in ("humaneval", "mbpp"):
+            agreement += " (pass@1 of lm-eval's generations run in clearlm's sandbox)"
         report["tasks"][spec.name] = {"clearlm": ours[spec.name], "lm_eval": other["metrics"], "agreement": agreement}
         for metric, b in other["metrics"].items():
             a = ours[spec.name].get(metric, math.nan)

@@ -106,11 +106,12 @@ def test_choices_over_one_pass_of_their_context_score_as_whole_windows(monkeypat
             assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(shared, whole, strict=True))
             assert [s.is_greedy for s in shared] == [s.is_greedy for s in whole]
     # through score_requests, with a tokenizer: consecutive requests sharing a context go the shared way (here from
-    # any saving; by default from SHARE_FROM context tokens saved)
+    # any saving; by default from SHARE_FROM context tokens saved and SHARE_CONTEXT in the context)
     import clearlm.eval.scoring as scoring
 
     calls = []
     monkeypatch.setattr(scoring, "SHARE_FROM", 1)
+    monkeypatch.setattr(scoring, "SHARE_CONTEXT", 1)
     monkeypatch.setattr(scoring, "score_choices", lambda *a: calls.append(len(a[2])) or score_choices(*a))
     tok = _char_tokenizer()
     encoder = Encoder(tok, 0)

@@ -11,9 +11,10 @@ import pytest
 from clearlm.errors import InputError
 from clearlm.eval import bbq
 from clearlm.eval.filters import Filter, FilterStep, apply_filter
-from clearlm.eval.harness import _aggregate, _generation_rows, build_requests, evaluate_tasks
+from clearlm.eval.generative import generation_rows
+from clearlm.eval.harness import _aggregate, evaluate_tasks
 from clearlm.eval.metrics import exact_match, pass_at_k
-from clearlm.eval.taskspec import ExactMatch, builtin_tasks, load_docs, load_task_file
+from clearlm.eval.taskspec import ExactMatch, TaskSpec, builtin_tasks, load_docs, load_task_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
@@ -112,12 +113,11 @@ def _lm_eval_bbq_doc(utils, doc: dict) -> dict:
 def test_code_tasks_pass_reference_solutions_and_fail_wrong_ones_in_the_sandbox(name, field):
     spec = TASKS[name]
     docs = load_docs(spec, SHARED, limit=4)
-    run = build_requests(spec, docs, spec.data_path(SHARED), 0, 1234)
-    rows = _generation_rows(run, [[d[field]] for d in docs], workers=2)
+    rows = generation_rows(spec, docs, [[d[field]] for d in docs], workers=2)
     key = "pass@1,create_test" if name == "humaneval" else "pass@1"
     assert _aggregate(spec, rows)[key] == 1.0
     hostile = ["import os\nos._exit(0)\n", "while True: pass\n", "    return None\n", "open('/etc/passwd').read()\n"]
-    rows = _generation_rows(run, [[h] for h in hostile], workers=2)
+    rows = generation_rows(spec, docs, [[h] for h in hostile], workers=2)
     assert _aggregate(spec, rows)[key] == 0.0
     reasons = [r for row in rows for v in row["verdicts"].values() for r in v]
     assert all(r != "passed" for r in reasons) and len(reasons) == 4
@@ -127,15 +127,35 @@ def test_code_tasks_pass_reference_solutions_and_fail_wrong_ones_in_the_sandbox(
 def test_pass_at_k_over_sampled_repeats(tmp_path):
     """Four samples per problem, two of them right: pass@1 = 2/4 and pass@2 = 1 - C(2,2)/C(4,2) = 5/6, per item and
     averaged; the samples come from the engine with the task's temperature and a seed per repeat."""
-    spec = TASKS["humaneval"].model_copy(update={"repeats": 4, "temperature": 0.8, "pass_k": [1, 2]})
-    docs = load_docs(spec, SHARED, limit=2)
-    run = build_requests(spec, docs, spec.data_path(SHARED), 0, 1234)
-    right = [d["canonical_solution"] for d in docs]
-    rows = _generation_rows(run, [[r, "    return None\n", r, "    pass\n"] for r in right], workers=2)
-    metrics = _aggregate(spec, rows)
-    assert metrics["pass@1,create_test"] == pytest.approx(0.5)
-    assert metrics["pass@2,create_test"] == pytest.approx(5 / 6)
-    assert [v.count("passed") for row in rows for v in row["verdicts"].values()] == [2, 2]
+    for name, key in (("humaneval", "{},create_test"), ("mbpp", "{}")):  # a filter's answers; every response
+        spec = TASKS[name].model_copy(update={"repeats": 4, "temperature": 0.8, "pass_k": [1, 2]})
+        docs = load_docs(spec, SHARED, limit=2)
+        right = [d["canonical_solution" if name == "humaneval" else "code"] for d in docs]
+        rows = generation_rows(spec, docs, [[r, "    return None\n", r, "    pass\n"] for r in right], workers=2)
+        metrics = _aggregate(spec, rows)
+        assert metrics[key.format("pass@1")] == pytest.approx(0.5)
+        assert metrics[key.format("pass@2")] == pytest.approx(5 / 6)
+        assert [v.count("passed") for row in rows for v in row["verdicts"].values()] == [2, 2]
+
+
+def test_few_shot_examples_are_drawn_as_lm_evals_samplers_draw_them():
+    """From the evaluated rows the item itself is never an example (first_n takes the first k others); from rows of
+    their own, first_n takes the first k and the random sampler draws exactly k (lm-eval's ContextSampler)."""
+    import random
+
+    from clearlm.eval.harness import _fewshot_prefix
+
+    base = {"name": "t", "data_file": "d.jsonl", "output_type": "generate", "doc_to_text": "{{q}}",
+            "doc_to_target": "{{a}}", "target_delimiter": "=", "fewshot_delimiter": ";"}  # fmt: skip
+    pool = [{"q": str(i), "a": str(i * i)} for i in range(6)]
+    first_n = TaskSpec.model_validate({**base, "fewshot_sampler": "first_n"})
+    assert _fewshot_prefix(first_n, pool, pool[1], 2, random.Random(0)) == "0=0;2=4;"
+    separate = TaskSpec.model_validate({**base, "fewshot_filter": "{{ true }}"})
+    drawn = _fewshot_prefix(separate, pool, pool[1], 2, random.Random(1234))
+    expected = random.Random(1234).sample(pool, 2)
+    assert drawn == "".join(f"{d['q']}={d['a']};" for d in expected)
+    with pytest.raises(InputError, match="too few"):
+        _fewshot_prefix(first_n, pool, pool[0], 6, random.Random(0))
 
 
 def test_task_files_for_generation_are_checked(tmp_path):
@@ -148,6 +168,13 @@ def test_task_files_for_generation_are_checked(tmp_path):
         '[[filters]]\nname = "f"\nsteps = [{ function = "regex" }]\n': "needs `pattern`",
         'metrics = ["pass@k"]\npass_k = [5]\n': "needs at least 5 repeats",
         "repeats = 4\n": "greedy",
+        'metrics = ["pass@k"]\nrepeats = 2\ntemperature = 1.0\n[[filters]]\nname = "f"\n'
+        'steps = [{ function = "take_first" }]\n': "must not end with take_first",
+        '[[filters]]\nname = "f"\nsteps = [{ function = "regex", pattern = "x" }]\n': "end every filter",
+        '[[filters]]\nname = "f"\nsteps = [{ function = "take_first" }, { function = "lowercase" }]\n': "last step",
+        '[[filters]]\nname = "f"\nsteps = [{ function = "template", template = "{{ x" }]\n': "not valid Jinja",
+        'metrics = ["pass@k"]\npass_k = [0]\n': "pass_k.0",
+        "fewshot_fields = { a = 1 }\n": "fewshot_fields need fewshot_filter",
         'metrics = ["mc2"]\n': "do not apply",
         '[[filters]]\nname = "f"\nsteps = [{ function = "shout" }]\n': "filters.0.steps.0.function",
     }
@@ -156,6 +183,10 @@ def test_task_files_for_generation_are_checked(tmp_path):
         with pytest.raises(InputError, match=message) as err:
             load_task_file(tmp_path / "t.toml")
         assert "\n" not in str(err.value) and str(tmp_path / "t.toml") in str(err.value)
+    for data_file, message in (("/etc/x.jsonl", "inside the data directory"), ("../x.jsonl", "inside the data")):
+        (tmp_path / "t.toml").write_text(base.replace("d.jsonl", data_file))
+        with pytest.raises(InputError, match=message):
+            load_task_file(tmp_path / "t.toml")
     (tmp_path / "t.toml").write_text(base)
     spec = load_task_file(tmp_path / "t.toml")
     with pytest.raises(InputError, match=r"d\.jsonl:2: .*'a' is undefined"):

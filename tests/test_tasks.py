@@ -20,7 +20,7 @@ TASKS = builtin_tasks()
 def _first_requests(name, k=1):
     spec = TASKS[name]
     docs = load_docs(spec, SHARED, limit=k)
-    return build_requests(spec, docs, spec.data_path(SHARED), 0, 1234).requests
+    return build_requests(spec, docs, 0, 1234).requests
 
 
 def test_every_builtin_task_names_its_source_and_licence():
@@ -81,7 +81,7 @@ def test_every_builtin_task_loads_its_data():
     for spec in (s for s in TASKS.values() if not s.name.startswith("stdlib_")):  # those read a run's split
         docs = load_docs(spec, SHARED, limit=5)
         assert len(docs) == 5
-        run = build_requests(spec, docs, spec.data_path(SHARED), 0, 1234)
+        run = build_requests(spec, docs, 0, 1234)
         assert run.requests if spec.output_type != "generate" else all(run.contexts)
 
 
@@ -308,7 +308,7 @@ def test_too_few_items_for_k_shot_is_an_input_error():
     spec = TASKS["arc_easy"]
     docs = [{"question": f"q{i}", "choices": ["a", "b"], "gold": 0} for i in range(3)]
     with pytest.raises(InputError, match="too few for 3-shot"):
-        build_requests(spec, docs, Path("x"), 3, 1234)
+        build_requests(spec, docs, 3, 1234)
 
 
 def test_a_data_file_pattern_reads_every_match_in_name_order(tmp_path):

@@ -200,6 +200,8 @@ def enforcement() -> dict[str, str]:
         "resources": f"enforced: {', '.join(layers['rlimits'])} per process; wall time and output by the evaluator",
         "disk": "not enforced: RLIMIT_FSIZE bounds each file, not how many the program writes before its time is up",
         "audit hook": "enforced, but bypassable: reports file and socket access as 'blocked: ...'",
+        "pass integrity": "enforced against exiting early (os._exit, sys.exit, signals): a pass needs the program to "
+        "reach its end; not against code that finds the runner's report function in its own frames",
     }
 
 

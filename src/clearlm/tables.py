@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_NOT_METRICS = {"samples", "skipped"}
+_NOT_METRICS = {"samples", "skipped", "num_fewshot"}
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -14,8 +14,9 @@ from typing import Any, Literal
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from clearlm.eval.templates import compiled
+
 Doc = dict[str, Any]
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 class FilterStep(BaseModel):
@@ -44,8 +45,13 @@ class FilterStep(BaseModel):
                 re.compile(self.pattern)
             except re.error as e:
                 raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression ({e})") from None
-        if self.function == "template" and self.template is None:
-            raise ValueError("a template step needs `template`")
+        if self.function == "template":
+            if self.template is None:
+                raise ValueError("a template step needs `template`")
+            try:
+                compiled(self.template)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"template {self.template!r} is not valid Jinja ({e})") from None
         return self
 
 
@@ -55,13 +61,24 @@ class Filter(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     steps: list[FilterStep] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _take_first_ends(self) -> Filter:
+        if any(step.function == "take_first" for step in self.steps[:-1]):
+            raise ValueError(f"filter {self.name!r}: take_first leaves one answer, so it must be the last step")
+        return self
+
+    @property
+    def single(self) -> bool:
+        """Whether the filter leaves one answer per item (it ends with take_first)."""
+        return self.steps[-1].function == "take_first"
+
 
 NO_FILTER = Filter(name="none", steps=[FilterStep(function="take_first")])
 
 
 def _regex(step: FilterStep, response: str) -> str:
     matches = re.findall(step.pattern or "", response)
-    if not matches:
+    if not matches or not -len(matches) <= step.group_select < len(matches):  # (lm-eval: IndexError)
         return step.fallback
     match = matches[step.group_select]
     if isinstance(match, tuple):
@@ -87,16 +104,14 @@ def _each(step: FilterStep, response: str, doc: Doc) -> str:
     if step.function == "remove_whitespace":
         return response.strip()
     if step.function == "template":
-        return _ENV.from_string(step.template or "").render(**doc, response=response)
+        return compiled(step.template or "").render(**doc, response=response)
     return _code_block(response)
 
 
 def apply_filter(flt: Filter, responses: list[str], doc: Doc) -> str | list[str]:
     """The item's responses after each step; `take_first` turns the list into one answer."""
     out: str | list[str] = list(responses)
-    for step in flt.steps:
-        if isinstance(out, str):
-            raise ValueError(f"filter {flt.name!r}: step {step.function!r} comes after the responses became one answer")
+    for step in flt.steps:  # take_first, which makes the list one answer, is the last step (validated)
         if step.function == "take_first":
             out = out[0]
         elif step.function == "majority_vote":

@@ -11,22 +11,18 @@ from tokenizers import Tokenizer
 
 from clearlm.errors import InputError
 from clearlm.eval import bbq
-from clearlm.eval.filters import NO_FILTER, Filter, apply_filter
-from clearlm.eval.metrics import acc_norm_pred, argmax, exact_match, mean_and_stderr, pass_at_k, perplexity, true_mass
+from clearlm.eval.generative import generate_responses, generation_rows
+from clearlm.eval.metrics import acc_norm_pred, argmax, mean_and_stderr, perplexity, true_mass
 from clearlm.eval.scoring import Encoder, score_requests
 from clearlm.eval.taskspec import Doc, TaskSpec, load_docs
 from clearlm.model.auto import CausalLM
-from clearlm.model.generate import Sampling, generate
-from clearlm.sandbox import Limits, run_many
-
-IFEVAL_METRICS = {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"}
 
 
 @dataclass
 class TaskRun:
     spec: TaskSpec
     docs: list[Doc]
-    data_path: Path
+    shots: int
     requests: list[tuple[str, str]] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)  # requests of each doc
     contexts: list[str] = field(default_factory=list)
@@ -39,14 +35,19 @@ def _gold_text(spec: TaskSpec, doc: Doc) -> str:
 
 
 def _fewshot_prefix(spec: TaskSpec, pool: list[Doc], doc: Doc, k: int, rng: random.Random) -> str:
-    """k labelled examples drawn as lm-eval's samplers draw them: `first_n` takes the pool's first k; the default
-    draws k + 1 documents, the evaluated one removed, redrawn from the others if too few remain."""
+    """k labelled examples drawn as lm-eval's samplers draw them. From the evaluated rows themselves (no
+    `fewshot_filter`) the evaluated item is excluded: `first_n` takes the first k others; the default draws k + 1,
+    removes the item and redraws from the others if too few remain. From rows of their own, `first_n` takes the
+    first k and the default draws k."""
     if k == 0:
         return ""
-    if k >= len(pool) + (spec.fewshot_filter is not None):
-        raise InputError(f"task {spec.name!r} has {len(pool)} items: too few for {k}-shot prompts")
+    separate = spec.fewshot_filter is not None
+    if k > len(pool) - (not separate):
+        raise InputError(f"task {spec.name!r} has {len(pool)} example rows: too few for {k}-shot prompts")
     if spec.fewshot_sampler == "first_n":
-        shots = pool[:k]
+        shots = (pool if separate else [x for x in pool if x != doc])[:k]
+    elif separate:
+        shots = rng.sample(pool, k)
     else:
         shots = [x for x in rng.sample(pool, k + 1) if x != doc][:k]
         if len(shots) < k:
@@ -61,10 +62,11 @@ def _fewshot_prefix(spec: TaskSpec, pool: list[Doc], doc: Doc, k: int, rng: rand
 
 
 def build_requests(
-    spec: TaskSpec, docs: list[Doc], data_path: Path, num_fewshot: int, seed: int, pool: list[Doc] | None = None
+    spec: TaskSpec, docs: list[Doc], num_fewshot: int, seed: int, pool: list[Doc] | None = None
 ) -> TaskRun:
-    """Requests for `docs`; few-shot examples come from `pool` (the whole split), seeded as lm-eval does."""
-    run = TaskRun(spec, docs, data_path)
+    """Requests for `docs`; few-shot examples come from `pool` (the whole split, or the task's example rows),
+    seeded as lm-eval does."""
+    run = TaskRun(spec, docs, num_fewshot)
     rng = random.Random(seed)
     pool = pool if pool is not None else docs
     for doc in docs:
@@ -125,64 +127,6 @@ def _aggregate(spec: TaskSpec, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return metrics
 
 
-def _metric_key(metric: str, flt: Filter, spec: TaskSpec) -> str:
-    """lm-eval's `metric,filter` naming; a task without filters keeps plain metric names."""
-    return metric if not spec.filters else f"{metric},{flt.name}"
-
-
-def _generate(run: TaskRun, model: CausalLM, tok: Tokenizer, encoder: Encoder, eos_id: int | None, batch_size: int,
-              seed: int) -> list[list[str]]:  # fmt: skip
-    """`repeats` generations per document, decoded as lm-eval decodes them (special tokens skipped)."""
-    spec = run.spec
-    if spec.max_gen_tokens >= model.cfg.context:
-        raise InputError(f"task {spec.name!r}: max_gen_tokens {spec.max_gen_tokens} leaves no room for a prompt in "
-                         f"the model's context of {model.cfg.context} (cap it with --max-gen-tokens)")  # fmt: skip
-    prompts = [encoder.encode(context) for context in run.contexts for _ in range(spec.repeats)]
-    completions = generate(
-        model, prompts, max_new_tokens=spec.max_gen_tokens, eos_ids=[] if eos_id is None else [eos_id],
-        stop=spec.until, decode=lambda ids: tok.decode(ids, skip_special_tokens=True), batch_size=batch_size,
-        sampling=Sampling(spec.temperature, spec.top_k, spec.top_p, seed),
-    )  # fmt: skip
-    texts = [c.text for c in completions]
-    return [texts[i : i + spec.repeats] for i in range(0, len(texts), spec.repeats)]
-
-
-def _generation_rows(run: TaskRun, generations: list[list[str]], workers: int | None) -> list[dict[str, Any]]:
-    """Each document's generations, filtered answers and metrics; code tasks' programs run in the sandbox."""
-    spec, rows, programs = run.spec, [], []
-    single = [m for m in spec.metrics if m != "pass@k"]
-    letters = random.Random(0)  # ifeval's draws, in item order, as lm-eval's run seeded 0 draws them
-    for doc, responses in zip(run.docs, generations, strict=True):
-        target = str(spec.target(doc))
-        row: dict[str, Any] = {"generations": responses, "target": target, "filtered": {}, "metrics": {}}
-        for flt in spec.filters or [NO_FILTER]:
-            answer = apply_filter(flt, responses, doc)
-            row["filtered"][flt.name] = answer
-            if "pass@k" in spec.metrics:  # HF code_eval's program: the candidate, a newline, the tests
-                programs += [(row, flt, [c + "\n" + target for c in ([answer] if isinstance(answer, str) else answer)])]
-            if single and not isinstance(answer, str):
-                raise InputError(f"task {spec.name!r}: filter {flt.name!r} leaves {len(answer)} answers per item; "
-                                 f"{single[0]} needs one (end the filter with take_first)")  # fmt: skip
-            if "exact_match" in single:
-                row["metrics"][_metric_key("exact_match", flt, spec)] = exact_match(answer, target, spec.exact_match)
-            if set(single) & IFEVAL_METRICS:
-                from clearlm.eval.ifeval import score_response
-
-                scores = score_response(doc, answer, letters)
-                row["metrics"].update({_metric_key(m, flt, spec): scores[m] for m in single if m in IFEVAL_METRICS})
-        rows.append(row)
-    if programs:
-        limits = Limits(wall_seconds=spec.timeout)
-        verdicts = iter(run_many([p for _, _, group in programs for p in group], limits, workers=workers))
-        for row, flt, group in programs:
-            mine = [next(verdicts) for _ in group]
-            row.setdefault("verdicts", {})[flt.name] = [v.reason for v in mine]
-            correct = sum(v.passed for v in mine)
-            for k in spec.pass_k:
-                row["metrics"][_metric_key(f"pass@{k}", flt, spec)] = pass_at_k(len(mine), correct, k)
-    return rows
-
-
 def evaluate_tasks(
     model: CausalLM,
     tok: Tokenizer,
@@ -207,21 +151,21 @@ def evaluate_tasks(
         pool = None
         if shots:
             pool = load_docs(spec, data_dir, fewshot=True) if spec.fewshot_filter else load_docs(spec, data_dir)
-        runs.append(build_requests(spec, docs, spec.data_path(data_dir), shots, seed, pool))
+        runs.append(build_requests(spec, docs, shots, seed, pool))
     encoder = Encoder(tok, prefix_id)
     all_requests = [r for run in runs for r in run.requests]
     scores = score_requests(model, encoder, all_requests, batch_size) if all_requests else []
     results, samples, offset = {}, [], 0
     for run in runs:
         if run.spec.output_type == "generate":
-            generations = _generate(run, model, tok, encoder, eos_id if eos_id is not None else prefix_id,
-                                    batch_size, seed)  # fmt: skip
-            rows = _generation_rows(run, generations, workers)
+            generations = generate_responses(run.spec, run.contexts, model, tok, encoder,
+                                             eos_id if eos_id is not None else prefix_id, batch_size, seed)  # fmt: skip
+            rows = generation_rows(run.spec, run.docs, generations, workers)
         else:
             mine = scores[offset : offset + len(run.requests)]
             offset += len(run.requests)
             rows = [_doc_result(run.spec, doc, mine[a:b]) for doc, (a, b) in zip(run.docs, run.spans, strict=True)]
-        results[run.spec.name] = _aggregate(run.spec, rows)
+        results[run.spec.name] = {**_aggregate(run.spec, rows), "num_fewshot": run.shots}
         for doc_id, (row, context) in enumerate(zip(rows, run.contexts, strict=True)):
             samples.append({"task": run.spec.name, "doc_id": doc_id, "context": context, **row})
     return results, samples

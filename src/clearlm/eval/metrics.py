@@ -51,7 +51,9 @@ def exact_match(prediction: str, reference: str, options: ExactMatch) -> float:
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
     """The unbiased pass@k of the HumanEval paper, 1 - C(n-c, k) / C(n, k), computed as its product form (as HF
-    evaluate's code_eval computes it) for numerical stability."""
+    evaluate's code_eval computes it) for numerical stability. Needs n >= k samples."""
+    if n < k:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     if n - correct < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - correct + 1, n + 1)))
@@ -59,5 +61,6 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
 
 def true_mass(logprobs: Sequence[float], labels: Sequence[int]) -> float:
     """TruthfulQA MC2 (lm-eval's truthfulqa_mc2 `acc`): the share of probability on the true answers."""
-    probs = np.exp(np.array(logprobs))
+    lls = np.array(logprobs)
+    probs = np.exp(lls - lls.max())  # lm-eval exponentiates as is: the same share, without 0/0 at very low values
     return float(np.sum((probs / np.sum(probs))[np.array(labels) == 1]))

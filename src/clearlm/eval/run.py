@@ -26,6 +26,7 @@ from clearlm.model.weights import load_model
 from clearlm.numerics import begin_stage, stage_threads
 from clearlm.recipe import SourceConfig
 from clearlm.release.load import bos_token_id, load_release
+from clearlm.sandbox import enforcement
 from clearlm.stages import StageRun, final_model, spec
 
 
@@ -108,6 +109,7 @@ def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any
             "seconds": round(time.perf_counter() - started, 3),
         },
         "numerics": numerics,
+        **({"sandbox": enforcement()} if any("pass@k" in s.metrics for s in specs) else {}),
         **describe_inputs(req.model, specs, req.data_dir),
     }  # fmt: skip
     return results, samples, meta

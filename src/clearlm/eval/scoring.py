@@ -9,6 +9,7 @@ sorted by length and batched, and only the continuation positions go through the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -92,45 +93,52 @@ def score_windows(model: nn.Module, windows: list[tuple[list[int], list[int]]], 
 
 
 @torch.no_grad()
-def score_choices(model: Transformer, ctx: list[int], conts: list[list[int]]) -> list[Score]:
-    """The continuations of one context (a question's choices): the context goes through the model once, then every
-    continuation as a row of one batch over the context's cached keys and values (clearlm's decoder). The same
-    log-probabilities as scoring each (context, continuation) whole, up to float rounding, for a fraction of the work
-    when the context is long (TruthfulQA's primer, few-shot prompts)."""
+def score_choices(model: Transformer, ctx: list[int], conts: list[list[int]], batch_size: int = 16) -> list[Score]:
+    """The continuations of one context (a question's choices): the context goes through the model once, then the
+    continuations, `batch_size` at a time, as rows of a batch over the context's cached keys and values (clearlm's
+    decoder). The same log-probabilities as scoring each (context, continuation) whole, up to float rounding, for a
+    fraction of the work when the context is long (TruthfulQA's primer, few-shot prompts)."""
     device = model.embed_tokens.weight.device
     n, width = len(ctx), max(len(c) for c in conts) - 1
-    cache = model.new_cache(1, n + width)
-    hidden = model.hidden_cached(torch.tensor([ctx], device=device), torch.arange(n, device=device)[None], cache,
-                                 None)[0, -1:]  # predicts each continuation's first token  # fmt: skip
-    rows = [hidden] * len(conts)
-    if width:
-        for layer in cache:
-            layer.repeat(len(conts))
-        ids = torch.zeros(len(conts), width, dtype=torch.long)
-        for j, cont in enumerate(conts):
-            ids[j, : len(cont) - 1] = torch.tensor(cont[:-1])
-        mask = torch.ones(width, n + width, dtype=torch.bool)
-        mask[:, n:] = torch.ones(width, width, dtype=torch.bool).tril()  # padding at a row's end is never seen
-        positions = (n + torch.arange(width)).expand(len(conts), width)
-        after = model.hidden_cached(ids.to(device), positions.to(device), cache,
-                                    mask.to(device).expand(len(conts), 1, width, n + width))  # fmt: skip
-        rows = [torch.cat([hidden, after[j, : len(cont) - 1]]) for j, cont in enumerate(conts)]
-    logprobs = F.log_softmax(model.lm_head(torch.cat(rows)).float(), dim=-1).cpu()
-    targets = torch.tensor([t for cont in conts for t in cont])
-    picked = logprobs[torch.arange(len(targets)), targets]
-    greedy = logprobs.argmax(-1) == targets
-    scores, offset = [], 0
-    for cont in conts:
-        end = offset + len(cont)
-        scores.append(Score(picked[offset:end].sum().item(), bool(greedy[offset:end].all()), len(cont)))
-        offset = end
+    fused = model.fused_projections()
+    base = model.new_cache(1, n + width, fused)
+    first = model.hidden_cached(torch.tensor([ctx], device=device), torch.arange(n, device=device)[None], base,
+                                None)[0, -1:]  # predicts each continuation's first token  # fmt: skip
+    scores = []
+    for start in range(0, len(conts), batch_size):
+        chunk = conts[start : start + batch_size]
+        rows = [first] * len(chunk)
+        if width:
+            cache = [copy.copy(layer) for layer in base]
+            for layer in cache:
+                layer.repeat(len(chunk))
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, cont in enumerate(chunk):
+                ids[j, : len(cont) - 1] = torch.tensor(cont[:-1])
+            mask = torch.ones(width, n + width, dtype=torch.bool)
+            mask[:, n:] = torch.ones(width, width, dtype=torch.bool).tril()  # padding at a row's end is never seen
+            positions = (n + torch.arange(width)).expand(len(chunk), width)
+            after = model.hidden_cached(ids.to(device), positions.to(device), cache,
+                                        mask.to(device).expand(len(chunk), 1, width, n + width))  # fmt: skip
+            rows = [torch.cat([first, after[j, : len(cont) - 1]]) for j, cont in enumerate(chunk)]
+        logprobs = F.log_softmax(model.lm_head(torch.cat(rows)).float(), dim=-1).cpu()
+        targets = torch.tensor([t for cont in chunk for t in cont])
+        picked = logprobs[torch.arange(len(targets)), targets]
+        greedy = logprobs.argmax(-1) == targets
+        offset = 0
+        for cont in chunk:
+            end = offset + len(cont)
+            scores.append(Score(picked[offset:end].sum().item(), bool(greedy[offset:end].all()), len(cont)))
+            offset = end
     return scores
 
 
 # Sharing a context costs two model calls per question instead of a share of a batched one: measured on 2 cores it
 # paid off from a few hundred saved context tokens (TruthfulQA 2.5x, BBQ 2x faster) and lost below (ARC, PIQA, COPA
-# 1.2-2x slower), so shorter shared contexts stay in the sorted, batched windows.
-SHARE_FROM = 256
+# 1.2-2x slower), so shorter shared contexts stay in the sorted, batched windows. Many requests after one short
+# context (CrowS-Pairs' sentences all follow the prefix token) save little each: a context is shared only from
+# SHARE_CONTEXT tokens.
+SHARE_FROM, SHARE_CONTEXT = 256, 32
 
 
 def score_requests(
@@ -155,10 +163,11 @@ def score_requests(
         while end < len(pairs) and pairs[end][0] == pairs[start][0]:
             end += 1
         group = pairs[start:end]
-        saved = (end - start - 1) * len(group[0][0])  # context tokens not recomputed
-        if isinstance(model, Transformer) and saved >= SHARE_FROM and all(len(a) + len(b) <= max_len for a, b in group):
+        n = len(group[0][0])
+        shared = n >= SHARE_CONTEXT and (end - start - 1) * n >= SHARE_FROM  # context tokens not recomputed
+        if isinstance(model, Transformer) and shared and all(len(a) + len(b) <= max_len for a, b in group):
             model.eval()
-            scores[start:end] = score_choices(model, group[0][0], [b for _, b in group])
+            scores[start:end] = score_choices(model, group[0][0], [b for _, b in group], batch_size)
         else:
             alone += range(start, end)
         start = end

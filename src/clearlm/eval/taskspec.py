@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import functools
 import gzip
 import hashlib
 import json
@@ -25,11 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from clearlm.errors import InputError
 from clearlm.eval import bbq
 from clearlm.eval.filters import Filter
+from clearlm.eval.templates import compiled
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,12 +37,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Doc = dict[str, Any]
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-
-
-@functools.cache
-def _compiled(template: str) -> jinja2.Template:
-    return _ENV.from_string(template)
 
 
 def _hellaswag(doc: Doc) -> Doc:
@@ -194,10 +188,27 @@ class TaskSpec(BaseModel):
     repeats: int = Field(1, ge=1, description="generations per item (pass@k with n samples)")
     filters: list[Filter] = []
     exact_match: ExactMatch = ExactMatch()
-    pass_k: list[int] = Field([1], min_length=1)
+    pass_k: list[PositiveInt] = Field([1], min_length=1)
     timeout: float = Field(3.0, gt=0, description="seconds of wall time per program of a code task")
     metrics: list[Metric] | None = None
     base_dir: Path | None = Field(None, exclude=True)
+
+    @field_validator("data_file")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"{value!r} must be a path (or pattern) inside the data directory")
+        return value
+
+    @field_validator("doc_to_text", "doc_to_target", "doc_to_choice", "doc_to_labels", "test_filter", "fewshot_filter")
+    @classmethod
+    def _jinja(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                compiled(value)
+            except jinja2.TemplateSyntaxError as e:
+                raise ValueError(f"{value[:60]!r} is not valid Jinja ({e})") from None
+        return value
 
     @model_validator(mode="after")
     def _metrics_fit_output_type(self) -> TaskSpec:
@@ -219,13 +230,22 @@ class TaskSpec(BaseModel):
         if "pass@k" in self.metrics and max(self.pass_k) > self.repeats:
             k = max(self.pass_k)
             raise ValueError(f"pass@{k} needs at least {k} repeats (repeats = {self.repeats})")
+        if "pass@k" in self.metrics and self.repeats > 1 and any(f.single for f in self.filters):
+            raise ValueError("pass@k scores every sample: its filters must not end with take_first")
+        single = [m for m in self.metrics if m not in ("pass@k", "acc", "acc_norm", "perplexity")]
+        if self.output_type == "generate" and single and not all(f.single for f in self.filters):
+            raise ValueError(f"{single[0]} scores one answer per item: end every filter with take_first")
+        if self.filters and self.output_type != "generate":
+            raise ValueError("filters apply to generate tasks only")
+        if self.fewshot_fields and self.fewshot_filter is None:
+            raise ValueError("fewshot_fields need fewshot_filter (the rows the examples come from)")
         if self.repeats > 1 and self.temperature == 0:
             raise ValueError("repeats > 1 with greedy decoding (temperature 0) gives the same answer each time")
         return self
 
     def selects(self, condition: str | None, doc: Doc) -> bool:
         """Whether a row passes a `test_filter`/`fewshot_filter` Jinja test (no test: every row)."""
-        return condition is None or _compiled(condition).render(**doc).strip() == "True"
+        return condition is None or compiled(condition).render(**doc).strip() == "True"
 
     def labels(self, doc: Doc) -> list[int]:
         value = self._render(self.doc_to_labels or "", doc)
@@ -258,7 +278,7 @@ class TaskSpec(BaseModel):
     def _render(self, template: str, doc: Doc) -> str:
         if template and template in doc:  # a field's name (a CSV's unnamed index column is "": not a field)
             return doc[template]
-        return _compiled(template).render(**doc)
+        return compiled(template).render(**doc)
 
     def text(self, doc: Doc) -> str | int:
         out = self._render(self.doc_to_text, doc)
@@ -331,7 +351,9 @@ def load_docs(
         except UnicodeDecodeError:
             raise InputError(f"{path}: not valid UTF-8") from None
     if not docs:
-        raise InputError(f"{spec.data_path(data_dir)}: no documents")
+        condition = spec.fewshot_filter if fewshot else spec.test_filter
+        why = f" pass {'fewshot_filter' if fewshot else 'test_filter'} {condition!r}" if condition else ""
+        raise InputError(f"{spec.data_path(data_dir).parent / spec.data_file}: no documents{why}")
     return docs
 
 

@@ -1,16 +1,15 @@
 """The generation engine: continuations of many prompts at once, with a key/value cache.
 
-`clearlm generate`, generative evaluation and RL all generate through `generate`. Prompts are sorted by
-length and run in batches, left-padded as transformers pads them; each sequence keeps its own position
-numbers, and padding is masked out, so a prompt's continuation does not depend on what it is batched
-with. A finished sequence (end-of-text, a stop string or its token budget) leaves the batch, so later
-steps compute only the live ones. Greedy decoding is `argmax` of the float32 logits, as transformers'
-`generate(do_sample=False)`; sampling applies temperature, then top-k, then top-p (transformers' order),
-and draws each sequence's tokens from its own generator seeded by (seed, prompt index), so a sample is
-reproducible whatever the batch size or the other prompts.
+`clearlm generate`, generative evaluation and the release's sample texts generate through `generate` (RL, issue 18,
+is to). Prompts are sorted by length and run in batches, left-padded as transformers pads them; each sequence keeps
+its own position numbers, and padding is masked out, so a prompt's continuation does not depend on what it is batched
+with. A finished sequence (end-of-text, a stop string or its token budget) leaves the batch, so later steps compute
+only the live ones. Greedy decoding is `argmax` of the float32 logits, as transformers' `generate(do_sample=False)`;
+sampling applies temperature, then top-k, then top-p (transformers' order), and draws each sequence's tokens from its
+own generator seeded by (seed, prompt index), so a sample is reproducible whatever the batch size or the other prompts.
 
-The model is clearlm's decoder (its own cache, `Transformer.forward_cached`) or any transformers causal
-LM (its `DynamicCache`), behind the same two calls: `prefill` and `step`.
+The model is clearlm's decoder (its own cache, `Transformer.forward_cached`) or any transformers causal LM (its
+`DynamicCache`), behind the same three calls: `prefill`, `step` and `keep`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -52,17 +51,15 @@ class Completion:
     finish: Literal["eos", "stop", "length"]
 
 
-class _Runner:
-    """One batch of sequences on a model: `prefill` the prompts, then `step` one token at a time."""
+class _Runner(Protocol):
+    """One batch of sequences on a model: `prefill` the left-padded prompts (`real`: False at padding) for the last
+    position's logits, then `step` one token per sequence; `keep` drops finished sequences."""
 
-    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor: ...
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def step(self, ids: torch.Tensor) -> torch.Tensor: ...
 
-    def keep(self, rows: torch.Tensor) -> None:
-        raise NotImplementedError
+    def keep(self, rows: torch.Tensor) -> None: ...
 
 
 def _positions(real: torch.Tensor) -> torch.Tensor:
@@ -70,9 +67,9 @@ def _positions(real: torch.Tensor) -> torch.Tensor:
     return (real.long().cumsum(1) - 1).clamp(min=0)
 
 
-class _ClearlmRunner(_Runner):
-    def __init__(self, model: Transformer, batch: int, length: int) -> None:
-        self.model, self.cache = model, model.new_cache(batch, length)
+class _ClearlmRunner:
+    def __init__(self, model: Transformer, batch: int, length: int, fused: list) -> None:
+        self.model, self.cache = model, model.new_cache(batch, length, fused)
         self.real: torch.Tensor | None = None  # [batch, tokens so far]: False at padding; None when none
         self.next_pos = torch.zeros(batch, dtype=torch.long)
 
@@ -110,7 +107,7 @@ class _ClearlmRunner(_Runner):
             self.real = self.real[rows]
 
 
-class _TransformersRunner(_Runner):
+class _TransformersRunner:
     """transformers' own forward and cache, fed the attention mask and positions its `generate` would feed."""
 
     def __init__(self, hf: torch.nn.Module) -> None:
@@ -144,10 +141,10 @@ class _TransformersRunner(_Runner):
         self.mask = self.mask[rows]
 
 
-def _runner(model: CausalLM, batch: int, length: int) -> _Runner:
+def _runner(model: CausalLM, batch: int, length: int, fused: list) -> _Runner:
     if isinstance(model, TransformersCausalLM):
         return _TransformersRunner(model.hf)
-    return _ClearlmRunner(model, batch, length)
+    return _ClearlmRunner(model, batch, length, fused)
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -183,6 +180,7 @@ def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def _generate_batch(
     model: CausalLM, prompts: list[list[int]], indices: list[int], *, max_new_tokens: int, sampling: Sampling,
     eos_ids: frozenset[int], stop: Sequence[str], decode: Callable[[list[int]], str] | None, pad_id: int,
+    fused: list,
 ) -> list[Completion]:  # fmt: skip
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -190,7 +188,7 @@ def _generate_batch(
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         real[row, width - len(prompt) :] = True
-    runner = _runner(model, len(prompts), width + max_new_tokens)
+    runner = _runner(model, len(prompts), width + max_new_tokens, fused)
     generators = [_generator(sampling.seed, i) for i in indices]
     live = list(range(len(prompts)))  # the prompts still generating, in batch row order
     new: list[list[int]] = [[] for _ in prompts]
@@ -249,13 +247,14 @@ def generate(
     if any(not p for p in kept):
         raise ValueError("a prompt has no tokens (start it with the model's BOS or end-of-text token)")
     model.eval()
+    fused = model.fused_projections() if isinstance(model, Transformer) else []  # once for every batch
     order = sorted(range(len(kept)), key=lambda i: -len(kept[i]))
     out: list[Completion | None] = [None] * len(kept)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         results = _generate_batch(
             model, [kept[i] for i in chunk], chunk, max_new_tokens=max_new_tokens, sampling=sampling,
-            eos_ids=frozenset(eos_ids), stop=[s for s in stop if s], decode=decode, pad_id=pad_id,
+            eos_ids=frozenset(eos_ids), stop=[s for s in stop if s], decode=decode, pad_id=pad_id, fused=fused,
         )  # fmt: skip
         for i, result in zip(chunk, results, strict=True):
             out[i] = result
@@ -279,4 +278,4 @@ def complete(
         ids = [eos_id]
     out = generate(model, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
                    eos_ids=[] if eos_id is None else [eos_id], stop=stop, decode=tok.decode)  # fmt: skip
-    return out[0].text if stop else tok.decode(out[0].tokens)
+    return out[0].text

@@ -103,18 +103,16 @@ class LayerCache:
     """One layer's state while a batch is generated: its keys and values, allocated once at the longest length they
     will reach, so that a step computes one new column instead of re-running the prefix; and its projections fused
     (q/k/v, gate/up), so that a step makes two matrix products where training makes five: on a CPU, a decoding step
-    is mostly per-operation overhead. The fused copies are made when the cache is, from the weights of that moment.
-    Keys and values start at zero: columns a padded row never writes are masked, and must not hold NaN."""
+    is mostly per-operation overhead. The fused weights come from `Transformer.fused_projections`, made once per
+    generation or scoring call from the weights of that moment. Keys and values start at zero: columns a padded row
+    never writes are masked, and must not hold NaN."""
 
-    def __init__(self, block: Block, batch: int, length: int) -> None:
-        attn, mlp = block.self_attn, block.mlp
-        w = attn.q_proj.weight
-        self.keys = w.new_zeros(batch, attn.kv_heads, length, attn.head_dim)
+    def __init__(self, block: Block, batch: int, length: int, fused: tuple[torch.Tensor, torch.Tensor]) -> None:
+        attn = block.self_attn
+        self.keys = attn.q_proj.weight.new_zeros(batch, attn.kv_heads, length, attn.head_dim)
         self.values = torch.zeros_like(self.keys)
         self.filled = 0
-        with torch.no_grad():
-            self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        self.qkv, self.gate_up = fused
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys and values [batch, heads, new, head_dim]; all of them so far."""
@@ -193,6 +191,9 @@ class Attention(nn.Module):
             qk = qkv[..., : (H + G) * D]
         qk = apply_rope(qk.view(B, T, H + G, D).transpose(1, 2), cos, sin)
         v = qkv[..., (H + G) * D :].view(B, T, G, D).transpose(1, 2)
+        if mask is None and T > 1 and cache.filled:
+            raise ValueError("several new tokens after cached ones need an explicit mask (SDPA's is_causal aligns "
+                             "to the top left)")  # fmt: skip
         k, v = cache.extend(qk[:, H:], v)
         if T == 1:
             y = decode_attention(qk[:, :H], k, v, mask)
@@ -300,9 +301,19 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, mask)
         return self.norm(x)
 
-    def new_cache(self, batch: int, length: int) -> list[LayerCache]:
-        """Empty key/value caches of every layer for `batch` sequences of up to `length` tokens."""
-        return [LayerCache(block, batch, length) for block in self.layers]
+    @torch.no_grad()
+    def fused_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's q/k/v and gate/up weights concatenated (copies: a later optimizer step does not reach them)."""
+        return [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
+                 torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in self.layers]  # fmt: skip
+
+    def new_cache(
+        self, batch: int, length: int, fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> list[LayerCache]:
+        """Empty key/value caches of every layer for `batch` sequences of up to `length` tokens, over `fused`
+        projections (made now when not given)."""
+        fused = fused if fused is not None else self.fused_projections()
+        return [LayerCache(block, batch, length, f) for block, f in zip(self.layers, fused, strict=True)]
 
     def hidden_cached(
         self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None

@@ -32,8 +32,8 @@ def _front_matter(meta: dict[str, Any]) -> str:
 
 def _headline(metrics: dict[str, Any]) -> list[str]:
     """A task's metric for the card's model-index: accuracy where there is one, else its first finite metric."""
-    names = [k for k, v in metrics.items() if k != "samples" and "_stderr" not in k and isinstance(v, (int, float))
-             and math.isfinite(v)]  # fmt: skip
+    names = [k for k, v in metrics.items() if k not in ("samples", "num_fewshot") and "_stderr" not in k
+             and isinstance(v, (int, float)) and math.isfinite(v)]  # fmt: skip
     return ["acc"] if "acc" in names else names[:1]
 
 
