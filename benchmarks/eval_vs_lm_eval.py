@@ -27,7 +27,7 @@ import torch
 from lm_eval_export import NATIVE_TASKS, long_context_copy, run_lm_eval, run_lm_eval_native
 
 from clearlm.eval.harness import evaluate_tasks
-from clearlm.eval.taskspec import TaskSpec, resolve_tasks
+from clearlm.eval.taskspec import TaskSpec, capped, resolve_tasks
 from clearlm.release.load import bos_token_id, load_release
 
 
@@ -52,10 +52,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    specs = resolve_tasks(args.tasks.split(","), [])
-    if args.max_gen_tokens:
-        specs = [s.model_copy(update={"max_gen_tokens": min(s.max_gen_tokens, args.max_gen_tokens)})
-                 if s.output_type == "generate" else s for s in specs]  # fmt: skip
+    specs = capped(resolve_tasks(args.tasks.split(","), []), args.max_gen_tokens)
 
     with tempfile.TemporaryDirectory() as work:
         model_dir = args.model  # with --context: a quickstart-sized random model with the release's tokenizer

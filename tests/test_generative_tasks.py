@@ -14,7 +14,7 @@ from clearlm.eval.filters import Filter, FilterStep, apply_filter
 from clearlm.eval.generative import generation_rows
 from clearlm.eval.harness import _aggregate, evaluate_tasks
 from clearlm.eval.metrics import exact_match, pass_at_k
-from clearlm.eval.taskspec import ExactMatch, TaskSpec, builtin_tasks, load_docs, load_task_file
+from clearlm.eval.taskspec import ExactMatch, TaskSpec, builtin_tasks, capped, load_docs, load_task_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside the checkout")
@@ -244,8 +244,7 @@ def test_generative_tasks_agree_with_lm_evaluation_harness(tiny_run, tmp_path):
     from clearlm.release.load import bos_token_id, load_release
 
     model_dir = _long_context_copy(tiny_run.artifacts["release"].path, tmp_path / "model", context=1280)
-    specs = [TASKS[n] for n in GENERATIVE]
-    specs = [s.model_copy(update={"max_gen_tokens": 48}) if s.output_type == "generate" else s for s in specs]
+    specs = capped([TASKS[n] for n in GENERATIVE], 48)
     theirs = run_lm_eval_native(model_dir, specs, SHARED, tmp_path / "lm_eval", limit=6, batch_size=4)
     model, tok, eos = load_release(model_dir)
     prefix = bos_token_id(model_dir, eos)

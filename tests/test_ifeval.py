@@ -279,6 +279,16 @@ def test_bad_rows_raise_input_errors_not_random_instructions(punkt, instruction_
         score_response(doc, "Some response.")
 
 
+# the end of both subprocess scripts: score one response, print the clearlm error it raises
+_SCORE_ONE = """from clearlm.errors import ClearlmError
+doc = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+try:
+    score_response(doc, "No commas here.")
+except ClearlmError as e:
+    print(type(e).__name__, str(e), sep=": ")
+"""
+
+
 def _run(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "NLTK_DATA": str(tmp_path / "empty")}
     (tmp_path / "empty").mkdir(exist_ok=True)
@@ -289,17 +299,14 @@ def test_missing_punkt_data_is_one_clear_line(tmp_path):
     pytest.importorskip("nltk")
     pytest.importorskip("langdetect")
     # NLTK_DATA is an empty folder and NLTK's default folders (which could hold punkt_tab) are dropped too
-    script = """
+    script = (
+        """
 import os, nltk
 nltk.data.path[:] = [os.environ["NLTK_DATA"]]
-from clearlm.errors import ClearlmError
 from clearlm.eval.ifeval import score_response
-doc = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
-try:
-    score_response(doc, "No commas here.")
-except ClearlmError as e:
-    print(type(e).__name__, str(e), sep=": ")
 """
+        + _SCORE_ONE
+    )
     out = _run(script, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"InputError: {PUNKT_MISSING}\n"
@@ -307,18 +314,15 @@ except ClearlmError as e:
 
 
 def test_import_is_cheap_and_missing_packages_are_one_clear_line(tmp_path):
-    script = """
+    script = (
+        """
 import sys
 sys.modules["nltk"] = None  # as if not installed
 from clearlm.eval.ifeval import score_response
 assert not {"nltk", "langdetect"} & {m for m, v in sys.modules.items() if v is not None}, "imported eagerly"
-from clearlm.errors import ClearlmError
-doc = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
-try:
-    score_response(doc, "No commas here.")
-except ClearlmError as e:
-    print(type(e).__name__, str(e), sep=": ")
 """
+        + _SCORE_ONE
+    )
     out = _run(script, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(

@@ -322,6 +322,10 @@ def test_a_data_file_pattern_reads_every_match_in_name_order(tmp_path):
     assert [d["q"] for d in load_docs(spec, None, limit=2)] == ["a1", "b1"]
     with pytest.raises(InputError, match=r"b\.jsonl:2: .*'a' is undefined"):
         load_docs(spec, None)
+    none = spec.model_copy(update={"test_filter": "{{ q == 'zz' }}"})
+    with pytest.raises(InputError) as err:  # the pattern where it was looked for, and what excluded every row
+        load_docs(none, None)
+    assert str(err.value) == f"{tmp_path / 'parts' / '*.jsonl'}: no documents pass test_filter \"{{{{ q == 'zz' }}}}\""
     from clearlm.eval.results import describe_inputs
 
     (tmp_path / "parts" / "b.jsonl").write_text('{"q": "b1", "a": "x"}\n')

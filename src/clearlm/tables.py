@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_NOT_METRICS = {"samples", "skipped", "num_fewshot"}
+NOT_METRICS = {"samples", "skipped", "num_fewshot"}  # a task's counts and settings beside its metrics
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -18,7 +18,7 @@ def metric_rows(tasks: dict[str, dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for task, metrics in tasks.items():
         for name, value in metrics.items():
-            if name in _NOT_METRICS or name.endswith("_stderr"):
+            if name in NOT_METRICS or name.endswith("_stderr"):
                 continue
             err = metrics.get(f"{name}_stderr")
             stderr = f"{err:.4f}" if err is not None else ""

@@ -147,10 +147,14 @@ def evaluate_tasks(
     runs = []
     for spec in specs:
         shots = spec.num_fewshot if num_fewshot is None else num_fewshot
-        docs = load_docs(spec, data_dir, limit)
         pool = None
-        if shots:
-            pool = load_docs(spec, data_dir, fewshot=True) if spec.fewshot_filter else load_docs(spec, data_dir)
+        if shots and spec.fewshot_filter:
+            pool, docs = load_docs(spec, data_dir, fewshot=True), load_docs(spec, data_dir, limit)
+        elif shots:  # the examples come from all the evaluated rows: read them once
+            pool = load_docs(spec, data_dir)
+            docs = pool[:limit]
+        else:
+            docs = load_docs(spec, data_dir, limit)
         runs.append(build_requests(spec, docs, shots, seed, pool))
     encoder = Encoder(tok, prefix_id)
     all_requests = [r for run in runs for r in run.requests]

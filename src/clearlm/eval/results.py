@@ -24,8 +24,7 @@ def describe_inputs(model_dir: Path, specs: list[TaskSpec], data_dir: Path | Non
 def _data_files(spec: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
     """Where a task's data came from: its file and sha256, or with a pattern (`bbq/*.jsonl`) each match's."""
     paths = spec.data_paths(data_dir)
-    pattern = any(c in spec.data_file for c in "*?[")
-    where = {"files": {str(p): sha256_file(p) for p in paths}} if pattern else {
+    where = {"files": {str(p): sha256_file(p) for p in paths}} if spec.pattern else {
         "file": str(paths[0]), "sha256": sha256_file(paths[0])}  # fmt: skip
     return {**where, "source": spec.source, "license": spec.license}
 

@@ -19,7 +19,7 @@ from clearlm.eval.perplexity import domain_bits_per_byte
 from clearlm.eval.preference import preference_accuracy, read_preferences
 from clearlm.eval.results import describe_inputs, write_samples
 from clearlm.eval.scoring import Encoder
-from clearlm.eval.taskspec import TaskSpec, resolve_tasks
+from clearlm.eval.taskspec import TaskSpec, capped, resolve_tasks
 from clearlm.model.auto import CausalLM
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model
@@ -73,10 +73,7 @@ def score(
 
 def evaluate_model(req: EvalRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """(results, samples, metadata) for everything the request names."""
-    specs = resolve_tasks(req.tasks, req.task_files)
-    if req.max_gen_tokens:
-        specs = [s.model_copy(update={"max_gen_tokens": min(s.max_gen_tokens, req.max_gen_tokens)})
-                 if s.output_type == "generate" else s for s in specs]  # fmt: skip
+    specs = capped(resolve_tasks(req.tasks, req.task_files), req.max_gen_tokens)
     if not (specs or req.bpb_files or req.preference_files):
         raise InputError("nothing to evaluate: pass --tasks (see --list), --task-file, --bpb or --preferences")
     numerics = begin_stage(stage_threads(req.threads))  # the same scores whatever the process did before

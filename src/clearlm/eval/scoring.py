@@ -73,34 +73,45 @@ def score_windows(model: nn.Module, windows: list[tuple[list[int], list[int]]], 
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids = torch.zeros(len(chunk), len(windows[chunk[0]][0]), dtype=torch.long)
-        rows, cols, targets = [], [], []
+        rows, cols = [], []
         for row, i in enumerate(chunk):
             inp, cont = windows[i]
             ids[row, : len(inp)] = torch.tensor(inp)
             rows += [row] * len(cont)
             cols += range(len(inp) - len(cont), len(inp))
-            targets += cont
-        logprobs = F.log_softmax(_logits_at(model, ids.to(device), rows, cols).float(), dim=-1).cpu()
-        target_t = torch.tensor(targets)
-        picked = logprobs[torch.arange(len(targets)), target_t]
-        greedy = logprobs.argmax(-1) == target_t
-        offset = 0
-        for i in chunk:
-            n = len(windows[i][1])
-            scores[i] = Score(picked[offset : offset + n].sum().item(), bool(greedy[offset : offset + n].all()), n)
-            offset += n
+        chunk_scores = _scores(_logits_at(model, ids.to(device), rows, cols), [windows[i][1] for i in chunk])
+        for i, score in zip(chunk, chunk_scores, strict=True):
+            scores[i] = score
     return scores  # type: ignore[return-value]
 
 
+def _scores(logits: torch.Tensor, targets: list[list[int]]) -> list[Score]:
+    """Each target sequence's summed log-probability and greedy flag, from the logits [tokens, vocab] that predict
+    all of them, one after another."""
+    logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+    flat = torch.tensor([t for seq in targets for t in seq])
+    picked = logprobs[torch.arange(len(flat)), flat]
+    greedy = logprobs.argmax(-1) == flat
+    out, offset = [], 0
+    for seq in targets:
+        end = offset + len(seq)
+        out.append(Score(picked[offset:end].sum().item(), bool(greedy[offset:end].all()), len(seq)))
+        offset = end
+    return out
+
+
 @torch.no_grad()
-def score_choices(model: Transformer, ctx: list[int], conts: list[list[int]], batch_size: int = 16) -> list[Score]:
+def score_choices(
+    model: Transformer, ctx: list[int], conts: list[list[int]], batch_size: int = 16,
+    fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> list[Score]:  # fmt: skip
     """The continuations of one context (a question's choices): the context goes through the model once, then the
     continuations, `batch_size` at a time, as rows of a batch over the context's cached keys and values (clearlm's
-    decoder). The same log-probabilities as scoring each (context, continuation) whole, up to float rounding, for a
-    fraction of the work when the context is long (TruthfulQA's primer, few-shot prompts)."""
+    decoder; `fused`: its projections, made once per scoring call). The same log-probabilities as scoring each
+    (context, continuation) whole, up to float rounding, for a fraction of the work when the context is long
+    (TruthfulQA's primer, few-shot prompts)."""
     device = model.embed_tokens.weight.device
     n, width = len(ctx), max(len(c) for c in conts) - 1
-    fused = model.fused_projections()
     base = model.new_cache(1, n + width, fused)
     first = model.hidden_cached(torch.tensor([ctx], device=device), torch.arange(n, device=device)[None], base,
                                 None)[0, -1:]  # predicts each continuation's first token  # fmt: skip
@@ -121,15 +132,7 @@ def score_choices(model: Transformer, ctx: list[int], conts: list[list[int]], ba
             after = model.hidden_cached(ids.to(device), positions.to(device), cache,
                                         mask.to(device).expand(len(chunk), 1, width, n + width))  # fmt: skip
             rows = [torch.cat([first, after[j, : len(cont) - 1]]) for j, cont in enumerate(chunk)]
-        logprobs = F.log_softmax(model.lm_head(torch.cat(rows)).float(), dim=-1).cpu()
-        targets = torch.tensor([t for cont in chunk for t in cont])
-        picked = logprobs[torch.arange(len(targets)), targets]
-        greedy = logprobs.argmax(-1) == targets
-        offset = 0
-        for cont in chunk:
-            end = offset + len(cont)
-            scores.append(Score(picked[offset:end].sum().item(), bool(greedy[offset:end].all()), len(cont)))
-            offset = end
+        scores += _scores(model.lm_head(torch.cat(rows)), chunk)
     return scores
 
 
@@ -158,6 +161,7 @@ def score_requests(
     scores: list[Score | None] = [None] * len(pairs)
     alone = []
     start = 0
+    fused = None  # the decoder's fused projections, made at the first shared context
     while start < len(pairs):
         end = start + 1
         while end < len(pairs) and pairs[end][0] == pairs[start][0]:
@@ -166,8 +170,10 @@ def score_requests(
         n = len(group[0][0])
         shared = n >= SHARE_CONTEXT and (end - start - 1) * n >= SHARE_FROM  # context tokens not recomputed
         if isinstance(model, Transformer) and shared and all(len(a) + len(b) <= max_len for a, b in group):
-            model.eval()
-            scores[start:end] = score_choices(model, group[0][0], [b for _, b in group], batch_size)
+            if fused is None:
+                model.eval()
+                fused = model.fused_projections()
+            scores[start:end] = score_choices(model, group[0][0], [b for _, b in group], batch_size, fused)
         else:
             alone += range(start, end)
         start = end

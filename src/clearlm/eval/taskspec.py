@@ -255,21 +255,30 @@ class TaskSpec(BaseModel):
             raise ValueError(f"doc_to_labels must give one 0/1 label per choice, got {value!r}")
         return [int(v) for v in value]
 
-    def data_paths(self, data_dir: Path | list[Path] | None) -> list[Path]:
-        """The task's data files: `data_file` under the first of the data directories (then the task file's folder)
-        that has it; a glob pattern (`bbq/*.jsonl`) gives every match there, in name order."""
+    @property
+    def pattern(self) -> bool:
+        """Whether `data_file` is a glob pattern (`bbq/*.jsonl`) rather than one file."""
+        return any(c in self.data_file for c in "*?[")
+
+    def located(self, data_dir: Path | list[Path] | None) -> tuple[Path, list[Path]]:
+        """(the folder holding the task's data, its data files): `data_file` under the first of the data directories
+        (then the task file's folder) that has it; a pattern gives every match there, in name order."""
         dirs = data_dir if isinstance(data_dir, list) else [data_dir]
         candidates = [d for d in (*dirs, self.base_dir) if d is not None]
         for folder in candidates:
-            if any(c in self.data_file for c in "*?["):
+            if self.pattern:
                 found = sorted(p for p in folder.glob(self.data_file) if p.is_file())
             else:
                 found = [folder / self.data_file] if (folder / self.data_file).is_file() else []
             if found:
-                return found
+                return folder, found
         where = candidates[0] / self.data_file if candidates else Path(self.data_file)
         origin = f" (upstream: {self.source}, licence {self.license})" if self.source else ""
         raise InputError(f"{where}: data file for task {self.name!r} not found{origin}; pass --data-dir")
+
+    def data_paths(self, data_dir: Path | list[Path] | None) -> list[Path]:
+        """The task's data files (see `located`)."""
+        return self.located(data_dir)[1]
 
     def data_path(self, data_dir: Path | list[Path] | None) -> Path:
         """The first data file (the only one unless `data_file` is a pattern)."""
@@ -343,7 +352,8 @@ def load_docs(
     """The task's documents (with `fewshot`, those its examples come from, `fewshot_fields` added), preprocessed and
     checked: a bad row names the file and line."""
     docs: list[Doc] = []
-    for path in spec.data_paths(data_dir):
+    folder, paths = spec.located(data_dir)
+    for path in paths:
         if limit is not None and len(docs) >= limit:
             break
         try:
@@ -353,7 +363,7 @@ def load_docs(
     if not docs:
         condition = spec.fewshot_filter if fewshot else spec.test_filter
         why = f" pass {'fewshot_filter' if fewshot else 'test_filter'} {condition!r}" if condition else ""
-        raise InputError(f"{spec.data_path(data_dir).parent / spec.data_file}: no documents{why}")
+        raise InputError(f"{folder / spec.data_file}: no documents{why}")
     return docs
 
 
@@ -430,6 +440,15 @@ def builtin_tasks() -> dict[str, TaskSpec]:
             spec = TaskSpec.model_validate(tomllib.loads(entry.read_text()))
             specs[spec.name] = spec
     return specs
+
+
+def capped(specs: list[TaskSpec], max_gen_tokens: int | None) -> list[TaskSpec]:
+    """The tasks with each generative task's budget capped at `max_gen_tokens` (lm-eval's `max_gen_toks` generation
+    argument): a small model's context cannot hold a long prompt and a long answer."""
+    if not max_gen_tokens:
+        return specs
+    return [s.model_copy(update={"max_gen_tokens": min(s.max_gen_tokens, max_gen_tokens)})
+            if s.output_type == "generate" else s for s in specs]  # fmt: skip
 
 
 def resolve_tasks(names: list[str], task_files: list[Path]) -> list[TaskSpec]:

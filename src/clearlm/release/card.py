@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from clearlm.stages import describe, spec
-from clearlm.tables import markdown_table, metric_rows
+from clearlm.tables import NOT_METRICS, markdown_table, metric_rows
 
 # Licence ids the Hugging Face Hub accepts in model card metadata (lower-cased SPDX ids).
 _HF_LICENSES = {
@@ -32,7 +32,7 @@ def _front_matter(meta: dict[str, Any]) -> str:
 
 def _headline(metrics: dict[str, Any]) -> list[str]:
     """A task's metric for the card's model-index: accuracy where there is one, else its first finite metric."""
-    names = [k for k, v in metrics.items() if k not in ("samples", "num_fewshot") and "_stderr" not in k
+    names = [k for k, v in metrics.items() if k not in NOT_METRICS and "_stderr" not in k
              and isinstance(v, (int, float)) and math.isfinite(v)]  # fmt: skip
     return ["acc"] if "acc" in names else names[:1]
 
