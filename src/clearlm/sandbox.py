@@ -1,11 +1,11 @@
 """Run untrusted, model-written Python in a locked-down child process and report a short, stable verdict.
 
-Code-generation evaluation and RL reward verifiers execute programs that a model wrote. Such code is hostile until
-proven otherwise, so the evaluator never imports or `exec`s it: each program runs in a fresh `python -I -S -B` in its
-own session (process group), with a new temporary directory as its working directory, HOME and TMPDIR, a clean
-environment and stdin closed. The evaluator enforces wall time and output size and kills the whole process group when
-it stops a run. Inside the child, before the program starts, this module (run as a script) applies every layer the
-platform allows; `enforcement()` reports which ones hold here, so results can record it:
+Code-generation evaluation executes programs that a model wrote (RL's reward verifiers, issue 18, are to). Such code
+is hostile until proven otherwise, so the evaluator never imports or `exec`s it: each program runs in a fresh
+`python -I -S -B` in its own session (process group), with a new temporary directory as its working directory, HOME
+and TMPDIR, a clean environment and stdin closed. The evaluator enforces wall time and output size and kills the
+whole process group when it stops a run. Inside the child, before the program starts, this module (run as a script)
+applies every layer the platform allows; `enforcement()` reports which ones hold here, so results can record it:
 
 - resource limits: CPU time, address space, file size, open files, no core files, and a process count. RLIMIT_NPROC
   counts every process of a user (and root is exempt), so it is made per sandbox: as root the program runs under a
