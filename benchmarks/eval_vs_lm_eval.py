@@ -70,10 +70,14 @@ def main() -> None:
 
         started = time.perf_counter()
         model, tok, eos = load_release(model_dir)
-        ours, samples = evaluate_tasks(
-            model, tok, specs, args.data_dir, prefix_id=bos_token_id(model_dir, eos), eos_id=eos, limit=args.limit,
-            batch_size=args.batch_size,
-        )  # fmt: skip
+        ours, samples, task_s = {}, [], {}
+        for spec in specs:  # one task at a time, to time each
+            task_started = time.perf_counter()
+            metrics, rows = evaluate_tasks(
+                model, tok, [spec], args.data_dir, prefix_id=bos_token_id(model_dir, eos), eos_id=eos,
+                limit=args.limit, batch_size=args.batch_size,
+            )  # fmt: skip
+            ours, samples, task_s[spec.name] = ours | metrics, samples + rows, time.perf_counter() - task_started
         clearlm_s = time.perf_counter() - started
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "tasks": {}}
@@ -96,7 +100,8 @@ def main() -> None:
             form = ".4f" if max(abs(a), abs(b)) < 1e5 else ".4e"  # perplexities of an untrained model are huge
             print(f"{spec.name:<22}{metric:<34}{a:>10{form}}{b:>10{form}}   {agreement}")
     report |= {"clearlm_seconds": clearlm_s, "lm_eval_seconds": lm_eval_s, "speedup": lm_eval_s / clearlm_s,
-               "lm_eval_fixed_seconds": lm_eval_fixed_s}  # fmt: skip
+               "lm_eval_fixed_seconds": lm_eval_fixed_s, "clearlm_task_seconds": task_s}  # fmt: skip
+    print("clearlm per task: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in task_s.items()))
     print(f"wall time: clearlm {clearlm_s:.1f} s, lm-eval {lm_eval_s:.1f} s -> {lm_eval_s / clearlm_s:.2f}x")
     net = lm_eval_s - lm_eval_fixed_s
     print(f"lm-eval without its fixed cost ({lm_eval_fixed_s:.1f} s for 1 item per task): {net:.1f} s -> "

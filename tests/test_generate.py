@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clearlm.model.auto import TransformersCausalLM
-from clearlm.model.generate import Sampling, choose, generate
+from clearlm.model.generate import Sampling, _ClearlmRunner, choose, generate
 from clearlm.model.hf import save_hf
 from clearlm.model.transformer import Transformer, TransformerConfig
 
@@ -63,6 +63,27 @@ def test_greedy_is_token_identical_to_transformers(tmp_path, kw, batch_size):
     # the same engine driving transformers' own model and cache gives the same tokens
     wrapped = generate(TransformersCausalLM(hf, 64), PROMPTS, max_new_tokens=24, eos_ids=[2], batch_size=batch_size)
     assert [c.tokens for c in wrapped] == expected
+
+
+@pytest.mark.parametrize("kw", [{}, {"architecture": "olmo2", "n_kv_heads": 2}, {"n_kv_heads": 1}])
+def test_prompts_sharing_a_prefix_run_it_once_and_generate_as_transformers_does(tmp_path, monkeypatch, kw):
+    """Few-shot prompts (one 50-token prefix, then their own questions) and copies of one prompt (RL's groups)."""
+    model = _model(**kw, context=128)
+    save_hf(model, tmp_path, bos_id=0, eos_id=2, pad_id=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    gen = torch.Generator().manual_seed(5)
+    shots = [0, *torch.randint(3, 300, (49,), generator=gen).tolist()]
+    prompts = [shots + torch.randint(3, 300, (n,), generator=gen).tolist() for n in (1, 7, 20, 3, 12)]
+    prompts += [prompts[2]] * 3
+    shared = []
+    monkeypatch.setattr(_ClearlmRunner, "share", lambda self, prefix, share=_ClearlmRunner.share: (
+        shared.append(len(prefix)), share(self, prefix))[1])  # fmt: skip
+    ours = generate(model, prompts, max_new_tokens=24, eos_ids=[2], batch_size=8)
+    assert shared == [50]
+    assert [c.tokens for c in ours] == _batched_like_ours(hf, prompts, 24, 2, 8)
+    copies = generate(model, [prompts[2]] * 4, max_new_tokens=24, eos_ids=[2], batch_size=4)
+    assert shared == [50, len(prompts[2]) - 1]
+    assert all(c.tokens == ours[2].tokens for c in copies)
 
 
 def test_a_non_llama_transformers_model_generates_as_transformers_does(tmp_path):

@@ -26,6 +26,10 @@ from tokenizers import Tokenizer
 from clearlm.model.auto import CausalLM, TransformersCausalLM
 from clearlm.model.transformer import Transformer
 
+# A batch's prompts that start with this many common tokens or more (few-shot examples, copies of one prompt) run
+# them once and attend to one copy of their keys and values: below it, the extra attention products cost more.
+SHARE_PREFIX = 32
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -69,12 +73,21 @@ def _positions(real: torch.Tensor) -> torch.Tensor:
 
 class _ClearlmRunner:
     def __init__(self, model: Transformer, batch: int, length: int, fused: list) -> None:
-        self.model, self.cache = model, model.new_cache(batch, length, fused)
+        self.model, self.fused, self.cache = model, fused, model.new_cache(batch, length, fused)
         self.real: torch.Tensor | None = None  # [batch, tokens so far]: False at padding; None when none
         self.next_pos = torch.zeros(batch, dtype=torch.long)
+        self.shared = 0  # tokens of the prefix every prompt of the batch starts with, cached once
+
+    def share(self, prefix: list[int]) -> None:
+        """Run the prompts' common prefix once; `prefill` then takes what follows it."""
+        cache = self.model.new_cache(1, len(prefix), self.fused)
+        self.model.hidden_cached(torch.tensor([prefix]), torch.arange(len(prefix))[None], cache, None)
+        for layer, shared in zip(self.cache, cache, strict=True):
+            layer.prefix = (shared.keys, shared.values)
+        self.shared = len(prefix)
 
     def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        positions = _positions(real)
+        positions = _positions(real) + self.shared
         self.next_pos = positions[:, -1] + 1
         if bool(real.all()):
             return self.model.forward_cached(ids, positions, self.cache, None)
@@ -147,6 +160,15 @@ def _runner(model: CausalLM, batch: int, length: int, fused: list) -> _Runner:
     return _ClearlmRunner(model, batch, length, fused)
 
 
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """How many first tokens all prompts share, leaving each at least one of its own (its last token's logits
+    start its continuation)."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        n = next((i for i in range(n) if prompt[i] != first[i]), n)
+    return n
+
+
 def _generator(seed: int, index: int) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
@@ -182,13 +204,17 @@ def _generate_batch(
     eos_ids: frozenset[int], stop: Sequence[str], decode: Callable[[list[int]], str] | None, pad_id: int,
     fused: list,
 ) -> list[Completion]:  # fmt: skip
+    runner = _runner(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, fused)
+    shared = _common_prefix(prompts) if isinstance(runner, _ClearlmRunner) and len(prompts) > 1 else 0
+    if shared >= SHARE_PREFIX:
+        runner.share(prompts[0][:shared])
+        prompts = [p[shared:] for p in prompts]
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     real = torch.zeros(len(prompts), width, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         real[row, width - len(prompt) :] = True
-    runner = _runner(model, len(prompts), width + max_new_tokens, fused)
     generators = [_generator(sampling.seed, i) for i in indices]
     live = list(range(len(prompts)))  # the prompts still generating, in batch row order
     new: list[list[int]] = [[] for _ in prompts]

@@ -87,16 +87,54 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Attention of one new token per sequence [batch, heads, 1, head_dim] over the cached keys and values
     [batch, kv_heads, cached, head_dim]: each key/value head serves its group of query heads in place (no copy of
-    the cache per step), and two small matmuls beat SDPA's CPU kernel, which is built for long queries."""
+    the cache per step), and two small matmuls beat SDPA's CPU kernel, which is built for long queries. With a
+    `prefix` (see `prefix_attention`) the queries may be several tokens."""
+    if prefix is not None:
+        return prefix_attention(q, k, v, mask, prefix)
     B, H, _, D = q.shape
     groups = q.view(B, k.shape[1], H // k.shape[1], D)
     scores = (groups @ k.transpose(-1, -2)) * D**-0.5
     if mask is not None:  # [batch, 1, 1, cached]
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v).view(B, H, 1, D)
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    prefix: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Attention of new tokens [batch, heads, new, head_dim] over a prompt prefix every sequence shares (its keys
+    and values [1, kv_heads, shared, head_dim], held once) followed by each sequence's own cache [batch, kv_heads,
+    own, head_dim]. One softmax over both parts, as if the prefix were in every row: a batch of few-shot prompts
+    reads the few-shot examples' keys once per step instead of once per sequence. `mask` [batch, 1, new, own]
+    (True: may attend) covers the own part; None is causal (own = new) or nothing to hide (one new token)."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    pk, pv = prefix
+    P = pk.shape[2]
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    q = q.reshape(B, G, H // G * T, D)
+    shared = (q.transpose(0, 1).reshape(G, -1, D) @ pk[0].transpose(-1, -2)).view(G, B, -1, P).transpose(0, 1)
+    own = q @ k.transpose(-1, -2)
+    if mask is not None:
+        own = own.view(B, G, H // G, T, S).masked_fill(~mask[:, :, None], float("-inf")).view(B, G, -1, S)
+    probs = (torch.cat([shared, own], -1) * D**-0.5).softmax(-1)
+    head = probs[..., :P].transpose(0, 1).reshape(G, -1, P) @ pv[0]
+    y = head.view(G, B, -1, D).transpose(0, 1) + probs[..., P:] @ v
+    return y.reshape(B, H, T, D)
 
 
 class LayerCache:
@@ -113,6 +151,7 @@ class LayerCache:
         self.values = torch.zeros_like(self.keys)
         self.filled = 0
         self.qkv, self.gate_up = fused
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # keys and values every sequence shares
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's keys and values [batch, heads, new, head_dim]; all of them so far."""
@@ -191,12 +230,12 @@ class Attention(nn.Module):
             qk = qkv[..., : (H + G) * D]
         qk = apply_rope(qk.view(B, T, H + G, D).transpose(1, 2), cos, sin)
         v = qkv[..., (H + G) * D :].view(B, T, G, D).transpose(1, 2)
-        if mask is None and T > 1 and cache.filled:
+        if mask is None and T > 1 and cache.filled and cache.prefix is None:
             raise ValueError("several new tokens after cached ones need an explicit mask (SDPA's is_causal aligns "
                              "to the top left)")  # fmt: skip
         k, v = cache.extend(qk[:, H:], v)
-        if T == 1:
-            y = decode_attention(qk[:, :H], k, v, mask)
+        if T == 1 or cache.prefix is not None:
+            y = decode_attention(qk[:, :H], k, v, mask, cache.prefix)
         else:
             y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
