@@ -272,6 +272,28 @@ def dpo(
         console.print(line, highlight=False)
 
 
+@app.command()
+def rlvr(
+    recipe: RecipeArg = None, set_: SetOpt = None, workdir: WorkdirOpt = Path("runs"), resume: ResumeOpt = False,
+    stop_after: StopOpt = None,
+) -> None:  # fmt: skip
+    """Reinforcement learning with verifiable rewards (the recipe's rlvr section: GRPO), after what it starts from."""
+    with _user_errors():
+        pipe = _pipeline(recipe, set_, workdir, "rlvr")
+        art = pipe.run("rlvr", resume=resume, stop_after=stop_after)
+        if _stopped("rlvr", art, stop_after):
+            return
+        m = art.metrics
+        _summary(pipe)
+        before, after = m["held_out_before"], m["held_out_after"]
+        held = (f"; held-out mean reward {before['reward']:.4f} -> {after['reward']:.4f} ({before['prompts']} prompts)"
+                if before else "")  # fmt: skip
+        console.print(f"rlvr: {m['prompts']} prompts, {m['steps']} steps, sampled reward {m['first_reward']:.4f} -> "
+                      f"{m['final_reward']:.4f}{held}; {m['empty_completions']} empty completions, "
+                      f"{m['verifier_errors']} verifier errors; {m['counts']} {m['bad_rows'] or ''}",
+                      highlight=False)  # fmt: skip
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -392,6 +393,79 @@ class DPOConfig(_PostTrainConfig):
     held_out_fraction: float = Field(0.1, ge=0, lt=1, description="pairs kept for preference accuracy")
 
 
+class PromptDataConfig(_Section):
+    path: str = Field(description="a .jsonl or .json file: `prompt` (text or messages) plus what its verifiers read")
+    license: str = Field("NOASSERTION", description="SPDX licence of the file")
+
+
+class VerifierConfig(_Section):
+    """One reward: a built-in verifier (clearlm.verifiers.VERIFIERS) or "user" with `function`, weighted."""
+
+    name: str
+    weight: float = 1.0
+    function: str | None = Field(None, description='"file.py:function", for name = "user": runs your own code')
+
+    @model_validator(mode="after")
+    def _function_for_user(self) -> VerifierConfig:
+        from clearlm.verifiers import check_name
+
+        check_name(self.name)
+        if (self.name == "user") != (self.function is not None):
+            raise ValueError('function is given exactly when name = "user" (a "file.py:function" of yours)')
+        if self.function is not None and not re.fullmatch(r"[^:]+\.py:[A-Za-z_]\w*", self.function):
+            raise ValueError(f'function {self.function!r} is not "file.py:function"')
+        return self
+
+
+class RLVRConfig(_Section):
+    """Reinforcement learning with verifiable rewards: GRPO as TRL's GRPOTrainer computes it (Tulu 3's third stage).
+    Defaults are TRL 1.16's (loss "dapo", 8 generations, clipping 0.2, no KL penalty, group-scaled rewards) except the
+    learning rate, scaled for small models, and the completion length."""
+
+    base: str = Field("dpo", description='"dpo", "sft", "pretrain", or a model folder')
+    builtin: Literal["stdlib-functions"] | None = Field(
+        None, description="built-in prompts: write a standard-library function of the corpus (data/instructions.py)"
+    )
+    builtin_prompts: int = Field(200, gt=0)
+    data: list[PromptDataConfig] = []
+    verifiers: list[VerifierConfig] = Field(min_length=1)
+    num_generations: int = Field(8, gt=1, description="completions per prompt (a group)")
+    prompts_per_step: int = Field(4, gt=0, description="prompts per generation batch")
+    max_steps: int = Field(20, gt=0, description="optimizer steps (num_iterations per generation batch)")
+    num_iterations: int = Field(1, gt=0, description="optimization passes over each generation batch")
+    micro_batch_size: int = Field(8, gt=0, description="completions per forward and backward pass")
+    max_completion_length: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    beta: float = Field(0.0, ge=0, description="KL penalty to the starting model")
+    use_bias_correction_kl: bool = Field(True, description="the KL term times the policy ratio (TRL's default)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="clipping of the policy ratio: 1 - epsilon")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clipping (DAPO); default: epsilon")
+    lr: float = Field(1e-5, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    held_out_fraction: float = Field(0.1, ge=0, lt=1, description="prompts kept for the mean reward before and after")
+    checkpoint_interval: int = Field(0, ge=0, description="steps between checkpoints to resume from; 0 = none")
+    spike_factor: float = Field(0.0, ge=0, description="0: off (a policy-gradient loss has no scale to spike from); "
+                                + SPIKE_HELP)  # fmt: skip
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RLVRConfig:
+        if self.builtin is None and not self.data:
+            raise ValueError('needs builtin = "stdlib-functions" or at least one entry in data')
+        if self.max_steps % self.num_iterations:
+            raise ValueError(f"max_steps {self.max_steps} is not a multiple of num_iterations {self.num_iterations}")
+        if self.base == "rlvr":
+            raise ValueError('base: RLVR cannot start from itself; use "dpo", "sft", "pretrain" or a model folder')
+        return self
+
+
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 0
@@ -402,6 +476,7 @@ class Recipe(_Section):
     midtrain: MidtrainConfig | None = None
     sft: SFTConfig | None = None
     dpo: DPOConfig | None = None
+    rlvr: RLVRConfig | None = None
     eval: EvalConfig = EvalConfig()
     release: ReleaseConfig = ReleaseConfig()
 

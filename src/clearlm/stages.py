@@ -215,6 +215,17 @@ def _post_training_identity(section: str) -> Callable[[LoadedRecipe], Any]:
     return identity
 
 
+def _rlvr_identity(loaded: LoadedRecipe) -> Any:
+    """RLVR's prompt files and base folder, and the files of the user's verifier functions: their code decides the
+    rewards."""
+    from clearlm.data.sources import files_digest
+
+    identity = _post_training_identity("rlvr")(loaded)
+    user = [v.function.rpartition(":")[0] for v in loaded.recipe.rlvr.verifiers if v.function]
+    return {**identity, "verifiers": [{"file": f, "digest": files_digest([loaded.base_dir / f], loaded.base_dir)}
+                                      for f in user]}  # fmt: skip
+
+
 def _eval_identity(loaded: LoadedRecipe) -> Any:
     """The digests of the tasks' data files outside the work dir (a file in the run's data split is covered by
     the data stage's digest)."""
@@ -306,6 +317,13 @@ STAGES: dict[str, StageSpec] = {
                   report="clearlm.train.midtrain:report_section"),
         _post_training_stage("sft", "Supervised fine-tuning", "clearlm.train.sft:build_stage"),
         _post_training_stage("dpo", "Preference tuning (DPO)", "clearlm.train.dpo:build_stage"),
+        StageSpec("rlvr", "Reinforcement learning (RLVR)", "clearlm.train.rlvr:build_stage",
+                  needs=_post_training_needs("rlvr"), config=_post_training_config("rlvr"), identity=_rlvr_identity,
+                  asked=_present("rlvr"), resumes="checkpoints", model=True, own_tokenizer=True,
+                  release={"log.jsonl": "post_training/rlvr_log.jsonl",
+                           "completions.jsonl": "post_training/rlvr_completions.jsonl"},
+                  timed=("log.jsonl",), card="clearlm.train.rlvr:card_lines",
+                  report="clearlm.train.rlvr:report_section"),
         StageSpec("eval", "Evaluation", "clearlm.eval.run:build_stage", needs=_eval_needs, config=_section("eval"),
                   identity=_eval_identity, release={"results.json": "eval/results.json",
                                                     "samples.jsonl": "eval/samples.jsonl"}),

@@ -14,6 +14,7 @@ import ast
 import hashlib
 import random
 from pathlib import Path
+from typing import Any
 
 from clearlm.data.chat import Example, Pair
 from clearlm.data.documents import read_jsonl
@@ -85,3 +86,14 @@ def stdlib_function_pairs(train_jsonl: Path, n: int, max_chars: int = 700) -> li
             pairs.append(Pair([{"role": "user", "content": prompt}], [{"role": "assistant", "content": source}],
                               [{"role": "assistant", "content": rejected}]))  # fmt: skip
     return pairs[::-1][:n]
+
+
+def stdlib_function_prompts(train_jsonl: Path, n: int, max_chars: int = 700) -> list[dict[str, Any]]:
+    """Up to `n` RL prompt rows: the request for a function (as the SFT examples ask) and its name as the
+    `entry_point` the `python_function` verifier looks for. Ordered by another hash than the SFT and DPO sets."""
+    found = sorted(_candidates(train_jsonl, max_chars), key=lambda c: hashlib.sha256(f"rlvr:{c[0]}".encode()).digest())
+    rows = []
+    for _, prompt, _ in found[:n]:
+        name = prompt.split("`", 2)[1].partition("(")[0]
+        rows.append({"prompt": [{"role": "user", "content": prompt}], "entry_point": name})
+    return rows

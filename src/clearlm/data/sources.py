@@ -14,7 +14,7 @@ from typing import Any
 from clearlm.data import builtin
 from clearlm.data.documents import Document
 from clearlm.errors import InputError
-from clearlm.recipe import DataConfig, DPOConfig, SFTConfig, SourceConfig, TokenizerConfig
+from clearlm.recipe import DataConfig, DPOConfig, RLVRConfig, SFTConfig, SourceConfig, TokenizerConfig
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
@@ -279,14 +279,16 @@ def folder_digest(folder: Path) -> str:
 
 
 def post_training_sources(
-    cfg: SFTConfig | DPOConfig, base: Path, tok_cfg: TokenizerConfig
+    cfg: SFTConfig | DPOConfig | RLVRConfig, base: Path, tok_cfg: TokenizerConfig
 ) -> tuple[list[Path], dict[str, Any]]:
     """A post-training stage's data files and the digests that identify them (and a base or reference folder,
     with the recipe's tokenizer settings, which decide the chat tokens added to a folder's tokenizer)."""
     files = [base / d.path for d in cfg.data]
     extra: dict[str, Any] = {"data": [{"path": d.path, "digest": files_digest([f], base)}
                                       for d, f in zip(cfg.data, files, strict=True)]}  # fmt: skip
-    if cfg.base not in ("pretrain", "sft"):
+    from clearlm.stages import STAGES  # the stage names a base may be (else it is a folder)
+
+    if cfg.base != "pretrain" and cfg.base not in STAGES:
         extra["base"] = folder_digest(base / cfg.base)
         extra["tokenizer"] = tok_cfg.model_dump(mode="json")
     if getattr(cfg, "reference", None):

@@ -29,8 +29,8 @@ def _data_files(spec: TaskSpec, data_dir: Path | None) -> dict[str, Any]:
     return {**where, "source": spec.source, "license": spec.license}
 
 
-def write_samples(path: Path, samples: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+def write_samples(path: Path, samples: list[dict[str, Any]], append: bool = False) -> None:
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
         for row in samples:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 

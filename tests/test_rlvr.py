@@ -1,0 +1,203 @@
+"""RLVR: GRPO's advantages and losses by hand and equal to TRL's GRPOTrainer, the verifiers, and the stage."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import hf_chat_tokenizer, tiny_decoder
+
+from clearlm.recipe import RLVRConfig
+from clearlm.train.grpo import LossSettings, advantages, nanstd, policy_loss
+from clearlm.train.loop import clip_gradients
+from clearlm.train.optim import build_optimizer
+from clearlm.train.posttrain import lr_at
+from clearlm.train.rlvr import Rollout, fixed_logps, optimization_pass, reward_metrics, settings
+
+NAN = math.nan
+
+
+def test_advantages_equal_a_hand_computation():
+    per = torch.tensor([[1.0, NAN], [0.0, 1.0], [1.0, 1.0], [0.0, NAN], [1.0, 0.0], [1.0, 0.0], [NAN, NAN], [1.0, 0.0]])
+    w = torch.tensor([1.0, 0.5])
+    adv = advantages(per, w, 4, "group")
+    rewards = [1.0, 0.5, 1.5, 0.0, 1.0, 1.0, NAN, 1.0]
+    assert adv.rewards[:6].tolist() == rewards[:6] and math.isnan(adv.rewards[6].item())
+    g1 = torch.tensor(rewards[:4])
+    mean1, std1 = g1.mean().item(), g1.std().item()  # Bessel's correction, as TRL's nanstd
+    assert adv.advantages[:4].tolist() == pytest.approx([(r - mean1) / (std1 + 1e-4) for r in rewards[:4]])
+    # the second group: the unscored completion is left out of its mean and std and gets advantage 0; the others
+    # are equal, so their std is 0 and the group counts as zero-variance
+    assert adv.advantages[4:].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.0])
+    assert adv.zero_std.tolist() == [False] * 4 + [True] * 4
+    none = advantages(per, w, 4, "none")
+    assert none.advantages[:4].tolist() == pytest.approx([r - mean1 for r in rewards[:4]])
+    batch = advantages(per, w, 4, "batch")
+    whole = torch.tensor([r for r in rewards if not math.isnan(r)])
+    assert batch.advantages[0].item() == pytest.approx((1.0 - mean1) / (whole.std().item() + 1e-4))
+    assert nanstd(torch.tensor([1.0, NAN, 3.0])).item() == pytest.approx(math.sqrt(2.0))
+
+
+def _settings(loss_type: str, beta: float = 0.0, high: float = 0.28) -> LossSettings:
+    return LossSettings(loss_type, 0.2, high, beta, max_completion_length=5)
+
+
+def test_each_loss_type_equals_a_hand_computation():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.5, 0.0]])
+    old = torch.tensor([[-1.5, -2.0, -0.4], [-0.2, -1.0, 0.0]])
+    ref = torch.tensor([[-1.2, -1.8, -0.6], [-0.1, -1.2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    ratio = (logps - old).exp()
+    per = torch.empty(2, 3)
+    for i in range(2):
+        for j in range(3):
+            r, a = ratio[i, j].item(), adv[i].item()
+            per[i, j] = -min(r * a, min(max(r, 0.8), 1.28) * a)
+    kl = ((ref - logps).exp() - (ref - logps) - 1) * ratio  # TRL's bias-corrected KL (its default)
+    for beta in (0.0, 0.1):
+        tokens = (per + beta * kl) * mask
+        expected = {
+            "grpo": ((tokens[0].sum() / 3 + tokens[1].sum() / 2) / 2).item() / 2,
+            "bnpo": (tokens.sum() / 5).item() / 2,
+            "dr_grpo": (tokens.sum() / (2 * 5)).item() / 2,
+            "dapo": (tokens.sum() / 11).item(),
+        }
+        for loss_type, value in expected.items():
+            loss, metrics = policy_loss(logps, old, ref, adv, mask, _settings(loss_type, beta), micro_batches=2,
+                                        batch_tokens=11.0)  # fmt: skip
+            assert loss.item() == pytest.approx(value, rel=1e-6), (loss_type, beta)
+    # clipped: row 0 (advantage > 0) where the ratio passes 1.28; row 1 (< 0) where it falls below 0.8
+    high = ((ratio > 1.28) & (adv[:, None] > 0)).float()
+    low = ((ratio < 0.8) & (adv[:, None] < 0)).float()
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(((high * mask).sum() / 5).item())
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(((low * mask).sum() / 5).item())
+    assert metrics["kl"] == pytest.approx(((kl * mask).sum() / 5).item())
+    assert metrics["clip_ratio/high_mean"] > 0 and metrics["clip_ratio/low_mean"] > 0
+
+
+# -- equality with TRL's GRPOTrainer on the same model, prompts, completions and rewards ---------------------------
+
+PROMPTS = ["What color is the sky?", "Name a prime."]
+COMPLETIONS = {  # four per prompt (a group), of different lengths; some end with the end-of-text token
+    PROMPTS[0]: ["It is blue.", "Green.", "It is blue, like the sea", "Why?"],
+    PROMPTS[1]: ["Seven.", "Nine, a prime.", "Two", "the quick brown fox jumps over it"],
+}
+ENDED = {"Green.", "Why?", "Seven.", "Two"}  # these end with the end-of-text token
+CORRECT = {"It is blue.": 1.0, "It is blue, like the sea": 0.5, "Seven.": 1.0, "Two": 1.0, "Green.": 0.0}
+LENGTH = {"Why?": None}  # the second verifier does not apply to it
+
+
+def _correct(prompts, completions, **kw):
+    return [CORRECT.get(c, 0.0) for c in completions]
+
+
+def _short(prompts, completions, **kw):
+    return [LENGTH[c] if c in LENGTH else float(len(c) < 12) for c in completions]
+
+
+def _trl_run(tmp_path, chat_tok, cfg: RLVRConfig, steps: int) -> tuple[list[dict], dict]:
+    """TRL's trainer over fixed completions (its `rollout_func`): the log of each step, and the tokens it scored."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from clearlm.model.hf import save_hf
+
+    eos, pad = chat_tok.token_to_id("<|endoftext|>"), chat_tok.token_to_id("<|pad|>")
+    save_hf(tiny_decoder(chat_tok.get_vocab_size()), tmp_path / "model", bos_id=eos, eos_id=eos, pad_id=pad)
+    hf_tok = hf_chat_tokenizer(chat_tok)
+    hf_tok.save_pretrained(tmp_path / "model")
+    scored: dict[str, list[list[int]]] = {}
+
+    def rollout(prompts, trainer):
+        seen: dict[str, int] = {}
+        prompt_ids, completion_ids = [], []
+        for p in prompts:
+            k = seen[p] = seen.get(p, -1) + 1
+            text = COMPLETIONS[p][k]
+            ids = chat_tok.encode(text, add_special_tokens=False).ids + ([eos] if text in ENDED else [])
+            prompt_ids.append(chat_tok.encode(p, add_special_tokens=False).ids)
+            completion_ids.append(ids)
+        scored["prompts"], scored["completions"] = prompt_ids, completion_ids
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+                "logprobs": [[0.0] * len(c) for c in completion_ids]}  # fmt: skip
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        report_to=[], save_strategy="no", max_steps=steps, logging_steps=1, seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=4,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, learning_rate=cfg.lr,
+        loss_type=cfg.loss_type, beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+        num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards, reward_weights=[1.0, 0.5],
+        shuffle_dataset=False, max_grad_norm=cfg.grad_clip, weight_decay=cfg.weight_decay,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+    )  # fmt: skip
+    trainer = trl.GRPOTrainer(model=str(tmp_path / "model"), reward_funcs=[_correct, _short], args=args,
+                              train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS]),
+                              processing_class=hf_tok, rollout_func=rollout)  # fmt: skip
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h], scored
+
+
+def _clearlm_run(chat_tok, cfg: RLVRConfig, scored: dict, steps: int) -> list[dict]:
+    """clearlm's optimization passes over the same completions, rewards and model."""
+    pad = chat_tok.token_to_id("<|pad|>")
+    model = tiny_decoder(chat_tok.get_vocab_size())
+    opt = build_optimizer(model, cfg)
+    texts = [chat_tok.decode(ids, skip_special_tokens=True) for ids in scored["completions"]]
+    rewards = [[a, b] for a, b in zip(_correct([], texts), _short([], texts), strict=True)]
+    per_verifier = torch.tensor([[NAN if v is None else v for v in row] for row in rewards])
+    reference = tiny_decoder(chat_tok.get_vocab_size()).eval()
+    log = []
+    for batch in range(steps // cfg.num_iterations):
+        rollout = Rollout(scored["prompts"], scored["completions"],
+                          advantages(per_verifier, torch.tensor([1.0, 0.5]), 4, cfg.scale_rewards))  # fmt: skip
+        if cfg.num_iterations > 1:
+            rollout.old = fixed_logps(model, rollout, 8, cfg.temperature, pad)
+        if cfg.beta:
+            rollout.ref = fixed_logps(reference, rollout, 8, cfg.temperature, pad)
+        generation = reward_metrics(rollout.adv, per_verifier, ["_correct", "_short"])
+        for iteration in range(cfg.num_iterations):
+            step = batch * cfg.num_iterations + iteration
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, cfg)
+            metrics = optimization_pass(model, rollout, settings(cfg), 8, cfg.temperature, pad)
+            clip_gradients(model, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log.append({**metrics, **(generation if iteration == 0 else {})})
+    return log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize(("beta", "num_iterations"), [(0.0, 1), (0.04, 2)])
+def test_loss_kl_clipping_and_rewards_equal_trl(chat_tok, tmp_path, loss_type, beta, num_iterations):
+    """Four optimizer steps; with two passes per generation batch the second pass's policy ratio moves from 1 and
+    is clipped (narrow clipping, epsilon_high for DAPO's asymmetric clipping). TRL's defaults otherwise, the bias-
+    corrected KL included."""
+    cfg = RLVRConfig(data=[{"path": "x.jsonl"}], verifiers=[{"name": "python_parses"}], loss_type=loss_type,
+                     beta=beta, num_iterations=num_iterations, lr=5e-3, temperature=0.7, max_completion_length=12,
+                     epsilon=0.05, epsilon_high=0.08 if loss_type == "dapo" else None, max_steps=4)  # fmt: skip
+    theirs, scored = _trl_run(tmp_path, chat_tok, cfg, 4)
+    ours = _clearlm_run(chat_tok, cfg, scored, 4)
+    assert len(theirs) == len(ours) == 4
+    keys = [
+        "loss",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "rewards/_correct/mean",
+        "rewards/_short/mean",
+        "rewards/_correct/std",
+    ]
+    keys += ["kl"] if beta else []
+    for step, (t, o) in enumerate(zip(theirs, ours, strict=True)):
+        for key in keys:
+            if key in o or key in t:
+                assert o[key] == pytest.approx(t[key], abs=1e-5), (step, key)
+    if num_iterations > 1:
+        assert any(o["clip_ratio/region_mean"] > 0 for o in ours)
