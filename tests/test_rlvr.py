@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,167 @@ def test_loss_kl_clipping_and_rewards_equal_trl(chat_tok, tmp_path, loss_type, b
                 assert o[key] == pytest.approx(t[key], abs=1e-5), (step, key)
     if num_iterations > 1:
         assert any(o["clip_ratio/region_mean"] > 0 for o in ours)
+
+
+# -- verifiers ------------------------------------------------------------------------------------------------------
+
+
+def test_answer_verifier_on_right_wrong_and_malformed_answers():
+    from clearlm.verifiers.answer import verify
+
+    rows = [{"answer": "He pays 3 * 4 = 12.\n#### 1,200"}] * 4 + [{"answer": 42}, {"answer": "Paris"}, {}]
+    completions = ["So the total is $1200.", "#### 1,200", "The answer is 12", "no number at all", "x = 41 then 42.",
+                   "The capital is paris", "anything"]  # fmt: skip
+    assert verify(completions, rows) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, None]
+
+
+def test_code_verifier_runs_the_tests_in_the_sandbox_and_contains_hostile_code():
+    from clearlm.verifiers.code_tests import verify
+
+    tests = {"tests": ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]}
+    completions = [
+        "```python\ndef add(a, b):\n    return a + b\n```",  # right, in a fence
+        "def add(a, b):\n    return a - b",  # wrong
+        "def add(a, b):\n    while True:\n        pass\nadd(1, 2)",  # hangs: stopped at the time limit
+        "import os\nos.system('touch /tmp/escaped-by-rlvr-test')\ndef add(a, b):\n    return a + b\n"
+        "open('/tmp/escaped-by-rlvr-test-2', 'w')",  # writes outside its directory: blocked
+        "def add(a, b:",  # does not parse
+        "def add(a, b):\n    return a + b",  # no tests in its row
+    ]
+    import clearlm.verifiers.code_tests as code_tests
+
+    code_tests.TIMEOUT_SECONDS = 2.0
+    rows = [tests] * 5 + [{}]
+    assert verify(completions, rows) == [1.0, 0.0, 0.0, 0.0, 0.0, None]
+    assert not Path("/tmp/escaped-by-rlvr-test-2").exists()
+
+
+def test_python_verifiers_and_a_user_function(tmp_path):
+    from clearlm.verifiers import load, score
+
+    mine = "def long_enough(prompts, completions, minimum, **kw):\n    return [float(len(c) >= m) for c, m in "
+    (tmp_path / "mine.py").write_text(mine + "zip(completions, minimum)]\n")
+    (tmp_path / "broken.py").write_text("def boom(prompts, completions, **kw):\n    raise RuntimeError('no')\n")
+    verifiers = [
+        load("python_parses", 1.0, None, tmp_path),
+        load("python_function", 1.0, None, tmp_path),
+        load("user", 0.5, "mine.py:long_enough", tmp_path),
+        load("user", 1.0, "broken.py:boom", tmp_path),
+    ]
+    completions = ["def f(x):\n    return x", "def g(x):\n    return x", "def f(x:", "```py\nf = 1\n```"]
+    rows = [{"prompt": "p", "entry_point": "f", "minimum": 5}] * 3 + [{"prompt": "p", "minimum": 50}]
+    per, errors = score(verifiers, completions, rows)
+    shown = [[None if math.isnan(v) else v for v in row] for row in per]
+    assert shown == [[1.0, 1.0, 1.0, None], [1.0, 0.0, 1.0, None], [0.0, 0.0, 1.0, None], [1.0, None, 0.0, None]]
+    assert errors == {"user:broken.py:boom: RuntimeError: no": 4}
+    with pytest.raises(ValueError, match="unknown verifier 'exact'"):
+        RLVRConfig(builtin="stdlib-functions", verifiers=[{"name": "exact"}])
+    with pytest.raises(ValueError, match="function is given exactly when"):
+        RLVRConfig(builtin="stdlib-functions", verifiers=[{"name": "user"}])
+
+
+def test_ifeval_verifier_scores_the_share_of_instructions_followed():
+    from clearlm.verifiers.ifeval import verify
+
+    ids = ["change_case:english_lowercase", "punctuation:no_comma"]
+    row = {"prompt": "Write about cats.", "instruction_id_list": ids, "kwargs": [{}, {}]}
+    assert verify(["cats are nice and soft.", "Cats, nice.", "CATS ARE NICE"], [row] * 3) == [1.0, 0.0, 0.5]
+    assert verify(["anything"], [{"prompt": "x"}]) == [None]
+
+
+def test_bad_prompt_rows_are_named(tmp_path):
+    from clearlm.data.chat import BadRow
+    from clearlm.data.prompts import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    rows = ['{"prompt": "ok", "answer": "1"}', "{not json", '{"answer": 1}', '{"prompt": "  "}',
+            '{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}']  # fmt: skip
+    path.write_text("\n".join(rows) + "\n")
+    got = list(read_prompts(path))
+    assert got[0] == (f"{path}:1", {"prompt": "ok", "answer": "1"})
+    assert [str(r) for _, r in got[1:]] == ["invalid JSON (Expecting property name enclosed in double quotes)",
+                                             "no prompt field", "empty prompt", "prompt: the last message must be "
+                                             "the user's (the completion is the assistant's reply)"]  # fmt: skip
+    assert all(isinstance(r, BadRow) for _, r in got[1:]) and got[2][0] == f"{path}:3"
+
+
+# -- the stage ------------------------------------------------------------------------------------------------------
+
+
+def write_rlvr_recipe(folder: Path) -> Path:
+    """The tiny corpus pretrained, SFT on "Say X." chats, then RLVR on the same requests rewarded by a user verifier
+    (the word said) and `python_parses`, two passes per generation batch, a KL penalty and checkpoints."""
+    import json
+
+    from conftest import WORDS, write_tiny_recipe
+
+    recipe = write_tiny_recipe(folder, steps=10)
+    chats = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}"}]}
+             for w in WORDS * 3]  # fmt: skip
+    (folder / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    prompts = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "word": w} for w in WORDS * 2]
+    prompts.append({"prompt": "Say " + "very " * 80 + "much."})  # longer than the context allows: dropped, counted
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts) + "not json\n")
+    says = "    return [None if w is None else float(w in c) for c, w in zip(completions, word)]\n"
+    (folder / "reward.py").write_text("def says(prompts, completions, word, **kw):\n" + says)
+    text = recipe.read_text().replace("context = 32", "context = 64")
+    text += '\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\nepochs = 1\nmicro_batch_size = 16\n'
+    text += ('\n[rlvr]\nbase = "sft"\ndata = [{ path = "prompts.jsonl", license = "CC0-1.0" }]\nmax_steps = 6\n'
+             "num_iterations = 2\nnum_generations = 4\nprompts_per_step = 2\nmicro_batch_size = 3\n"
+             "max_completion_length = 12\nbeta = 0.04\nlr = 1e-3\ncheckpoint_interval = 2\nheld_out_fraction = 0.2\n"
+             '[[rlvr.verifiers]]\nname = "python_parses"\nweight = 0.5\n'
+             '[[rlvr.verifiers]]\nname = "user"\nfunction = "reward.py:says"\n')  # fmt: skip
+    recipe.write_text(text)
+    return recipe
+
+
+def _untimed(path: Path) -> list[dict]:
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
+            for line in path.read_text().splitlines()]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_stage_resumes_exactly_keeps_every_completion_and_is_released(tmp_path):
+    import json
+
+    from clearlm.pipeline import Pipeline
+    from clearlm.recipe import load_recipe
+
+    recipe = load_recipe(str(write_rlvr_recipe(tmp_path)))
+    whole = Pipeline(recipe, tmp_path / "whole").run("rlvr")
+    assert Pipeline(recipe, tmp_path / "parts").run("rlvr", stop_after=3) is None  # rounded up to a batch's end
+    parts = Pipeline(recipe, tmp_path / "parts").run("rlvr", resume=True)
+    for name in ("completions.jsonl", "model.safetensors", "held_out_before.json"):
+        assert (whole.path / name).read_bytes() == (parts.path / name).read_bytes(), name
+    assert _untimed(whole.path / "log.jsonl") == _untimed(parts.path / "log.jsonl")
+    m = whole.metrics
+    from conftest import WORDS
+
+    too_long = "dropped: prompt longer than the context less max_completion_length"
+    assert m["counts"] == {"prompts": 2 * len(WORDS), too_long: 1}
+    assert m["bad_rows"] == {"invalid JSON (Expecting value)": 1} and m["steps"] == 6
+    log = _untimed(whole.path / "log.jsonl")
+    assert [r["iteration"] for r in log] == [1, 2] * 3 and all(r["kl"] >= 0 for r in log)
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and max(r["kl"] for r in log) > 0  # moved off the start
+    rows = [json.loads(line) for line in (whole.path / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 4 and {r["step"] for r in rows} == {1, 3, 5}
+    row = rows[0]
+    assert set(row) == {"step", "prompt", "gold", "completion", "finish", "rewards", "reward", "advantage"}
+    assert set(row["rewards"]) == {"python_parses", "user:reward.py:says"} and "word" in row["gold"]
+    expected = 0.5 * row["rewards"]["python_parses"] + row["rewards"]["user:reward.py:says"]
+    assert row["reward"] == pytest.approx(expected)
+    group = [r["reward"] for r in rows[:4]]
+    mean, std = sum(group) / 4, torch.tensor(group).std().item()
+    assert row["advantage"] == pytest.approx((row["reward"] - mean) / (std + 1e-4), abs=1e-5)
+    release = Pipeline(recipe, tmp_path / "whole").run("release").path
+    assert (release / "post_training" / "rlvr_completions.jsonl").read_bytes() == (
+        whole.path / "completions.jsonl").read_bytes()  # fmt: skip
+    card = (release / "README.md").read_text()
+    assert "## Reinforcement learning with verifiable rewards" in card and "held-out prompts" in card
+    assert "Reinforcement learning with verifiable rewards" in (release / "report.html").read_text()
+    assert "rlvr" in json.loads((release / "lineage.json").read_text())
+    assert (release / "code" / "verifiers" / "reward.py").read_text() == (tmp_path / "reward.py").read_text()
+    assert (release / "data" / "post_training" / "rlvr" / "prompts.jsonl.zst").is_file()
+    assert f"- rlvr: {m['prompts']} prompts trained on" in (release / "data" / "data_card.md").read_text()

@@ -77,7 +77,8 @@ _BUILTIN = {
     "stdlib-functions": "built from the training split's standard-library modules: each documented public "
     "top-level function becomes a request (its signature and the first line of its docstring) answered by its "
     "source; for preference pairs the rejected answer is another function, the function cut after half its "
-    "lines, or its body shuffled (chosen by a hash of module and name)",
+    "lines, or its body shuffled (chosen by a hash of module and name); for RL the request alone, with the "
+    "function's name as the `entry_point` the `python_function` verifier looks for",
 }
 
 
@@ -88,7 +89,7 @@ def post_training_section(stages: dict[str, dict[str, Any]]) -> str:
     rows = [[stage, source, licence] for stage, m in stages.items() for source, licence in m["licenses"].items()]
     lines = ["", "## Post-training data", "", markdown_table(["stage", "source", "licence"], rows), ""]
     for stage, m in stages.items():
-        used = f"{m['examples']} examples" if "examples" in m else f"{m.get('pairs')} pairs"
+        used = next(f"{m[k]} {k}" for k in ("examples", "pairs", "prompts") if k in m)
         lines.append(f"- {stage}: {used} trained on; counts {m['counts']}; "
                      f"bad rows {m['bad_rows'] or 'none'} (listed in the stage's `rejects.jsonl`).")  # fmt: skip
     for name in sorted({n for m in stages.values() for n in m["licenses"] if n in _BUILTIN}):

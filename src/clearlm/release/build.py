@@ -99,6 +99,18 @@ def _code_snapshot(out: Path) -> None:
                                           + "\n".join(pins) + "\n")  # fmt: skip
 
 
+def _user_verifiers(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path) -> None:
+    """The recipe's own RL verifier files (their code decided the rewards), under their recipe-relative names."""
+    if "rlvr" not in artifacts:
+        return
+    for v in loaded.recipe.rlvr.verifiers:
+        if v.function:
+            file = v.function.rpartition(":")[0]
+            target = out / file.replace("/", "__").replace("\\", "__")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(loaded.base_dir / file, target)
+
+
 def _compress(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(src, "rb") as f, open(dst, "wb") as g:
@@ -236,6 +248,7 @@ def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Pat
     lineage = _lineage(recipe, artifacts, base_dir)
     _dump(out / "lineage.json", lineage)
     _code_snapshot(out / "code")
+    _user_verifiers(loaded, artifacts, out / "code" / "verifiers")
     data = artifacts.get("data")
     generations = _generations(model, tok, eos_id, data.path / "validation.jsonl" if data else None)
     with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:

@@ -46,6 +46,7 @@ def _task_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
 
 def _post_training_lines(recipe: dict[str, Any], stages: dict[str, dict[str, Any]]) -> list[str]:
     """Base model, data, hyperparameters and results of SFT and DPO, when the recipe has them."""
+    stages = {name: m for name, m in stages.items() if not spec(name).card}  # the others describe themselves
     if not stages:
         return []
     lines = ["## Post-training", ""]

@@ -210,7 +210,7 @@ def _training(ctx: dict[str, Any], logs: dict[str, list[dict[str, Any]]]) -> lis
 
 
 def _post_training(ctx: dict[str, Any], logs: dict[str, list[dict[str, Any]]]) -> list[str]:
-    post = [stage for stage in ctx["post_training"] if logs.get(stage)]
+    post = [stage for stage in ctx["post_training"] if logs.get(stage) and not spec(stage).report]  # (self-described)
     out = ["<h2>Post-training</h2>"] if post else []
     for stage in post:
         label = spec(stage).label

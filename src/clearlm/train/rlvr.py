@@ -207,9 +207,20 @@ def _batch_prompts(n: int, per_batch: int, seed: int, batch: int) -> list[int]:
 
 
 def _truncate_completions(path: Path, step: int) -> None:
-    """Keep the completions of the generation batches up to the checkpoint resumed from."""
-    if path.exists():
-        truncate_log(path, step)
+    """Keep the completions of the generation batches up to the checkpoint resumed from, byte for byte (a line torn
+    by a crash goes too), written atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def train_rlvr(
@@ -223,6 +234,8 @@ def train_rlvr(
         raise TrainingError("no RL prompt is left to train on (see the counts of dropped prompts)")
     torch.manual_seed(seed)
     opt = build_optimizer(model, cfg)
+    # the KL penalty's reference is the starting model: copied before a resume loads later weights
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
     mu, total = cfg.num_iterations, cfg.max_steps
     ckpt_root, log_path, samples_path = out / "checkpoints", out / "log.jsonl", out / "completions.jsonl"
     start = 0
@@ -237,7 +250,6 @@ def train_rlvr(
     end = min(total, mu * math.ceil(stop_after / mu)) if stop_after else total
     end = max(start, end)
     guard = LossGuard(cfg.spike_factor, "rlvr", read_log(log_path) if found else [], ckpt_root)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta else None
     loss_cfg, names = settings(cfg), [v.name for v in verifiers]
     weights = torch.tensor([v.weight for v in verifiers])
     for batch in range(start // mu, end // mu):
