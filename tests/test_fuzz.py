@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from clearlm.data.chat import BadRow, read_preferences, read_sft
+from clearlm.data.prompts import read_prompts
 from clearlm.data.sources import read_source
 from clearlm.errors import ClearlmError
 from clearlm.eval.taskspec import load_docs, load_task_file
@@ -39,7 +40,7 @@ CASES = settings(max_examples=int(os.environ.get("CLEARLM_FUZZ_CASES", "300")), 
 # JSON values of every type, nested a little; object keys drawn from the fields the readers look for
 FIELDS = ["text", "id", "source", "license", "metadata", "added", "created", "messages", "role", "content",
           "prompt", "completion", "chosen", "rejected", "instruction", "input", "output", "country", "options",
-          "answer"]  # fmt: skip
+          "answer", "tests", "entry_point", "instruction_id_list"]  # fmt: skip
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
 values = st.recursive(
     scalars,
@@ -186,14 +187,14 @@ def test_task_rows_load_or_give_one_line(folder: Path, content: bytes, kind: str
 
 
 @CASES
-@given(content=lines, kind=st.sampled_from(["jsonl", "json"]), preference=st.booleans())
-def test_chat_and_preference_rows_parse_or_are_counted_rejects(
-    folder: Path, content: bytes, kind: str, preference: bool
+@given(content=lines, kind=st.sampled_from(["jsonl", "json"]), reader=st.sampled_from(["sft", "preferences", "rl"]))
+def test_chat_preference_and_rl_prompt_rows_parse_or_are_counted_rejects(
+    folder: Path, content: bytes, kind: str, reader: str
 ) -> None:
     path = folder / f"rows.{kind}"
     path.write_bytes(content)
     try:
-        for where, row in (read_preferences if preference else read_sft)(path):
+        for where, row in {"sft": read_sft, "preferences": read_preferences, "rl": read_prompts}[reader](path):
             assert re.fullmatch(rf"{re.escape(str(path))}(:\d+| item \d+)?", where), where
             if isinstance(row, BadRow):
                 assert "\n" not in str(row)
@@ -248,3 +249,16 @@ def test_audit_reports_on_any_folder(folder: Path, files: dict[str, bytes]) -> N
     report = audit_folder(audited)
     json.dumps(report)
     assert report["files"] == len(files)
+
+
+@CASES
+@given(rows=st.lists(objects, min_size=1, max_size=4), texts=st.lists(st.text(max_size=40), min_size=4, max_size=4))
+def test_verifiers_score_any_row_or_count_an_error(rows: list[dict], texts: list[str]) -> None:
+    """Verifiers read fields of user rows of any shape: a reward, None (does not apply) or a counted error."""
+    from clearlm.verifiers import VERIFIERS, load, score
+
+    verifiers = [load(name, 1.0, None, Path(".")) for name in VERIFIERS if name != "code_tests"]  # (sandbox: slow)
+    completions = texts[: len(rows)]
+    per, errors = score(verifiers, completions, rows)
+    assert len(per) == len(rows) and all(len(r) == len(verifiers) for r in per)
+    assert all("\n" not in e for e in errors)

@@ -177,3 +177,15 @@ def test_long_prompts_keep_their_last_tokens_and_bad_settings_are_refused():
         generate(model, [[0]], max_new_tokens=4, stop=["x"])
     with pytest.raises(ValueError, match="sampling"):
         Sampling(temperature=-1)
+
+
+def test_sampling_draws_tokens_in_proportion_and_never_a_filtered_one():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(20000, -1)
+    gens = [torch.Generator().manual_seed(i) for i in range(20000)]
+    drawn = choose(logits, Sampling(temperature=1.0), gens)
+    counts = torch.bincount(drawn, minlength=6).float() / 20000
+    assert counts[1] == 0 and counts[5] == 0
+    assert torch.allclose(counts, probs, atol=0.015)
+    top2 = torch.bincount(choose(logits, Sampling(temperature=1.0, top_k=2), gens), minlength=6)
+    assert set(top2.nonzero()[:, 0].tolist()) == {0, 2}

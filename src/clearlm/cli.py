@@ -99,7 +99,10 @@ class RichReporter(Reporter):
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=record["max_steps"], info="")
-        info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s" if "loss" in record else ""
+        tokens = record.get("tokens_per_s", record.get("train_tokens_per_s", 0.0))
+        info = f"loss {record['loss']:.3f}  {tokens:,.0f} tok/s" if "loss" in record else ""
+        if "reward" in record:  # RL: the sampled completions' mean reward
+            info = f"reward {record['reward'] or 0.0:.3f}  " + info
         if record.get("val_loss") is not None:
             info += f"  val {record['val_loss']:.3f}"
         self.progress.update(self.task, completed=record["step"], info=info)

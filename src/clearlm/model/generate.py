@@ -187,8 +187,13 @@ def choose(logits: torch.Tensor, sampling: Sampling, generators: Sequence[torch.
         drop = ordered.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
         drop[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+    # Inverse-CDF sampling with one uniform draw per sequence from its own generator: one batched search instead of
+    # a `multinomial` call per row (a third of a small model's sampling step). `right=True` never lands on a token
+    # of probability 0: the first cumulative sum above the draw belongs to a token that added to it.
+    cdf = logits.softmax(-1).cumsum(-1)
+    draws = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]
+    draws = torch.minimum(draws, torch.nextafter(cdf[:, -1], torch.zeros_like(draws)))
+    return torch.searchsorted(cdf, draws[:, None], right=True)[:, 0]
 
 
 def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -1,0 +1,146 @@
+"""GRPO steps: clearlm's RLVR stage against TRL's GRPOTrainer on the same model, prompts, verifier and settings.
+
+The model is the quickstart's shape (Llama, 192 wide, 4 layers, vocabulary 4096, context 256), randomly initialised,
+float32 on CPU with the same thread count, TRL's bf16 and gradient checkpointing off. Prompts: the built-in "write
+this standard-library function" requests (chat messages); reward: clearlm's `python_parses` verifier (TRL calls it as
+a reward function); `num_generations` completions of `--prompts` prompts per step, sampled at temperature 1 up to
+`--length` new tokens, one optimization pass per generation batch, loss "dapo" (TRL's default). Each tool runs in a
+fresh process; prints steps/s, completion tokens/s (sampled tokens per second of whole steps: generation, reward and
+the optimizer step), the ratio and peak RSS.
+
+    python benchmarks/rlvr_vs_trl.py --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WIDTH, LAYERS, HEADS, VOCAB, CONTEXT = 192, 4, 6, 4096, 256
+
+
+def _setup(workdir: Path, n: int):
+    import torch
+
+    from clearlm.data.builtin import stdlib_documents
+    from clearlm.data.instructions import stdlib_function_prompts
+    from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
+    from clearlm.model.transformer import Transformer, TransformerConfig
+    from clearlm.recipe import TokenizerConfig
+
+    corpus = workdir / "train.jsonl"
+    if not corpus.exists():
+        with open(corpus, "w") as f:
+            for doc in stdlib_documents():
+                f.write(json.dumps(doc) + "\n")
+        train_tokenizer(TokenizerConfig(vocab_size=VOCAB), corpus, workdir)
+    tok = load_tokenizer(workdir)
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=tok.get_vocab_size(), d_model=WIDTH, n_layers=LAYERS,
+                                          n_heads=HEADS, context=CONTEXT))  # fmt: skip
+    model.init_weights(0)
+    return tok, model, stdlib_function_prompts(corpus, n)
+
+
+def _parses(prompts, completions, **kw):
+    from clearlm.verifiers.python_parses import verify
+
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return verify(texts, [{} for _ in texts])
+
+
+def run(tool: str, steps: int, prompts: int, generations: int, length: int, workdir: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    tok, model, rows = _setup(workdir, steps * prompts)
+    eos, pad = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|pad|>")
+    if tool == "trl":
+        import datasets
+        import trl
+        from torch.utils.data import SequentialSampler
+        from transformers import PreTrainedTokenizerFast
+
+        from clearlm.data.chat import ChatTemplate
+        from clearlm.model.hf import save_hf
+
+        save_hf(model, workdir / "hf", bos_id=eos, eos_id=eos, pad_id=pad)
+        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+        hf_tok.chat_template = ChatTemplate().source
+        args = trl.GRPOConfig(
+            output_dir=str(workdir / "out"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            report_to=[], save_strategy="no", max_steps=steps, logging_steps=1, learning_rate=1e-5, seed=0,
+            dataloader_num_workers=0, disable_tqdm=True, per_device_train_batch_size=prompts * generations,
+            num_generations=generations, max_completion_length=length, temperature=1.0, shuffle_dataset=False,
+        )  # fmt: skip
+        trainer = trl.GRPOTrainer(model=str(workdir / "hf"), reward_funcs=[_parses], args=args,
+                                  train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
+                                  processing_class=hf_tok)  # fmt: skip
+        trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        log = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+        tokens = sum(h["completions/mean_length"] * prompts * generations for h in log)
+        rewards = [h["reward"] for h in log]
+    else:
+        from clearlm.data.chat import ChatTemplate
+        from clearlm.recipe import RLVRConfig
+        from clearlm.train.rlvr import Sampler, prepare_prompts, train_rlvr
+        from clearlm.verifiers import load
+
+        cfg = RLVRConfig(builtin="stdlib-functions", verifiers=[{"name": "python_parses"}], max_steps=steps,
+                         prompts_per_step=prompts, num_generations=generations, max_completion_length=length,
+                         micro_batch_size=prompts * generations, lr=1e-5)  # fmt: skip
+        items, _ = prepare_prompts(rows, tok, ChatTemplate(), CONTEXT - length)
+        out = workdir / "clearlm"
+        out.mkdir(exist_ok=True)
+        started = time.perf_counter()
+        train_rlvr(model, items, [load("python_parses", 1.0, None, workdir)], cfg, 0, pad, Sampler(tok, eos, cfg),
+                   out)  # fmt: skip
+        seconds = time.perf_counter() - started
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        tokens = sum(r["completions/mean_length"] * prompts * generations for r in log)
+        rewards = [r["reward"] for r in log]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "steps_per_s": steps / seconds, "tokens_per_s": tokens / seconds, "peak_mb": peak,
+            "rewards": rewards}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    ap.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    ap.add_argument("--length", type=int, default=64, help="max new tokens per completion")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    settings = [str(args.steps), str(args.prompts), str(args.generations), str(args.length)]
+    if args.worker:
+        print(json.dumps(run(args.worker, *map(int, settings), args.workdir)))
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="clearlm-rlvr-"))
+    results = {}
+    for tool in ("trl", "clearlm"):
+        out = subprocess.run([sys.executable, __file__, "--worker", tool, "--steps", settings[0], "--prompts",
+                              settings[1], "--generations", settings[2], "--length", settings[3], "--workdir",
+                              str(workdir)], capture_output=True, text=True, check=True)  # fmt: skip
+        results[tool] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"GRPO: {args.steps} steps of {args.prompts} prompts x {args.generations} completions, up to {args.length} "
+          "new tokens, float32, 2 threads")  # fmt: skip
+    for tool, r in (("TRL", results["trl"]), ("clearlm", results["clearlm"])):
+        print(f"  {tool:<8} {r['steps_per_s']:6.3f} steps/s  {r['tokens_per_s']:8,.0f} completion tokens/s  "
+              f"peak {r['peak_mb']:6.0f} MB  {r['seconds']:.1f} s")  # fmt: skip
+    ratio = results["clearlm"]["steps_per_s"] / results["trl"]["steps_per_s"]
+    print(f"  ratio (steps/s) {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
