@@ -291,7 +291,7 @@ def test_bad_prompt_rows_are_named(tmp_path):
 
 def write_rlvr_recipe(folder: Path) -> Path:
     """The tiny corpus pretrained, SFT on "Say X." chats, then RLVR on the same requests rewarded by a user verifier
-    (the word said) and `python_parses`, two passes per generation batch, a KL penalty and checkpoints."""
+    (the word said, and length) and `python_parses`, two passes per generation batch, a KL penalty and checkpoints."""
     import json
 
     from conftest import WORDS, write_tiny_recipe
@@ -303,7 +303,8 @@ def write_rlvr_recipe(folder: Path) -> Path:
     prompts = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "word": w} for w in WORDS * 2]
     prompts.append({"prompt": "Say " + "very " * 80 + "much."})  # longer than the context allows: dropped, counted
     (folder / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts) + "not json\n")
-    says = "    return [None if w is None else float(w in c) for c, w in zip(completions, word)]\n"
+    # the word said, plus a little for length: groups of random completions then differ in reward, so GRPO moves
+    says = "    return [None if w is None else float(w in c) + len(c) / 100 for c, w in zip(completions, word)]\n"
     (folder / "reward.py").write_text("def says(prompts, completions, word, **kw):\n" + says)
     text = recipe.read_text().replace("context = 32", "context = 64")
     text += '\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\nepochs = 1\nmicro_batch_size = 16\n'
