@@ -22,14 +22,14 @@ from tokenizers import Tokenizer
 
 from clearlm.data.chat import ChatTemplate, Pair, tokenize_pair
 from clearlm.data.chat import read_preferences as read_pair_file
-from clearlm.data.documents import in_fraction
+from clearlm.data.documents import hold_out
 from clearlm.data.instructions import stdlib_function_pairs
 from clearlm.errors import RecipeError, TrainingError
-from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import save_model
 from clearlm.recipe import DPOConfig
 from clearlm.stages import StageRun
+from clearlm.train.logps import answer_logps
 from clearlm.train.post_setup import base_model, licences, stage_start
 from clearlm.train.posttrain import run_steps
 
@@ -56,29 +56,11 @@ def truncate(pairs: list[TokenizedPair], max_length: int) -> tuple[list[Tokenize
     return out, counts
 
 
-def _rows(pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[chosen rows; rejected rows]: inputs and answer-only targets, right-padded."""
-    seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    width = max(len(a) + len(b) for a, b in seqs) - 1
-    idx = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(seqs):
-        ids = prompt + answer
-        idx[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[row, len(prompt) - 1 : len(ids) - 1] = torch.tensor(answer)
-    return idx, targets
-
-
 def sequence_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed answer log-probabilities, each [pairs]. The output layer runs only at
-    answer positions: prompts (often half the tokens) need hidden states, not logits."""
-    idx, targets = _rows(pairs, pad_id)
-    mask = targets != IGNORE_INDEX
-    hidden = model.hidden_states(idx)[mask]
-    logits = model.lm_head(hidden).float()
-    token_logps = torch.gather(logits.log_softmax(-1), 1, targets[mask].unsqueeze(-1)).squeeze(-1)
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(idx.shape[0], dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    """(chosen, rejected) summed answer log-probabilities, each [pairs]."""
+    prompts = [p.prompt for p in pairs] * 2
+    picked, rows = answer_logps(model, prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    sums = torch.zeros(len(prompts), dtype=picked.dtype).index_add(0, rows, picked)
     return sums[: len(pairs)], sums[len(pairs) :]
 
 
@@ -131,18 +113,12 @@ def reference_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int,
     return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
 
 
-@torch.no_grad()
 def split_held_out(
     pairs: list[tuple[Pair, TokenizedPair]], fraction: float
 ) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """(train, held out): a pair is held out by a hash of its text, so adding or reordering rows never moves
-    another pair across the split, and duplicates land on the same side."""
-    train: list[TokenizedPair] = []
-    held: list[TokenizedPair] = []
-    for pair, tokenized in pairs:
-        key = "held-out:" + json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True)
-        (held if in_fraction(key, fraction) else train).append(tokenized)
-    return train, held
+    """(train, held out) by a hash of each pair's text (`documents.hold_out`)."""
+    train, held = hold_out(pairs, lambda pt: [pt[0].prompt, pt[0].chosen, pt[0].rejected], fraction)
+    return [t for _, t in train], [t for _, t in held]
 
 
 def preference_accuracy(model: Transformer, pairs: list[TokenizedPair], pad_id: int) -> dict[str, float]:

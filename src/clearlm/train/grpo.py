@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from clearlm.model.loss import IGNORE_INDEX
 from clearlm.model.transformer import Transformer
+from clearlm.train.logps import answer_logps
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 
@@ -38,14 +38,20 @@ class Advantages:
     zero_std: torch.Tensor  # [completions] bool: its group's rewards (or the batch's) are all equal
 
 
+def total_rewards(per_verifier: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each completion's reward [completions]: the weighted sum of the verifiers that scored it (NaN where one does
+    not apply), NaN where none did."""
+    rewards = (per_verifier * weights[None]).nansum(dim=1)
+    rewards[torch.isnan(per_verifier).all(dim=1)] = torch.nan
+    return rewards
+
+
 def advantages(per_verifier: torch.Tensor, weights: torch.Tensor, num_generations: int,
                scale_rewards: Literal["group", "batch", "none"]) -> Advantages:  # fmt: skip
-    """TRL's `sum_then_normalize`: each completion's reward is the weighted sum of its verifiers' (NaN where one does
-    not apply); its advantage is its reward less its group's mean, divided by the group's (or the batch's) standard
-    deviation plus 1e-4 unless `scale_rewards` is "none". A completion no verifier scored has advantage 0."""
-    unscorable = torch.isnan(per_verifier).all(dim=1)
-    rewards = (per_verifier * weights[None]).nansum(dim=1)
-    rewards[unscorable] = torch.nan
+    """TRL's `sum_then_normalize`: each completion's reward is `total_rewards`; its advantage is its reward less its
+    group's mean, divided by the group's (or the batch's) standard deviation plus 1e-4 unless `scale_rewards` is
+    "none". A completion no verifier scored has advantage 0."""
+    rewards = total_rewards(per_verifier, weights)
     groups = rewards.view(-1, num_generations)
     mean = torch.nanmean(groups, dim=1).repeat_interleave(num_generations)
     if scale_rewards == "batch":
@@ -58,36 +64,15 @@ def advantages(per_verifier: torch.Tensor, weights: torch.Tensor, num_generation
     return Advantages(rewards, torch.nan_to_num(adv, nan=0.0), std, torch.isclose(std, torch.zeros_like(std)))
 
 
-def completion_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Inputs [batch, width] (prompt and completion, right-padded, the last token left out), the completion tokens
-    as targets at the positions that predict them (IGNORE_INDEX elsewhere), and the completions' mask [batch,
-    longest completion]."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)) - 1
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-    longest = max(len(c) for c in completions)
-    mask = torch.zeros(len(prompts), longest)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        ids = prompt + completion
-        idx[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[row, len(prompt) - 1 : len(ids) - 1] = torch.tensor(completion)
-        mask[row, : len(completion)] = 1.0
-    return idx, targets, mask
-
-
 def token_logps(model: Transformer, prompts: list[list[int]], completions: list[list[int]], temperature: float,
                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Each completion token's log-probability under `model` at `temperature` (TRL divides the logits by the
-    sampling temperature), [batch, longest completion] with 0 past a completion's end, and the completions' mask.
-    The output layer runs only at completion positions."""
-    idx, targets, mask = completion_rows(prompts, completions, pad_id)
-    scored = targets != IGNORE_INDEX
-    hidden = model.hidden_states(idx)[scored]
-    logps = (model.lm_head(hidden).float() / temperature).log_softmax(-1)
-    picked = logps.gather(1, targets[scored].unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(mask.shape, dtype=picked.dtype)
-    return out.masked_scatter(mask.bool(), picked), mask  # row-major: each row's tokens in order
+    sampling temperature), [batch, longest completion] with 0 past a completion's end, and the completions' mask."""
+    picked, _ = answer_logps(model, prompts, completions, pad_id, temperature)
+    mask = torch.zeros(len(completions), max(len(c) for c in completions))
+    for row, completion in enumerate(completions):
+        mask[row, : len(completion)] = 1.0
+    return torch.zeros(mask.shape, dtype=picked.dtype).masked_scatter(mask.bool(), picked), mask
 
 
 @dataclass(frozen=True)
