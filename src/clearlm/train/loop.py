@@ -132,10 +132,17 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Keep the records up to `step` (the checkpoint resumed from), written atomically."""
-    kept = [r for r in read_log(path) if r["step"] <= step]
+    """Keep the records up to `step` (the checkpoint resumed from), each line as it was written (a line torn by a
+    crash goes), written atomically."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:
+            continue
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
 
 

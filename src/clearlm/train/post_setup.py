@@ -19,7 +19,7 @@ from clearlm.errors import RecipeError
 from clearlm.eval.results import write_samples
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model
-from clearlm.recipe import DPOConfig, SFTConfig, TokenizerConfig
+from clearlm.recipe import DPOConfig, RLVRConfig, SFTConfig, TokenizerConfig
 from clearlm.release.load import load_release
 from clearlm.stages import StageRun, base_stage
 
@@ -40,7 +40,7 @@ def read_rows(files: list[Path], reader: Callable[[Path], Any], out: Path) -> tu
     return rows, dict(bad)
 
 
-def licences(cfg: SFTConfig | DPOConfig) -> dict[str, str]:
+def licences(cfg: SFTConfig | DPOConfig | RLVRConfig) -> dict[str, str]:
     found = {d.path: d.license for d in cfg.data}
     if cfg.builtin:
         found[cfg.builtin] = INSTRUCTIONS_LICENSE

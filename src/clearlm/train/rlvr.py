@@ -29,8 +29,7 @@ import torch
 from tokenizers import Tokenizer
 
 from clearlm.data.chat import ChatTemplate, _encode_with_specials
-from clearlm.data.documents import in_fraction
-from clearlm.data.instructions import LICENSE as INSTRUCTIONS_LICENSE
+from clearlm.data.documents import hold_out
 from clearlm.data.instructions import stdlib_function_prompts
 from clearlm.data.prompts import read_prompts
 from clearlm.data.sources import post_training_sources
@@ -42,11 +41,11 @@ from clearlm.model.weights import save_model
 from clearlm.recipe import RLVRConfig
 from clearlm.stages import StageRun
 from clearlm.train import checkpoint, checkpoint_files
-from clearlm.train.grpo import Advantages, LossSettings, advantages, nanstd, policy_loss, token_logps
+from clearlm.train.grpo import Advantages, LossSettings, advantages, nanstd, policy_loss, token_logps, total_rewards
 from clearlm.train.guard import LossGuard
 from clearlm.train.loop import clip_gradients, read_log, truncate_log
 from clearlm.train.optim import build_optimizer
-from clearlm.train.post_setup import read_rows, starting_model
+from clearlm.train.post_setup import licences, read_rows, starting_model
 from clearlm.train.posttrain import lr_at
 from clearlm.verifiers import Verifier, load, score
 
@@ -145,15 +144,6 @@ def prepare_prompts(rows: list[dict[str, Any]], tok: Tokenizer, template: ChatTe
     return kept, counts
 
 
-def split_held_out(prompts: list[Prompt], fraction: float) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, held out) by a hash of each row, as DPO splits its pairs."""
-    train, held = [], []
-    for p in prompts:
-        key = "held-out:" + json.dumps(p.row, sort_keys=True, default=str)
-        (held if in_fraction(key, fraction) else train).append(p)
-    return train, held
-
-
 class Sampler:
     """Completions of prompts from the policy, decoded as TRL decodes them (special tokens skipped)."""
 
@@ -182,9 +172,7 @@ def held_out_reward(model: Transformer, held: list[Prompt], verifiers: list[Veri
     done = sample(model, [p.ids for p in held], Sampling())
     per, errors = score(verifiers, [c.text for c in done], [p.row for p in held])
     matrix = torch.tensor(per, dtype=torch.float64)
-    weights = torch.tensor([v.weight for v in verifiers], dtype=torch.float64)
-    total = (matrix * weights).nansum(1)
-    total[torch.isnan(matrix).all(1)] = torch.nan
+    total = total_rewards(matrix, torch.tensor([v.weight for v in verifiers], dtype=torch.float64))
     out: dict[str, Any] = {"prompts": len(held), "reward": torch.nanmean(total).item()}
     out["per_verifier"] = {v.name: torch.nanmean(matrix[:, i]).item() for i, v in enumerate(verifiers)}
     if errors:
@@ -204,23 +192,6 @@ def _batch_prompts(n: int, per_batch: int, seed: int, batch: int) -> list[int]:
         out.append(_order(n, seed, epoch)[k])
         position += 1
     return out
-
-
-def _truncate_completions(path: Path, step: int) -> None:
-    """Keep the completions of the generation batches up to the checkpoint resumed from, byte for byte (a line torn
-    by a crash goes too), written atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            if line.endswith("\n") and json.loads(line)["step"] <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def train_rlvr(
@@ -243,7 +214,7 @@ def train_rlvr(
     if found:
         start = checkpoint.load_checkpoint(found, model, opt)["step"]
         truncate_log(log_path, start)
-        _truncate_completions(samples_path, start)
+        truncate_log(samples_path, start)
     else:
         for path in (log_path, samples_path):
             path.unlink(missing_ok=True)
@@ -326,13 +297,6 @@ def train_rlvr(
             "verifier_errors": sum(r["verifier_errors"] for r in firsts)}  # fmt: skip
 
 
-def licences(cfg: RLVRConfig) -> dict[str, str]:
-    found = {d.path: d.license for d in cfg.data}
-    if cfg.builtin:
-        found[cfg.builtin] = INSTRUCTIONS_LICENSE
-    return found
-
-
 def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `[rlvr]` stage: GRPO from its base on its prompts, rewarded by its verifiers; None when `stop_after`
     stopped it (continue with `resume`)."""
@@ -348,7 +312,7 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
         raise TrainingError(f"rlvr.max_completion_length {cfg.max_completion_length} leaves no room for a prompt in "
                             f"the model's context of {model.cfg.context}")  # fmt: skip
     prompts, counts = prepare_prompts(rows, tok, ChatTemplate(eos_token=tok_cfg.eos_token), room)
-    train, held = split_held_out(prompts, cfg.held_out_fraction)
+    train, held = hold_out(prompts, lambda p: p.row, cfg.held_out_fraction)  # by a hash of the row, as DPO's
     pad_id, eos_id = tok.token_to_id(tok_cfg.pad_token), tok.token_to_id(tok_cfg.eos_token)
     sample = Sampler(tok, eos_id, cfg)
     before_path = out / "held_out_before.json"
