@@ -33,6 +33,15 @@ VERIFIERS: dict[str, tuple[str, str]] = {
 }  # fmt: skip
 
 
+def each(score: Callable[[str, dict[str, Any]], float | None]) -> VerifyFn:
+    """A verifier that scores completions one at a time, each with its row."""
+
+    def verify(completions: list[str], rows: list[dict[str, Any]]) -> list[float | None]:
+        return [score(completion, row) for completion, row in zip(completions, rows, strict=True)]
+
+    return verify
+
+
 @dataclass(frozen=True)
 class Verifier:
     name: str  # the recipe's name; a user function is "user:file.py:function"

@@ -8,6 +8,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from clearlm.verifiers import each
+
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
@@ -38,18 +40,16 @@ def gold(row: dict[str, Any]) -> str | None:
     return answer.rpartition("#### ")[2]  # a GSM8K solution: the part after ####
 
 
-def verify(completions: list[str], rows: list[dict[str, Any]]) -> list[float | None]:
-    out: list[float | None] = []
-    for completion, row in zip(completions, rows, strict=True):
-        want = gold(row)
-        if want is None:
-            out.append(None)
-            continue
-        target = _number(want)
-        if target is None:  # a text answer
-            out.append(float(completion.strip().casefold().endswith(want.strip().casefold())))
-            continue
-        given = extract(completion)
-        value = _number(given) if given is not None else None
-        out.append(float(value is not None and value == target))
-    return out
+def _score(completion: str, row: dict[str, Any]) -> float | None:
+    want = gold(row)
+    if want is None:
+        return None
+    target = _number(want)
+    if target is None:  # a text answer
+        return float(completion.strip().casefold().endswith(want.strip().casefold()))
+    given = extract(completion)
+    value = _number(given) if given is not None else None
+    return float(value is not None and value == target)
+
+
+verify = each(_score)

@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 from clearlm.eval.ifeval import score_response
+from clearlm.verifiers import each
 
 
 def _text(row: dict[str, Any]) -> str:
@@ -19,14 +20,13 @@ def _text(row: dict[str, Any]) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
-def verify(completions: list[str], rows: list[dict[str, Any]]) -> list[float | None]:
-    out: list[float | None] = []
-    for completion, row in zip(completions, rows, strict=True):
-        ids = row.get("instruction_id_list")
-        if not isinstance(ids, list) or not ids:
-            out.append(None)
-            continue
-        doc = {"instruction_id_list": ids, "kwargs": row.get("kwargs") or [{} for _ in ids], "prompt": _text(row)}
-        followed = score_response(doc, completion, random.Random(0))["inst_level_strict_acc"]
-        out.append(sum(followed) / len(followed))
-    return out
+def _score(completion: str, row: dict[str, Any]) -> float | None:
+    ids = row.get("instruction_id_list")
+    if not isinstance(ids, list) or not ids:
+        return None
+    doc = {"instruction_id_list": ids, "kwargs": row.get("kwargs") or [{} for _ in ids], "prompt": _text(row)}
+    followed = score_response(doc, completion, random.Random(0))["inst_level_strict_acc"]
+    return sum(followed) / len(followed)
+
+
+verify = each(_score)

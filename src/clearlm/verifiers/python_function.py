@@ -6,19 +6,17 @@ from __future__ import annotations
 import ast
 from typing import Any
 
+from clearlm.verifiers import each
 from clearlm.verifiers.python_parses import code_of, parse
 
 
-def verify(completions: list[str], rows: list[dict[str, Any]]) -> list[float | None]:
-    out: list[float | None] = []
-    for completion, row in zip(completions, rows, strict=True):
-        name = row.get("entry_point")
-        if not isinstance(name, str) or not name:
-            out.append(None)
-            continue
-        tree = parse(code_of(completion))
-        defined = tree is not None and any(
-            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name for node in tree.body
-        )
-        out.append(float(defined))
-    return out
+def _score(completion: str, row: dict[str, Any]) -> float | None:
+    name = row.get("entry_point")
+    if not isinstance(name, str) or not name:
+        return None
+    tree = parse(code_of(completion))
+    return float(tree is not None and any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                                          and node.name == name for node in tree.body))  # fmt: skip
+
+
+verify = each(_score)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 import re
 import warnings
-from typing import Any
+
+from clearlm.verifiers import each
 
 _FENCE = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 
@@ -28,5 +29,4 @@ def parse(code: str) -> ast.Module | None:
         return None
 
 
-def verify(completions: list[str], rows: list[dict[str, Any]]) -> list[float | None]:
-    return [float(parse(code_of(c)) is not None) for c in completions]
+verify = each(lambda completion, row: float(parse(code_of(completion)) is not None))
