@@ -24,11 +24,12 @@ from pathlib import Path
 WIDTH, LAYERS, HEADS, VOCAB, CONTEXT = 192, 4, 6, 4096, 256
 
 
-def _setup(workdir: Path, n: int):
+def quickstart_model(workdir: Path):
+    """(tokenizer, random model of the quickstart's shape, the stdlib corpus file), the corpus and tokenizer made once
+    in `workdir`."""
     import torch
 
     from clearlm.data.builtin import stdlib_documents
-    from clearlm.data.instructions import stdlib_function_examples, stdlib_function_pairs
     from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
     from clearlm.model.transformer import Transformer, TransformerConfig
     from clearlm.recipe import TokenizerConfig
@@ -44,10 +45,18 @@ def _setup(workdir: Path, n: int):
     model = Transformer(TransformerConfig(vocab_size=tok.get_vocab_size(), d_model=WIDTH, n_layers=LAYERS,
                                           n_heads=HEADS, context=CONTEXT))  # fmt: skip
     model.init_weights(0)
+    return tok, model, corpus
+
+
+def _setup(workdir: Path, n: int):
+    from clearlm.data.instructions import stdlib_function_examples, stdlib_function_pairs
+
+    tok, model, corpus = quickstart_model(workdir)
     return tok, model, stdlib_function_examples(corpus, n), stdlib_function_pairs(corpus, n)
 
 
-def _hf(tok, model, folder: Path):
+def hf_copy(tok, model, folder: Path):
+    """The model saved as a transformers folder and loaded back, and the tokenizer with clearlm's chat template."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from clearlm.data.chat import ChatTemplate
@@ -81,13 +90,13 @@ def run(tool: str, kind: str, steps: int, batch: int, workdir: Path) -> dict:
         import trl
         from torch.utils.data import SequentialSampler
 
-        hf_model, hf_tok = _hf(tok, model, workdir / f"hf-{kind}")
+        hf_model, hf_tok = hf_copy(tok, model, workdir / f"hf-{kind}")
         if kind == "sft":
             data = datasets.Dataset.from_dict({"messages": [e.messages for e in examples]})
             trainer = trl.SFTTrainer(model=hf_model, args=_trl_args(trl, kind, workdir / "out", steps, batch),
                                      processing_class=hf_tok, train_dataset=data)  # fmt: skip
         else:
-            ref, _ = _hf(tok, model, workdir / "hf-ref")
+            ref, _ = hf_copy(tok, model, workdir / "hf-ref")
             rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
             args = _trl_args(trl, kind, workdir / "out", steps, batch)
             trainer = trl.DPOTrainer(model=hf_model, ref_model=ref, args=args, processing_class=hf_tok,

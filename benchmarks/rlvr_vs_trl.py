@@ -22,29 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-WIDTH, LAYERS, HEADS, VOCAB, CONTEXT = 192, 4, 6, 4096, 256
+from posttrain_vs_trl import CONTEXT, hf_copy, quickstart_model
 
 
 def _setup(workdir: Path, n: int):
-    import torch
-
-    from clearlm.data.builtin import stdlib_documents
     from clearlm.data.instructions import stdlib_function_prompts
-    from clearlm.data.tokenizer import load_tokenizer, train_tokenizer
-    from clearlm.model.transformer import Transformer, TransformerConfig
-    from clearlm.recipe import TokenizerConfig
 
-    corpus = workdir / "train.jsonl"
-    if not corpus.exists():
-        with open(corpus, "w") as f:
-            for doc in stdlib_documents():
-                f.write(json.dumps(doc) + "\n")
-        train_tokenizer(TokenizerConfig(vocab_size=VOCAB), corpus, workdir)
-    tok = load_tokenizer(workdir)
-    torch.manual_seed(0)
-    model = Transformer(TransformerConfig(vocab_size=tok.get_vocab_size(), d_model=WIDTH, n_layers=LAYERS,
-                                          n_heads=HEADS, context=CONTEXT))  # fmt: skip
-    model.init_weights(0)
+    tok, model, corpus = quickstart_model(workdir)
     return tok, model, stdlib_function_prompts(corpus, n)
 
 
@@ -65,21 +49,15 @@ def run(tool: str, steps: int, prompts: int, generations: int, length: int, work
         import datasets
         import trl
         from torch.utils.data import SequentialSampler
-        from transformers import PreTrainedTokenizerFast
 
-        from clearlm.data.chat import ChatTemplate
-        from clearlm.model.hf import save_hf
-
-        save_hf(model, workdir / "hf", bos_id=eos, eos_id=eos, pad_id=pad)
-        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-        hf_tok.chat_template = ChatTemplate().source
+        hf_model, hf_tok = hf_copy(tok, model, workdir / "hf")
         args = trl.GRPOConfig(
             output_dir=str(workdir / "out"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
             report_to=[], save_strategy="no", max_steps=steps, logging_steps=1, learning_rate=1e-5, seed=0,
             dataloader_num_workers=0, disable_tqdm=True, per_device_train_batch_size=prompts * generations,
             num_generations=generations, max_completion_length=length, temperature=1.0, shuffle_dataset=False,
         )  # fmt: skip
-        trainer = trl.GRPOTrainer(model=str(workdir / "hf"), reward_funcs=[_parses], args=args,
+        trainer = trl.GRPOTrainer(model=hf_model, reward_funcs=[_parses], args=args,
                                   train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
                                   processing_class=hf_tok)  # fmt: skip
         trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
