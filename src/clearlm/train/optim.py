@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from clearlm.errors import TrainingError
-from clearlm.recipe import DPOConfig, SFTConfig, TrainConfig
+from clearlm.recipe import DPOConfig, RLVRConfig, SFTConfig, TrainConfig
 from clearlm.world import SINGLE, World
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # modded-nanogpt's quintic: fast, singular values near 1
@@ -156,7 +156,7 @@ def _is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig, w: World = SINGLE
+    model: nn.Module, cfg: TrainConfig | SFTConfig | DPOConfig | RLVRConfig, w: World = SINGLE
 ) -> torch.optim.Optimizer:
     """Matrices (embeddings included) decay; norms do not. Each group keeps its peak rate in `base_lr`, which
     the schedule scales. AdamW uses torch's fused kernel (CPU and GPU). `w`: the ranks training `model` together."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from clearlm.model.transformer import Transformer
-from clearlm.recipe import DPOConfig, SFTConfig
+from clearlm.recipe import DPOConfig, RLVRConfig, SFTConfig
 from clearlm.train import checkpoint, checkpoint_files
 from clearlm.train.guard import LossGuard
 from clearlm.train.loop import clip_gradients, read_log, truncate_log
@@ -27,7 +27,7 @@ from clearlm.train.optim import build_optimizer
 StepFn = Callable[[list[int]], dict[str, float]]  # backward over these items; returns loss, tokens, metrics
 
 
-def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig) -> float:
+def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig | RLVRConfig) -> float:
     """Linear warmup over `warmup_ratio` of the steps, then linear decay to zero (Tulu 3's schedule)."""
     warmup = math.ceil(cfg.warmup_ratio * total)
     if step < warmup:
