@@ -122,6 +122,14 @@ def _encode_with_specials(tok: Tokenizer, text: str) -> Any:
         tok.encode_special_tokens = saved
 
 
+def encode_prompt(tok: Tokenizer, template: ChatTemplate, prompt: str | list[dict[str, str]]) -> list[int]:
+    """A prompt's ids: text as it is (special tokens read as such); messages through the chat template with the
+    assistant's turn opened, as `apply_chat_template(add_generation_prompt=True)`."""
+    if isinstance(prompt, str):
+        return _encode_with_specials(tok, prompt).ids
+    return template.encode(tok, prompt, add_generation_prompt=True)[0]
+
+
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise BadRow(f"{where} is not a non-empty list of messages")
@@ -229,11 +237,11 @@ def tokenize_sft(tok: Tokenizer, template: ChatTemplate, example: Example) -> tu
             if example.completion.endswith(template.eos_token)
             else (example.completion + template.eos_token)
         )
-        prompt_ids = _encode_with_specials(tok, example.prompt).ids
+        prompt_ids = encode_prompt(tok, template, example.prompt)
         ids = _encode_with_specials(tok, example.prompt + completion).ids
         n = common_prefix(prompt_ids, ids)
         return ids, [-100] * n + ids[n:]
-    prompt_ids, _ = template.encode(tok, example.prompt, add_generation_prompt=True)
+    prompt_ids = encode_prompt(tok, template, example.prompt)
     ids, mask = template.encode(tok, [*example.prompt, *example.completion])
     n = common_prefix(prompt_ids, ids)
     return ids, [t if (m and i >= n) else -100 for i, (t, m) in enumerate(zip(ids, mask, strict=True))]
@@ -316,11 +324,10 @@ def tokenize_pair(tok: Tokenizer, template: ChatTemplate, pair: Pair) -> tuple[l
         def full(answer: str) -> list[int]:
             return _encode_with_specials(tok, pair.prompt + (answer if answer.endswith(eos) else answer + eos)).ids
 
-        prompt_ids = _encode_with_specials(tok, pair.prompt).ids
         chosen, rejected = full(pair.chosen), full(pair.rejected)
     else:
-        prompt_ids, _ = template.encode(tok, pair.prompt, add_generation_prompt=True)
         chosen, _ = template.encode(tok, [*pair.prompt, *pair.chosen])
         rejected, _ = template.encode(tok, [*pair.prompt, *pair.rejected])
+    prompt_ids = encode_prompt(tok, template, pair.prompt)
     n = min(common_prefix(prompt_ids, chosen), common_prefix(prompt_ids, rejected))
     return prompt_ids[:n], chosen[n:], rejected[n:]

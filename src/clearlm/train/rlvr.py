@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from clearlm.data.chat import ChatTemplate, _encode_with_specials
+from clearlm.data.chat import ChatTemplate, encode_prompt
 from clearlm.data.documents import hold_out
 from clearlm.data.instructions import stdlib_function_prompts
 from clearlm.data.prompts import read_prompts
@@ -118,14 +118,6 @@ def reward_metrics(adv: Advantages, per_verifier: torch.Tensor, names: list[str]
         out[f"rewards/{name}/mean"] = torch.nanmean(per_verifier[:, i]).item()
         out[f"rewards/{name}/std"] = nanstd(per_verifier[:, i]).item()
     return {k: (None if math.isnan(v) else v) for k, v in out.items()}
-
-
-def encode_prompt(tok: Tokenizer, template: ChatTemplate, prompt: str | list[dict[str, str]]) -> list[int]:
-    """A text prompt as it is (special tokens read as such); messages through the chat template with the assistant's
-    turn opened, as TRL's `apply_chat_template(add_generation_prompt=True)`."""
-    if isinstance(prompt, str):
-        return _encode_with_specials(tok, prompt).ids
-    return template.encode(tok, prompt, add_generation_prompt=True)[0]
 
 
 def prepare_prompts(rows: list[dict[str, Any]], tok: Tokenizer, template: ChatTemplate, room: int
