@@ -43,8 +43,9 @@ STAGES = tuple(names())
 SMALL = ["train.max_steps=40", "model.n_layers=2", "model.d_model=96", "model.n_heads=4",
          "train.checkpoint_interval=10", "train.eval_interval=20", "sft.builtin_examples=48", "sft.epochs=1",
          "sft.checkpoint_interval=2", "dpo.builtin_pairs=24", "dpo.checkpoint_interval=2", "eval.limit=20",
-         "midtrain.max_steps=6", "midtrain.checkpoint_interval=2"]  # fmt: skip
-CHECKPOINTED = ("train", "midtrain", "sft", "dpo")
+         "midtrain.max_steps=6", "midtrain.checkpoint_interval=2", "rlvr.max_steps=4",
+         "rlvr.checkpoint_interval=2"]  # fmt: skip
+CHECKPOINTED = tuple(s for s in STAGES if spec(s).resumes == "checkpoints")
 
 
 def incomplete_artifacts(workdir: Path) -> list[str]:
@@ -153,11 +154,17 @@ def _first_checkpoint(workdir: Path, stage: str, run: Run) -> None:
 
 def trial(
     recipe: str, sets: list[str], workdir: Path, stage: str, delay: float, reference: dict[str, Any],
-    env: dict[str, str] | None = None, after_checkpoint: bool = False,
+    env: dict[str, str] | None = None, after_checkpoint: bool = False, earlier_from: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Kill a run `delay` seconds after it starts building `stage` (or, with `after_checkpoint`, after that
-    stage's first checkpoint is written), resume it; what was hit and what went wrong."""
+    stage's first checkpoint is written), resume it; what was hit and what went wrong. With `earlier_from` (a
+    finished work directory of the same run), the stages before `stage` are copied from it rather than built."""
     shutil.rmtree(workdir, ignore_errors=True)
+    if earlier_from is not None:
+        earlier = STAGES[: STAGES.index(stage)]
+        for art in (earlier_from / "artifacts").iterdir():
+            if art.name.rsplit("-", 1)[0] in earlier:
+                shutil.copytree(art, workdir / "artifacts" / art.name)
     run = Run(command(recipe, sets, workdir), env)
     if run.wait_for(f"{stage}: building"):
         if after_checkpoint:

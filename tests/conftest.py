@@ -112,8 +112,8 @@ def write_tiny_recipe(folder: Path, steps: int = 8) -> Path:
 
 
 def write_all_stages_recipe(folder: Path) -> Path:
-    """The tiny corpus through every stage (pretraining, mid-training, SFT and DPO with checkpoints every step or
-    few, eval, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's result then
+    """The tiny corpus through every stage (pretraining, mid-training, SFT, DPO and RLVR with checkpoints every step
+    or few, eval, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's result then
     depends on its thread count on this kind of machine, so an inherited thread count would show."""
     recipe = write_tiny_recipe(folder, steps=10)
     rng = random.Random(7)
@@ -126,6 +126,8 @@ def write_all_stages_recipe(folder: Path) -> Path:
     pairs = [{"prompt": f"Write about {w}.", "chosen": answer(), "rejected": answer()} for w in WORDS * 2]
     (folder / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    prompts = [{"prompt": [{"role": "user", "content": f"Write about {w}."}]} for w in WORDS]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     text = recipe.read_text().replace("d_model = 32", "d_model = 64").replace("context = 32", "context = 128")
     text = text.replace("micro_batch_size = 4", "micro_batch_size = 8")
     (folder / "mid").mkdir(exist_ok=True)
@@ -137,7 +139,11 @@ def write_all_stages_recipe(folder: Path) -> Path:
     text += ('\n[sft]\ndata = [{ path = "chat.jsonl", license = "CC0-1.0" }]\nepochs = 1\nmicro_batch_size = 16\n'
              "checkpoint_interval = 1\n"
              '\n[dpo]\ndata = [{ path = "pairs.jsonl", license = "CC0-1.0" }]\nepochs = 2\nmicro_batch_size = 8\n'
-             "held_out_fraction = 0.25\ncheckpoint_interval = 1\n")  # fmt: skip
+             "held_out_fraction = 0.25\ncheckpoint_interval = 1\n"
+             '\n[rlvr]\ndata = [{ path = "prompts.jsonl", license = "CC0-1.0" }]\nmax_steps = 4\nnum_generations = 4\n'
+             "prompts_per_step = 2\nmicro_batch_size = 8\nmax_completion_length = 16\nlr = 1e-3\n"
+             "checkpoint_interval = 1\nheld_out_fraction = 0.25\n"
+             '[[rlvr.verifiers]]\nname = "python_parses"\n')  # fmt: skip
     recipe.write_text(text)
     return recipe
 

@@ -1,7 +1,7 @@
 """kill -9 inside each stage (in a training stage, once it has a checkpoint), then `clearlm run --resume`:
 nothing that looks finished is incomplete, a stage with a checkpoint resumes from it, and every stage ends
-with the uninterrupted run's bytes (`benchmarks/kill_trials.py` with one trial a stage; the benchmark runs 50
-at random moments on the quickstart)."""
+with the uninterrupted run's bytes (`benchmarks/kill_trials.py` with one trial a stage, the stages before it
+copied from the uninterrupted run; the benchmark runs 50 at random moments on the quickstart, from scratch)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def test_runs_killed_inside_each_stage_resume_to_the_uninterrupted_runs_bytes(tm
     # mid-training's data and shards stages run the data and shards stages' code on another mix: not killed again
     # (their outputs are still compared after every resume)
     for stage in [s for s in order if s not in ("mid_data", "mid_shards")]:
-        record = trial(recipe, [], tmp_path / "trial", stage, 0.0, outputs, env, after_checkpoint=stage in CHECKPOINTED)
+        record = trial(recipe, [], tmp_path / "trial", stage, 0.0, outputs, env,
+                       after_checkpoint=stage in CHECKPOINTED, earlier_from=tmp_path / "reference")  # fmt: skip
         assert record["hit"] == stage and not record["problems"], record
         assert (stage in record["checkpoints"]) == (stage in CHECKPOINTED), record

@@ -76,10 +76,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_every_stage_gives_the_same_bytes_whatever_ran_before_it_in_the_process(reference, tmp_path):
     recipe, folder = reference
     warm = folder / "warm-cache"
-    for stage in ("train", "midtrain", "sft", "dpo", "release"):  # each alone in a process that was disturbed first
+    # each alone in a process that was disturbed first
+    for stage in ("train", "midtrain", "sft", "dpo", "rlvr", "release"):
         _run(recipe, tmp_path / "fresh", ["disturb", stage], warm)
     stops = ["train:stop=3", "train:resume", "midtrain:stop=4", "midtrain:resume", "sft:stop=2", "sft:resume",
-             "dpo:stop=2", "dpo:resume", "release"]  # fmt: skip
+             "dpo:stop=2", "dpo:resume", "rlvr:stop=2", "rlvr:resume", "release"]  # fmt: skip
     _run(recipe, tmp_path / "resumed", stops, warm)
     _run(recipe, tmp_path / "loaded", ["release"], warm, busy=True)
 

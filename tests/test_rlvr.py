@@ -317,19 +317,13 @@ def write_rlvr_recipe(folder: Path) -> Path:
     return recipe
 
 
-def _untimed(path: Path) -> list[dict]:
-    import json
-
-    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
-            for line in path.read_text().splitlines()]  # fmt: skip
-
-
 @pytest.mark.slow
 def test_the_stage_resumes_exactly_keeps_every_completion_and_is_released(tmp_path):
     import json
 
     from clearlm.pipeline import Pipeline
     from clearlm.recipe import load_recipe
+    from clearlm.release.compare import jsonl
 
     recipe = load_recipe(str(write_rlvr_recipe(tmp_path)))
     whole = Pipeline(recipe, tmp_path / "whole").run("rlvr")
@@ -337,14 +331,14 @@ def test_the_stage_resumes_exactly_keeps_every_completion_and_is_released(tmp_pa
     parts = Pipeline(recipe, tmp_path / "parts").run("rlvr", resume=True)
     for name in ("completions.jsonl", "model.safetensors", "held_out_before.json"):
         assert (whole.path / name).read_bytes() == (parts.path / name).read_bytes(), name
-    assert _untimed(whole.path / "log.jsonl") == _untimed(parts.path / "log.jsonl")
+    assert jsonl(whole.path / "log.jsonl") == jsonl(parts.path / "log.jsonl")
     m = whole.metrics
     from conftest import WORDS
 
     too_long = "dropped: prompt longer than the context less max_completion_length"
     assert m["counts"] == {"prompts": 2 * len(WORDS), too_long: 1}
     assert m["bad_rows"] == {"invalid JSON (Expecting value)": 1} and m["steps"] == 6
-    log = _untimed(whole.path / "log.jsonl")
+    log = jsonl(whole.path / "log.jsonl")
     assert [r["iteration"] for r in log] == [1, 2] * 3 and all(r["kl"] >= 0 for r in log)
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and max(r["kl"] for r in log) > 0  # moved off the start
     rows = [json.loads(line) for line in (whole.path / "completions.jsonl").read_text().splitlines()]
@@ -367,3 +361,7 @@ def test_the_stage_resumes_exactly_keeps_every_completion_and_is_released(tmp_pa
     assert (release / "code" / "verifiers" / "reward.py").read_text() == (tmp_path / "reward.py").read_text()
     assert (release / "data" / "post_training" / "rlvr" / "prompts.jsonl.zst").is_file()
     assert f"- rlvr: {m['prompts']} prompts trained on" in (release / "data" / "data_card.md").read_text()
+    from clearlm.release.verify import verify_release
+
+    verified = verify_release(release, tmp_path, tmp_path)  # re-runs every stage, RLVR's too
+    assert verified.reproduced and "rlvr" in " ".join(verified.lines), verified.lines

@@ -15,7 +15,7 @@ from typing import Any
 from clearlm.artifacts import MANIFEST
 from clearlm.stages import names
 
-TIME_KEYS = {"seconds", "tokens_per_s", "mfu", "train_seconds", "elapsed", "created"}
+TIME_KEYS = {"seconds", "mfu", "train_seconds", "elapsed", "created"}  # and every throughput, `*_per_s`
 # Release files that print timings (throughput, seconds) or the day the run was made; all they describe is
 # compared in the stages themselves.
 RELEASE_TIMED = ("README.md", "report.html", "mot.yml")
@@ -24,7 +24,7 @@ RELEASE_TIMED = ("README.md", "report.html", "mot.yml")
 def without_times(obj: Any) -> Any:
     """A JSON value with every wall-clock field left out, at any depth."""
     if isinstance(obj, dict):
-        return {k: without_times(v) for k, v in obj.items() if k not in TIME_KEYS}
+        return {k: without_times(v) for k, v in obj.items() if k not in TIME_KEYS and not k.endswith("_per_s")}
     if isinstance(obj, list):
         return [without_times(v) for v in obj]
     return obj
