@@ -41,6 +41,7 @@ def _parses(prompts, completions, **kw):
 
 def run(tool: str, steps: int, prompts: int, generations: int, length: int, workdir: Path) -> dict:
     import torch
+    import torch._dynamo  # a first optimizer imports it (1 s here); TRL's imports load it before its timer
 
     torch.set_num_threads(2)
     tok, model, rows = _setup(workdir, steps * prompts)

@@ -86,6 +86,24 @@ def test_prompts_sharing_a_prefix_run_it_once_and_generate_as_transformers_does(
     assert all(c.tokens == ours[2].tokens for c in copies)
 
 
+def test_copies_of_short_prompts_are_prefilled_once_and_generate_as_transformers_does(tmp_path, monkeypatch):
+    """RL's groups: each of three prompts of other lengths (padded, shorter than a shared prefix) four times."""
+    model = _model(n_kv_heads=2)
+    save_hf(model, tmp_path, bos_id=0, eos_id=2, pad_id=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]
+    prefills = []
+    monkeypatch.setattr(Transformer, "forward_cached", lambda self, ids, *a, f=Transformer.forward_cached: (
+        prefills.append(ids.shape[1]) if ids.shape[1] > 1 else None, f(self, ids, *a))[1])  # fmt: skip
+    ours = generate(model, prompts, max_new_tokens=16, eos_ids=[2], batch_size=12)
+    assert sorted(prefills) == sorted(len(p) for p in PROMPTS[:3])
+    assert [c.tokens for c in ours] == _batched_like_ours(hf, prompts, 16, 2, 12)
+    sampled = generate(model, prompts, max_new_tokens=16, sampling=Sampling(1.0, seed=3), batch_size=12)
+    alone = generate(model, prompts, max_new_tokens=16, sampling=Sampling(1.0, seed=3), batch_size=1)
+    assert [c.tokens for c in sampled] == [c.tokens for c in alone]
+    assert len({tuple(c.tokens) for c in sampled[:4]}) > 1  # copies draw from their own generators
+
+
 def test_a_non_llama_transformers_model_generates_as_transformers_does(tmp_path):
     config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                      bos_token_id=0, eos_token_id=2)  # fmt: skip

@@ -93,9 +93,16 @@ class _ClearlmRunner:
             return self.model.forward_cached(ids, positions, self.cache, None)
         # Padded prompts are prefilled one by one into their rows of the cache: causal attention without a mask
         # (a padded batch's mask sends SDPA to its slow path, twice the time at a thousand tokens), and each prompt's
-        # keys and values are what it computes alone. Decoding steps then mask the padding columns.
-        self.real, width, logits = real, ids.shape[1], []
+        # keys and values are what it computes alone. A copy of an earlier row's prompt (RL samples several
+        # completions of each) takes that row's keys, values and logits. Decoding steps then mask the padding columns.
+        self.real, width, logits, first = real, ids.shape[1], [], {}
         for i, n in enumerate(real.sum(1).tolist()):
+            same = first.setdefault(tuple(ids[i, width - n :].tolist()), i)
+            if same != i:
+                for layer in self.cache:
+                    layer.copy_row(same, i)
+                logits.append(logits[same])
+                continue
             rows = [layer.row(i, width - n) for layer in self.cache]
             logits.append(self.model.forward_cached(ids[i : i + 1, width - n :], positions[i : i + 1, width - n :],
                                                     rows, None))  # fmt: skip

@@ -169,6 +169,10 @@ class LayerCache:
         """n copies of the one sequence cached so far (a shared context), each to be extended on its own."""
         self.keys, self.values = self.keys.repeat(n, 1, 1, 1), self.values.repeat(n, 1, 1, 1)
 
+    def copy_row(self, source: int, to: int) -> None:
+        """Row `to` takes row `source`'s keys and values (the same prompt, prefilled once)."""
+        self.keys[to], self.values[to] = self.keys[source], self.values[source]
+
     def row(self, i: int, start: int) -> LayerCache:
         """Row i's cache from column `start` on, sharing this cache's tensors: a left-padded prompt prefilled alone
         (causal attention, no padding mask: SDPA's fast path) writes its keys and values in place."""
