@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@if command -v cmake >/dev/null && command -v c++ >/dev/null; then \
+	  echo "llama-cpp-python for the GGUF test: built from source once (about 4 minutes on 2 cores), then cached by pip"; \
+	  $(BIN)/pip install -q --disable-pip-version-check -e '.[llamacpp]'; \
+	else echo "no C++ toolchain (cmake, c++): the llama.cpp test will be skipped"; fi
 	touch $@
 
 quickstart: $(VENV)/.installed

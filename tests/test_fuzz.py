@@ -31,6 +31,7 @@ from clearlm.errors import ClearlmError
 from clearlm.eval.taskspec import load_docs, load_task_file
 from clearlm.openness.audit import audit_folder, audit_mot
 from clearlm.recipe import Recipe, SourceConfig, load_recipe
+from clearlm.release.gguf import byte_level_vocabulary, export_gguf
 from clearlm.release.load import load_release
 
 # 300 cases a property in CI (2,700 in all); CLEARLM_FUZZ_CASES=5000 for a deeper search
@@ -232,6 +233,28 @@ def test_model_folders_load_or_give_one_line(
         load_release(model)
     except Exception as err:
         _one_line_naming(err, str(model))
+    try:
+        export_gguf(model, folder / "out.gguf")
+    except Exception as err:
+        _one_line_naming(err, str(model))
+
+
+@CASES
+@given(spec=objects, vocab=st.dictionaries(st.text(max_size=4), values, max_size=4), merges=values,
+       added=values, pre=values)  # fmt: skip
+def test_tokenizers_given_to_gguf_export_give_a_vocabulary_or_one_line(
+    folder: Path, spec: Any, vocab: dict, merges: Any, added: Any, pre: Any
+) -> None:
+    if isinstance(spec, dict):  # often a byte-level BPE around fuzzed parts, so that the parts are reached
+        pre = {"type": "ByteLevel"} if isinstance(pre, bool) else pre
+        spec = {**spec, "model": {"type": "BPE", "vocab": vocab, "merges": merges}, "added_tokens": added,
+                "pre_tokenizer": pre, "normalizer": None}  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    try:
+        tokens, types, _ = byte_level_vocabulary(folder, 64)
+        assert len(tokens) == len(types) == 64
+    except Exception as err:
+        _one_line_naming(err, str(folder / "tokenizer.json"))
 
 
 @CASES

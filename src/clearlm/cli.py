@@ -419,6 +419,24 @@ def generate(
 
 
 @app.command()
+def export(
+    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a release or a Llama / OLMo 2 model folder")],
+    gguf: Annotated[Path, typer.Option(help="write the model, tokenizer and chat template to this GGUF file")],
+    dtype: Annotated[str, typer.Option(help="weights' type: f32, f16 or q8_0 (norms stay f32)")] = "f32",
+) -> None:
+    """Write a release as a GGUF file that llama.cpp (llama-cli, llama-server, llama-cpp-python) runs."""
+    from clearlm.release.gguf import export_gguf
+
+    with _user_errors():
+        if dtype not in ("f32", "f16", "q8_0"):
+            raise InputError(f"--dtype {dtype!r}: expected f32, f16 or q8_0")
+        done = export_gguf(release_dir, gguf, dtype)  # type: ignore[arg-type]
+        console.print(f"wrote {done['file']}: {done['architecture']}, {done['tensors']} tensors ({dtype}, "
+                      f"{human(done['tensor_bytes'])}), {done['tokens']} tokens, {done['merges']} merges"
+                      + (", chat template" if done["chat_template"] else ""))  # fmt: skip
+
+
+@app.command()
 def verify(
     release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a clearlm release folder")],
     base_dir: Annotated[Path | None, typer.Option(help="where the recipe's data paths resolve (default: cwd)")] = None,
