@@ -113,8 +113,8 @@ def write_tiny_recipe(folder: Path, steps: int = 8) -> Path:
 
 def write_all_stages_recipe(folder: Path) -> Path:
     """The tiny corpus through every stage (pretraining, mid-training, SFT, DPO and RLVR with checkpoints every step
-    or few, eval, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's result then
-    depends on its thread count on this kind of machine, so an inherited thread count would show."""
+    or few, eval, the trace index, release), with 1,000+ tokens a micro-batch: without MKL's strict mode a matmul's
+    result then depends on its thread count on this kind of machine, so an inherited thread count would show."""
     recipe = write_tiny_recipe(folder, steps=10)
     rng = random.Random(7)
 
@@ -143,7 +143,8 @@ def write_all_stages_recipe(folder: Path) -> Path:
              '\n[rlvr]\ndata = [{ path = "prompts.jsonl", license = "CC0-1.0" }]\nmax_steps = 4\nnum_generations = 4\n'
              "prompts_per_step = 2\nmicro_batch_size = 8\nmax_completion_length = 16\nlr = 1e-3\n"
              "checkpoint_interval = 1\nheld_out_fraction = 0.25\n"
-             '[[rlvr.verifiers]]\nname = "python_parses"\n')  # fmt: skip
+             '[[rlvr.verifiers]]\nname = "python_parses"\n'
+             "\n[release]\ntrace_index = true\n")  # fmt: skip
     recipe.write_text(text)
     return recipe
 

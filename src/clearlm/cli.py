@@ -419,6 +419,49 @@ def generate(
 
 
 @app.command()
+def trace(
+    release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a release built with release.trace_index")],
+    text: Annotated[str | None, typer.Argument(help="the text to trace (a model's output)")] = None,
+    generations: Annotated[bool, typer.Option(help="trace the release's own sample generations")] = False,
+    min_tokens: Annotated[int, typer.Option(min=1, help="shortest span kept (OLMoTrace: 1)")] = 1,
+    documents: Annotated[int, typer.Option(min=1, help="documents shown per span (OLMoTrace: 10)")] = 10,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the spans here as JSON")] = None,
+) -> None:
+    """Where a text's words come from: its long, rare spans that occur verbatim in the training data (OLMoTrace)."""
+    from tokenizers import Tokenizer
+
+    from clearlm.trace.query import as_json, engine, word_starts
+    from clearlm.trace.query import trace as find_spans
+
+    with _user_errors():
+        if (text is None) == (not generations):
+            raise InputError("give a TEXT to trace, or --generations (not both)")
+        if not (release_dir / "tokenizer.json").is_file():
+            raise InputError(f"{release_dir / 'tokenizer.json'}: not found (expected a clearlm release)")
+        tok = Tokenizer.from_file(str(release_dir / "tokenizer.json"))
+        search = engine(release_dir, tok)
+        texts = (
+            [text]
+            if text is not None
+            else [row["completion"] for row in map(json.loads, (release_dir / "eval" / "generations.jsonl").open())]
+        )
+        found, bow = [], set(word_starts(tok))
+        for item in texts:
+            spans = find_spans(search, tok, tok.encode(item, add_special_tokens=False).ids, min_tokens=min_tokens,
+                               documents=documents, bow=bow)  # fmt: skip
+            found.append({"text": item, "spans": as_json(spans)})
+            table = Table("span", "tokens", "count", "documents (stage · source · licence)", title=item[:60])
+            for span in spans:
+                docs = "\n".join(f"{d.id} ({d.stage} · {d.source} · {d.license})" for d in span.documents[:3])
+                more = len(span.documents) - 3
+                table.add_row(repr(span.text), str(span.end - span.start), str(span.count),
+                              docs + (f"\n... {more} more" if more > 0 else ""))  # fmt: skip
+            Console().print(table)
+        if json_out is not None:
+            json_out.write_text(json.dumps(found, indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command()
 def export(
     release_dir: Annotated[Path, typer.Argument(metavar="RELEASE", help="a release or a Llama / OLMo 2 model folder")],
     gguf: Annotated[Path, typer.Option(help="write the model, tokenizer and chat template to this GGUF file")],

@@ -314,6 +314,11 @@ class ReleaseConfig(_Section):
     docs_license: str = Field("CC-BY-4.0", description="SPDX id of the documents: cards, technical report")
     paper: str | None = Field(None, description="path in the release or URL of a research paper")
     include_datasets: bool = Field(True, description="put the cleaned datasets in the release (zstd-compressed)")
+    trace_index: bool = Field(
+        False,
+        description="index the training corpora so that `clearlm trace` finds where "
+        "the model's words come from (OLMoTrace)",
+    )
     authors: list[str] = []
     description: str = ""
 

@@ -165,6 +165,16 @@ def _eval_needs(recipe: Recipe) -> tuple[str, ...]:
     return tuple(s.name for s in table() if s.datasets and s.asked(recipe)) + model_inputs(final_model(recipe))
 
 
+def _trace_needs(recipe: Recipe) -> tuple[str, ...]:
+    """The corpora the released model was trained on: pretraining's shards, mid-training's."""
+    graph = resolve(recipe, [final_model(recipe)])
+    corpora = tuple(name for name in ("shards", "mid_shards") if name in graph)
+    if not corpora:
+        raise RecipeError("release.trace_index: this recipe trains on no corpus of its own (it post-trains a model "
+                          "folder), so there is nothing to index; set release.trace_index = false")  # fmt: skip
+    return corpora
+
+
 def _release_needs(recipe: Recipe) -> tuple[str, ...]:
     """Everything the run made: the release's lineage lists every stage behind it."""
     return tuple(name for name in resolve(recipe, [s.name for s in table() if s.asked(recipe)] + ["eval"]))
@@ -327,6 +337,9 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("eval", "Evaluation", "clearlm.eval.run:build_stage", needs=_eval_needs, config=_section("eval"),
                   identity=_eval_identity, release={"results.json": "eval/results.json",
                                                     "samples.jsonl": "eval/samples.jsonl"}),
+        StageSpec("trace", "Trace index", "clearlm.trace.index:build_stage", needs=_trace_needs,
+                  config=lambda loaded: {}, asked=lambda r: r.release.trace_index, torch=False,
+                  release={"*.0": "trace", "index.json": "trace/index.json"}),
         StageSpec("release", "Release", "clearlm.release.build:build_stage", needs=_release_needs,
                   config=lambda loaded: {"name": loaded.recipe.name, **loaded.recipe.release.model_dump(mode="json")}),
     )

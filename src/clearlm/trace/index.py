@@ -1,0 +1,90 @@
+"""The trace index: every document of the training corpora (pretraining's and mid-training's token shards) with its
+stage, id, source and licence, in infini-gram's on-disk format (version 4), so that infini-gram's engine, and
+OLMoTrace's span finder (`attribute`), query it unchanged.
+
+The files, as infini-gram's indexer writes them: `tokenized.0` (each document as a separator, the all-ones token,
+then its token ids, little-endian), `offset.0` (each document's byte offset, u64), `metadata.0` and `metaoff.0`
+(a JSON line per document and its offset) and `table.0`, the suffix array: the byte offset of every token position,
+ordered as the engine's binary search compares them (the bytes that follow, lexicographically), each in the fewest
+whole bytes that hold the file's size. It is built here with libdivsufsort (`pydivsufsort`) over the file's bytes,
+keeping the positions on token boundaries, rather than by infini-gram's own indexer: that one asks for 2^35 bytes of
+memory for 32-bit token ids and fails on corpora of a few documents (both seen on this machine), and this way the
+index needs no infini-gram to build, only to query.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clearlm.errors import ArtifactError
+from clearlm.stages import StageRun
+
+INDEX_FILES = ("tokenized.0", "offset.0", "metadata.0", "metaoff.0", "table.0")
+CORPORA = {"shards": "pretraining", "mid_shards": "mid-training"}  # the corpus stages indexed, and their names
+
+
+def index_dtype(max_token_id: int) -> np.dtype:
+    """u16 unless a token id reaches the separator (0xFFFF), as infini-gram's `token_dtype` choice."""
+    return np.dtype(np.uint16) if max_token_id < 0xFFFF else np.dtype(np.uint32)
+
+
+def write_index(documents: list[tuple[np.ndarray, dict[str, Any]]], dtype: np.dtype, out: Path) -> dict[str, Any]:
+    """Write the index of `documents` (token ids, metadata) into `out`; its size."""
+    from pydivsufsort import divsufsort
+
+    out.mkdir(parents=True, exist_ok=True)
+    separator = np.array([np.iinfo(dtype).max], dtype=dtype).tobytes()
+    position, meta_position, tokens = 0, 0, 0
+    with (open(out / "tokenized.0", "wb") as data, open(out / "offset.0", "wb") as offsets,
+          open(out / "metadata.0", "wb") as metadata, open(out / "metaoff.0", "wb") as metaoffsets):  # fmt: skip
+        for ids, meta in documents:
+            body = separator + np.ascontiguousarray(ids, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
+            line = (json.dumps(meta, ensure_ascii=False) + "\n").encode("utf-8")
+            offsets.write(np.uint64(position).tobytes())
+            metaoffsets.write(np.uint64(meta_position).tobytes())
+            data.write(body)
+            metadata.write(line)
+            position, meta_position, tokens = position + len(body), meta_position + len(line), tokens + len(ids)
+    raw = np.fromfile(out / "tokenized.0", dtype=np.uint8)  # a writable copy: divsufsort refuses read-only memory
+    order = divsufsort(raw) if len(raw) else np.zeros(0, dtype=np.int64)
+    order = order[order % dtype.itemsize == 0].astype("<u8")
+    width = max(1, math.ceil(math.log2(position + 1) / 8))  # bytes a pointer takes
+    order.view(np.uint8).reshape(-1, 8)[:, :width].tofile(out / "table.0")
+    return {"documents": len(documents), "tokens": tokens, "bytes": position, "pointer_bytes": width,
+            "token_dtype": dtype.name}  # fmt: skip
+
+
+def corpus_documents(shards: Path, dtype: str, stage: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """A shards folder's training documents as trained on (their end-of-text token included), with provenance."""
+    tokens = np.memmap(shards / "train.bin", dtype=np.dtype(dtype), mode="r")
+    with open(shards / "train.docs.jsonl", encoding="utf-8") as spans:
+        for line in spans:
+            doc = json.loads(line)
+            meta = {"stage": stage, "id": doc["id"], "source": doc["source"], "license": doc["license"]}
+            yield np.asarray(tokens[doc["start"] : doc["end"]]), meta
+
+
+def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
+    """The `trace` stage: the index of every corpus the released model was trained on."""
+    documents, per_stage, top = [], {}, 0
+    for name, stage in CORPORA.items():
+        if name not in run.inputs:
+            continue
+        art = run.inputs[name]
+        docs = list(corpus_documents(art.path, art.metrics["dtype"], stage))
+        per_stage[stage] = {"documents": len(docs), "tokens": int(sum(len(ids) for ids, _ in docs))}
+        top = max([top, *(int(ids.max()) for ids, _ in docs if len(ids))])
+        documents += docs
+    if not documents:
+        raise ArtifactError("the trace index has no training documents to index")
+    size = write_index(documents, index_dtype(top), out)
+    eos = {int(run.inputs[name].metrics["eos_id"]) for name in CORPORA if name in run.inputs}
+    info = {**size, "eos_id": min(eos), "stages": per_stage}
+    (out / "index.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info

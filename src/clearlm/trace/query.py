@@ -1,0 +1,170 @@
+"""OLMoTrace's search over a release's trace index: the long, rare verbatim spans of a text that occur in the
+training data, each with the documents that hold it.
+
+As OLMoTrace runs it (Ai2's olmo-api and infini-gram-api), with the rules of infini-gram's `attribute` computed here
+from its `find` (see `maximal_spans` for why): for every position that starts a word, the longest span that occurs in
+the index, cut after a delimiter (a newline or period token) and
+ended before a token that starts a word, keeping only spans not inside an earlier one; spans are ranked by the sum
+of their tokens' unigram log-probabilities in the index (rarest first) and the first ceil(0.05 x L) kept (L: the
+text's tokens); each keeps up to 10 of its documents, drawn with seed 42 when it has more. `min_tokens` (OLMoTrace:
+1) drops shorter spans. A word-starting token, for a byte-level BPE, is one whose text starts with a character that
+is not a letter or digit (a space, newline or punctuation), or a special token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from clearlm.errors import InputError
+
+SPAN_DENSITY = 0.05  # OLMoTrace's `maximum_span_density`
+DOCUMENTS_PER_SPAN = 10  # its `maximum_documents_per_span`
+SNIPPET_TOKENS = 40  # its `maximum_context_length_snippet`: tokens shown on each side of a match
+MAX_COUNT = 1_000_000  # its `maximum_frequency`
+
+
+@dataclass
+class Document:
+    index: int  # the document's number in the index
+    stage: str
+    id: str
+    source: str
+    license: str
+    snippet: str  # the match with up to SNIPPET_TOKENS tokens on each side, the match between [[ and ]]
+
+
+@dataclass
+class Span:
+    start: int  # token positions in the traced text, [start, end)
+    end: int
+    text: str
+    count: int  # occurrences in the training data
+    unigram_logprob: float  # the sum of its tokens' log-probabilities in the index (lower: rarer)
+    documents: list[Document] = field(default_factory=list)
+
+
+def engine(release: Path, tok: Tokenizer) -> Any:
+    """infini-gram's engine over the release's `trace/` index; one-line errors when either is missing."""
+    index = Path(release) / "trace"
+    if not (index / "index.json").is_file():
+        raise InputError(f"{index}: no trace index in this release (set release.trace_index = true and rebuild it)")
+    try:
+        from infini_gram.engine import InfiniGramEngine
+    except ImportError:
+        raise InputError("tracing needs infini-gram's engine: pip install infini-gram (it ships wheels for CPython "
+                         "3.11 on Linux only)") from None  # fmt: skip
+    info = json.loads((index / "index.json").read_text())
+    with tempfile.TemporaryDirectory() as scratch:  # the engine reads the word-starting ids from a file
+        bow = Path(scratch) / "bow_ids.txt"
+        bow.write_text("".join(f"{i}\n" for i in word_starts(tok)))
+        return InfiniGramEngine(index_dir=str(index), eos_token_id=info["eos_id"], vocab_size=tok.get_vocab_size(),
+                                token_dtype="u16" if info["token_dtype"] == "uint16" else "u32",
+                                bow_ids_path=str(bow))  # fmt: skip
+
+
+def word_starts(tok: Tokenizer) -> list[int]:
+    """Token ids that start a word: special tokens, and tokens whose text starts with a non-alphanumeric character."""
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    out = []
+    for token, i in tok.get_vocab().items():
+        text = tok.decode([i])
+        if token in special or not text or not text[0].isalnum():
+            out.append(i)
+    return sorted(out)
+
+
+def delimiters(tok: Tokenizer) -> list[int]:
+    """OLMoTrace's delimiters, a newline and a period, as the tokenizer's single tokens for them."""
+    out = []
+    for text in ("\n", "."):
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if len(ids) == 1:
+            out += ids
+    return out
+
+
+def _longest(search: Any, ids: list[int], at_least: int) -> int:
+    """The length of the longest prefix of `ids` that occurs in the index, knowing that `at_least` tokens do: a
+    galloping search from there (matches are mostly short), then a binary one."""
+
+    def occurs(n: int) -> bool:
+        return bool(search.find(input_ids=ids[:n]).get("cnt"))  # an id the index cannot hold occurs nowhere
+
+    lo, hi, step = at_least, len(ids), 1
+    while lo + step <= hi:
+        if not occurs(lo + step):
+            hi = lo + step - 1
+            break
+        lo, step = lo + step, step * 2
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if occurs(mid) else (lo, mid - 1)
+    return lo
+
+
+def maximal_spans(search: Any, ids: list[int], delims: set[int], bow: set[int], min_tokens: int = 1
+                  ) -> list[tuple[int, int, dict[str, Any]]]:  # fmt: skip
+    """infini-gram's `attribute` rules, with its `find`: from every word-starting position, the longest span that
+    occurs, cut after its first delimiter and backed off to end before a word start; spans of `min_tokens` or more
+    occurring at most MAX_COUNT times; then those that end after every earlier one. (`attribute` itself, in
+    infini-gram 2.6.0, finds no span at a position whose text sorts before every suffix of the index: its search
+    reads rank `start - 1` with `start` 0 as an unsigned number.) Returns (start, end, its `find` result)."""
+    out, last_r, known, known_at = [], 0, 0, 0
+    for left in range(len(ids)):
+        if ids[left] not in bow:
+            continue
+        n = _longest(search, ids[left:], max(0, known - (left - known_at)))  # a suffix of a match also matches
+        known, known_at = n, left
+        n = next((pos + 1 for pos in range(n - 1) if ids[left + pos] in delims), n)
+        while n > 0 and not (left + n == len(ids) or ids[left + n] in bow):
+            n -= 1
+        if n < min_tokens:
+            continue
+        found = search.find(input_ids=ids[left : left + n])
+        if found.get("cnt", 0) <= MAX_COUNT and left + n > last_r:
+            out.append((left, left + n, found))
+            last_r = left + n
+    return out
+
+
+def trace(search: Any, tok: Tokenizer, ids: list[int], *, min_tokens: int = 1, density: float = SPAN_DENSITY,
+          documents: int = DOCUMENTS_PER_SPAN, bow: set[int] | None = None) -> list[Span]:  # fmt: skip
+    """The kept spans of `ids`, in text order, each with up to `documents` of its documents. `bow`: the tokenizer's
+    `word_starts`, when already worked out (it decodes the whole vocabulary)."""
+    bow = set(word_starts(tok)) if bow is None else bow
+    spans = maximal_spans(search, ids, set(delimiters(tok)), bow, min_tokens)
+    total = search.count(input_ids=[])["count"]  # every token position, the documents' separators included
+    unigram: dict[int, float] = {}
+    for t in set(ids):
+        count = search.count(input_ids=[t]).get("count", 0)
+        unigram[t] = math.log(count) - math.log(total) if count else -10000.0  # as infini-gram's engine scores
+    scored = [(sum(unigram[t] for t in ids[left:right]), left, right, found) for left, right, found in spans]
+    kept = sorted(scored, key=lambda x: x[0])[: math.ceil(len(ids) * density)]
+    out = []
+    for logprob, left, right, found in sorted(kept, key=lambda x: x[1]):
+        span = Span(left, right, tok.decode(ids[left:right]), found["cnt"], logprob)
+        ranks = [(s, r) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
+        if len(ranks) > documents:
+            ranks = random.Random(42).sample(ranks, documents)
+        for s, rank in sorted(ranks):
+            doc = search.get_doc_by_rank_2(s=s, rank=rank, needle_len=right - left, max_ctx_len=SNIPPET_TOKENS)
+            meta = json.loads(doc["metadata"]) if doc["metadata"] else {}
+            window, at = doc["token_ids"], doc["needle_offset"]
+            snippet = (tok.decode(window[:at]) + "[[" + tok.decode(window[at : at + right - left]) + "]]"
+                       + tok.decode(window[at + right - left :]))  # fmt: skip
+            span.documents.append(Document(doc["doc_ix"], meta.get("stage", ""), meta.get("id", ""),
+                                           meta.get("source", ""), meta.get("license", ""), snippet))  # fmt: skip
+        out.append(span)
+    return out
+
+
+def as_json(spans: list[Span]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in spans]

@@ -1,0 +1,161 @@
+"""The trace index and OLMoTrace's search: spans, counts and documents equal a brute-force scan of the training
+tokens (u16 and u32 token ids, corpora of a few documents), the kept spans are the rarest by the index's unigram
+probabilities, and a release built with `release.trace_index` is traced from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clearlm.trace.index import write_index
+from clearlm.trace.query import maximal_spans
+
+infini_gram = pytest.importorskip("infini_gram.engine", reason="pip install infini-gram (CPython 3.11 Linux wheels)")
+
+
+def _engine(folder: Path, docs: list[list[int]], dtype: np.dtype, bow: list[int], vocab: int):
+    write_index([(np.array(d), {"id": f"doc{i}", "source": "s", "license": "CC0-1.0", "stage": "pretraining"})
+                 for i, d in enumerate(docs)], dtype, folder)  # fmt: skip
+    (folder / "bow.txt").write_text("".join(f"{i}\n" for i in bow))
+    return infini_gram.InfiniGramEngine(index_dir=str(folder), eos_token_id=0, vocab_size=vocab,
+                                        token_dtype="u16" if dtype == np.uint16 else "u32",
+                                        bow_ids_path=str(folder / "bow.txt"))  # fmt: skip
+
+
+def _occurrences(docs: list[list[int]], q: list[int]) -> list[tuple[int, int]]:
+    return [(d, i) for d, doc in enumerate(docs) for i in range(len(doc) - len(q) + 1) if doc[i : i + len(q)] == q]
+
+
+def _spans(docs, ids, delims, bow, min_len, max_cnt):
+    """infini-gram's `attribute`, by brute force: from every word start, the longest span found in a document, cut
+    after a delimiter, backed off to end before a word start, then the spans not inside an earlier one."""
+    found = []
+    for left in range(len(ids)):
+        if ids[left] not in bow:
+            continue
+        n = 0
+        while left + n < len(ids) and _occurrences(docs, ids[left : left + n + 1]):
+            n += 1
+        n = next((pos + 1 for pos in range(n - 1) if ids[left + pos] in delims), n)
+        while n > 0 and not (left + n == len(ids) or ids[left + n] in bow):
+            n -= 1
+        count = len(_occurrences(docs, ids[left : left + n]))
+        if n >= min_len and count <= max_cnt:
+            found.append((left, left + n, count))
+    kept, last = [], -1
+    for left, right, count in found:
+        if right > last:
+            kept.append((left, right, count))
+            last = right
+    return kept
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_counts_spans_and_documents_equal_a_brute_force_scan(tmp_path, dtype):
+    rng = random.Random(3)
+    offset = 70_000 if dtype == np.uint32 else 0  # ids past u16's range
+    for trial in range(12):
+        vocab = rng.choice([3, 6, 12])
+        docs = [[offset + rng.randrange(1, vocab) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 5))]
+        bow = [offset + i for i in range(1, vocab) if rng.random() < 0.6]
+        delims = [offset + 1]
+        search = _engine(tmp_path / f"{trial}", docs, np.dtype(dtype), bow, offset + vocab)
+        assert search.get_total_doc_cnt() == len(docs)
+        for _ in range(15):  # n-gram counts and the documents of every occurrence
+            d = rng.choice(docs)
+            k = rng.randrange(len(d))
+            q = d[k : k + rng.randint(1, 4)] if rng.random() < 0.7 else [offset + rng.randrange(1, vocab) for _ in "ab"]
+            found = search.find(input_ids=q)
+            where = _occurrences(docs, q)
+            assert found["cnt"] == len(where), (docs, q)
+            ptrs = [p for s, (lo, hi) in enumerate(found["segment_by_shard"]) for p in range(lo, hi)]
+            hits = [search.get_doc_by_rank(s=0, rank=r, max_disp_len=100)["doc_ix"] for r in ptrs]
+            assert sorted(hits) == sorted(d for d, _ in where)
+        for _ in range(5):  # OLMoTrace's spans of a text: part copied from a document, part not
+            d = rng.choice(docs)
+            ids = d[rng.randrange(len(d)) :][:8] + [offset + rng.randrange(1, vocab) for _ in range(6)]
+            for min_len in (1, 3):
+                ours = maximal_spans(search, ids, set(delims), set(bow), min_len)
+                got = [(left, right, found["cnt"]) for left, right, found in ours]
+                assert got == _spans(docs, ids, set(delims), set(bow), min_len, 1_000_000), (docs, ids)
+
+
+def test_the_kept_spans_are_the_rarest_and_carry_their_documents(tmp_path, chat_tok):
+    from clearlm.trace.query import delimiters, trace, word_starts
+
+    texts = ["the quick brown fox jumps over it", "What color is the sky? It is blue.", "Name a prime. Seven."] * 3
+    docs = [[*chat_tok.encode(t).ids, chat_tok.token_to_id("<|endoftext|>")] for t in texts]
+    search = _engine(tmp_path, docs, np.dtype(np.uint16), word_starts(chat_tok), chat_tok.get_vocab_size())
+    ids = chat_tok.encode("I saw the quick brown fox jumps over a dog. What color is the sky? Green.").ids
+    spans = trace(search, chat_tok, ids, density=0.5, documents=2)
+    total = sum(len(d) + 1 for d in docs)  # the separator counts as a token of the index
+    unigram = {t: sum(d.count(t) for d in docs) for t in set(ids)}
+
+    def logprob(left: int, right: int) -> float:
+        return sum(math.log(unigram[t]) - math.log(total) if unigram[t] else -10000.0 for t in ids[left:right])
+
+    every = _spans(docs, ids, set(delimiters(chat_tok)), set(word_starts(chat_tok)), 1, 1_000_000)
+    assert len(spans) == min(len(every), math.ceil(0.5 * len(ids))) and spans == sorted(spans, key=lambda s: s.start)
+    ranked = sorted(logprob(left, right) for left, right, _ in every)
+    for span in spans:
+        assert span.unigram_logprob == pytest.approx(logprob(span.start, span.end), abs=1e-6)
+        assert span.unigram_logprob <= ranked[len(spans) - 1] + 1e-9
+        assert span.count == len(_occurrences(docs, ids[span.start : span.end])) and len(span.documents) == 2
+        assert all(d.stage == "pretraining" and d.license == "CC0-1.0" and "[[" + span.text + "]]" in d.snippet
+                   for d in span.documents)  # fmt: skip
+        assert {d.id for d in span.documents} <= {f"doc{i}" for i, _ in _occurrences(docs, ids[span.start : span.end])}
+    assert "quick brown fox jumps over" in " ".join(s.text for s in spans)
+
+
+@pytest.mark.slow
+def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, monkeypatch):
+    from conftest import write_tiny_recipe
+
+    from clearlm.errors import InputError, RecipeError
+    from clearlm.pipeline import Pipeline
+    from clearlm.recipe import load_recipe
+    from clearlm.release.verify import verify_release
+    from clearlm.trace.query import engine
+
+    recipe = write_tiny_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "\n[release]\ntrace_index = true\n")
+    release = Pipeline(load_recipe(str(recipe)), tmp_path / "runs").run("release").path
+    info = json.loads((release / "trace" / "index.json").read_text())
+    corpus = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert info["stages"]["pretraining"]["documents"] == info["documents"] < len(corpus)  # the training split
+    manifest = json.loads((release / "manifest.json").read_text())["outputs"]
+    assert {f"trace/{name}" for name in ("tokenized.0", "table.0", "offset.0", "metadata.0", "index.json")} <= set(
+        manifest)  # fmt: skip
+    trained = {json.loads(line)["id"] for line in (release / "trace" / "metadata.0").read_text().splitlines()}
+    doc = next(d for d in corpus if d["id"] in trained and d["source"] == "prose")
+    words = doc["text"].split()[5:45]
+    text = "As they say, " + " ".join(words) + " and zqxv."
+    command = [sys.executable, "-m", "clearlm", "trace", str(release)]
+    out = subprocess.run([*command, text, "--json", str(tmp_path / "t.json"), "--documents", "3"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    spans = json.loads((tmp_path / "t.json").read_text())[0]["spans"]
+    assert spans and all(1 <= len(s["documents"]) <= 3 and s["count"] >= len(s["documents"]) for s in spans)
+    longest = max(spans, key=lambda s: s["end"] - s["start"])
+    assert longest["text"].strip() in " ".join(words) and longest["end"] - longest["start"] >= 10
+    if longest["count"] == 1:
+        assert longest["documents"][0]["id"] == doc["id"] and longest["documents"][0]["license"] == "CC0-1.0"
+    generations = subprocess.run([*command, "--generations"], capture_output=True, text=True)
+    assert generations.returncode == 0, generations.stderr
+    assert verify_release(release, tmp_path, tmp_path).reproduced  # the index is re-built and compared too
+    monkeypatch.setitem(sys.modules, "infini_gram.engine", None)
+    with pytest.raises(InputError, match="pip install infini-gram"):
+        engine(release, None)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="no trace index in this release"):
+        engine(tmp_path, None)  # type: ignore[arg-type]
+    folder_only = tmp_path / "post.toml"
+    folder_only.write_text('name = "p"\n[sft]\nbase = "m"\ndata = [{ path = "c.jsonl" }]\n[release]\ntrace_index = 1\n')
+    with pytest.raises(RecipeError, match=r"release\.trace_index: this recipe trains on no corpus of its own"):
+        Pipeline(load_recipe(str(folder_only)), tmp_path / "p").stages()
