@@ -2,10 +2,11 @@
 
 Index build: the release's training documents (its `trace/` index, read back) written by `clearlm.trace.index` and
 by infini-gram's indexer (`infini_gram.indexing.build_sa`: its Rust make-part/merge/concat, u16 ids), once as they
-are and once ten times over (every document repeated: the most repetitive corpus of that size, the slowest case
-for suffix sorting); whether the two suffix arrays are byte-identical. Query: OLMoTrace's search of a 200-token text
-(the release's sample generations, repeated to length) with clearlm (`trace.query.trace`: its span rules on
-infini-gram's `find`, ranking, documents) and infini-gram's `attribute` (spans only), median of 20.
+are and ten times over (each copy's token ids renamed by its own random permutation of the vocabulary: ten times
+the tokens with the corpus's own repetition inside a copy and none across copies; infini-gram's merge step was
+still running after 10 minutes on plain copies); whether the two suffix arrays are byte-identical. Query: OLMoTrace's
+search of a 200-token text (the release's sample generations, repeated to length) with clearlm (`trace.query.trace`:
+its span rules on infini-gram's `find`, ranking, documents) and infini-gram's `attribute` (spans only), median of 20.
 
     python benchmarks/trace_vs_infini_gram.py runs/quickstart/release
 """
@@ -57,8 +58,10 @@ def main() -> None:
     tok = Tokenizer.from_file(str(args.release / "tokenizer.json"))
     work = Path(tempfile.mkdtemp(prefix="trace-bench-"))
     try:
+        vocab = tok.get_vocab_size()
+        renamed = [np.arange(vocab)] + [np.random.default_rng(k).permutation(vocab) for k in range(1, 10)]
         for copies in (1, 10):
-            corpus = [(d, {"id": str(i)}) for i in range(copies) for d in docs]
+            corpus = [(renamed[i][d].astype(np.uint16), {"id": str(i)}) for i in range(copies) for d in docs]
             ours = work / f"clearlm-{copies}"
             started = time.perf_counter()
             size = write_index(corpus, np.dtype(np.uint16), ours)
@@ -70,7 +73,8 @@ def main() -> None:
             theirs_s = infini_gram_build(theirs)
             same = (ours / "table.0").read_bytes() == (theirs / "table.0").read_bytes()
             print(f"index of {size['tokens']:,} tokens ({copies}x): clearlm {ours_s:.2f} s, infini-gram's indexer "
-                  f"{theirs_s:.2f} s ({theirs_s / ours_s:.2f}x); suffix arrays {'identical' if same else 'DIFFER'}")  # fmt: skip
+                  f"{theirs_s:.2f} s ({theirs_s / ours_s:.2f}x); suffix arrays {'identical' if same else 'DIFFER'}",
+                  flush=True)  # fmt: skip
         search = engine(args.release, tok)
         completions = [json.loads(line)["completion"] for line in (args.release / "eval" / "generations.jsonl").open()]
         ids = (tok.encode(" ".join(completions)).ids * 10)[:200]

@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 
 from clearlm.trace.index import write_index
-from clearlm.trace.query import maximal_spans
+from clearlm.trace.query import TraceIndex, maximal_spans, open_index
 
-infini_gram = pytest.importorskip("infini_gram.engine", reason="pip install infini-gram (CPython 3.11 Linux wheels)")
+pytest.importorskip("infini_gram.engine", reason="pip install infini-gram (CPython 3.11 Linux wheels)")
 
 
-def _engine(folder: Path, docs: list[list[int]], dtype: np.dtype, bow: list[int], vocab: int):
-    write_index([(np.array(d), {"id": f"doc{i}", "source": "s", "license": "CC0-1.0", "stage": "pretraining"})
-                 for i, d in enumerate(docs)], dtype, folder)  # fmt: skip
-    (folder / "bow.txt").write_text("".join(f"{i}\n" for i in bow))
-    return infini_gram.InfiniGramEngine(index_dir=str(folder), eos_token_id=0, vocab_size=vocab,
-                                        token_dtype="u16" if dtype == np.uint16 else "u32",
-                                        bow_ids_path=str(folder / "bow.txt"))  # fmt: skip
+def _index(folder: Path, docs: list[list[int]], dtype: np.dtype) -> TraceIndex:
+    size = write_index([(np.array(d), {"id": f"doc{i}", "source": "s", "license": "CC0-1.0", "stage": "pretraining"})
+                        for i, d in enumerate(docs)], dtype, folder)  # fmt: skip
+    (folder / "index.json").write_text(json.dumps({**size, "eos_id": 0}))
+    return open_index(folder)
 
 
 def _occurrences(docs: list[list[int]], q: list[int]) -> list[tuple[int, int]]:
@@ -66,8 +64,9 @@ def test_counts_spans_and_documents_equal_a_brute_force_scan(tmp_path, dtype):
         docs = [[offset + rng.randrange(1, vocab) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 5))]
         bow = [offset + i for i in range(1, vocab) if rng.random() < 0.6]
         delims = [offset + 1]
-        search = _engine(tmp_path / f"{trial}", docs, np.dtype(dtype), bow, offset + vocab)
-        assert search.get_total_doc_cnt() == len(docs)
+        index = _index(tmp_path / f"{trial}", docs, np.dtype(dtype))
+        search = index.search
+        assert search.get_total_doc_cnt() == len(docs) and index.total == sum(len(d) + 1 for d in docs)
         for _ in range(15):  # n-gram counts and the documents of every occurrence
             d = rng.choice(docs)
             k = rng.randrange(len(d))
@@ -81,10 +80,11 @@ def test_counts_spans_and_documents_equal_a_brute_force_scan(tmp_path, dtype):
         for _ in range(5):  # OLMoTrace's spans of a text: part copied from a document, part not
             d = rng.choice(docs)
             ids = d[rng.randrange(len(d)) :][:8] + [offset + rng.randrange(1, vocab) for _ in range(6)]
-            for min_len in (1, 3):
-                ours = maximal_spans(search, ids, set(delims), set(bow), min_len)
-                got = [(left, right, found["cnt"]) for left, right, found in ours]
-                assert got == _spans(docs, ids, set(delims), set(bow), min_len, 1_000_000), (docs, ids)
+            for min_len, max_count in ((1, None), (3, None), (1, 1)):
+                ours = maximal_spans(search, ids, set(delims), set(bow), min_len, max_count)
+                got = [(left, right, search.count(input_ids=ids[left:right])["count"]) for left, right in ours]
+                expected = _spans(docs, ids, set(delims), set(bow), min_len, max_count or 1_000_000)
+                assert got == expected, (docs, ids, min_len, max_count)
 
 
 def test_the_kept_spans_are_the_rarest_and_carry_their_documents(tmp_path, chat_tok):
@@ -92,9 +92,9 @@ def test_the_kept_spans_are_the_rarest_and_carry_their_documents(tmp_path, chat_
 
     texts = ["the quick brown fox jumps over it", "What color is the sky? It is blue.", "Name a prime. Seven."] * 3
     docs = [[*chat_tok.encode(t).ids, chat_tok.token_to_id("<|endoftext|>")] for t in texts]
-    search = _engine(tmp_path, docs, np.dtype(np.uint16), word_starts(chat_tok), chat_tok.get_vocab_size())
+    index = _index(tmp_path, docs, np.dtype(np.uint16))
     ids = chat_tok.encode("I saw the quick brown fox jumps over a dog. What color is the sky? Green.").ids
-    spans = trace(search, chat_tok, ids, density=0.5, documents=2)
+    spans = trace(index, chat_tok, ids, density=0.5, documents=2)
     total = sum(len(d) + 1 for d in docs)  # the separator counts as a token of the index
     unigram = {t: sum(d.count(t) for d in docs) for t in set(ids)}
 
@@ -122,7 +122,6 @@ def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, 
     from clearlm.pipeline import Pipeline
     from clearlm.recipe import load_recipe
     from clearlm.release.verify import verify_release
-    from clearlm.trace.query import engine
 
     recipe = write_tiny_recipe(tmp_path)
     recipe.write_text(recipe.read_text() + "\n[release]\ntrace_index = true\n")
@@ -152,9 +151,11 @@ def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, 
     assert verify_release(release, tmp_path, tmp_path).reproduced  # the index is re-built and compared too
     monkeypatch.setitem(sys.modules, "infini_gram.engine", None)
     with pytest.raises(InputError, match="pip install infini-gram"):
-        engine(release, None)  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="no trace index in this release"):
-        engine(tmp_path, None)  # type: ignore[arg-type]
+        open_index(release / "trace")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "tokenizer.json").write_bytes((release / "tokenizer.json").read_bytes())
+    missing = subprocess.run([*command[:-1], str(tmp_path / "bare"), "text"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no trace index here" in missing.stderr and missing.stderr.count("\n") == 1
     folder_only = tmp_path / "post.toml"
     folder_only.write_text('name = "p"\n[sft]\nbase = "m"\ndata = [{ path = "c.jsonl" }]\n[release]\ntrace_index = 1\n')
     with pytest.raises(RecipeError, match=r"release\.trace_index: this recipe trains on no corpus of its own"):

@@ -430,7 +430,7 @@ def trace(
     """Where a text's words come from: its long, rare spans that occur verbatim in the training data (OLMoTrace)."""
     from tokenizers import Tokenizer
 
-    from clearlm.trace.query import as_json, engine, word_starts
+    from clearlm.trace.query import as_json, open_index, word_starts
     from clearlm.trace.query import trace as find_spans
 
     with _user_errors():
@@ -439,7 +439,7 @@ def trace(
         if not (release_dir / "tokenizer.json").is_file():
             raise InputError(f"{release_dir / 'tokenizer.json'}: not found (expected a clearlm release)")
         tok = Tokenizer.from_file(str(release_dir / "tokenizer.json"))
-        search = engine(release_dir, tok)
+        index = open_index(release_dir / "trace")
         texts = (
             [text]
             if text is not None
@@ -447,7 +447,7 @@ def trace(
         )
         found, bow = [], set(word_starts(tok))
         for item in texts:
-            spans = find_spans(search, tok, tok.encode(item, add_special_tokens=False).ids, min_tokens=min_tokens,
+            spans = find_spans(index, tok, tok.encode(item, add_special_tokens=False).ids, min_tokens=min_tokens,
                                documents=documents, bow=bow)  # fmt: skip
             found.append({"text": item, "spans": as_json(spans)})
             table = Table("span", "tokens", "count", "documents (stage · source · licence)", title=item[:60])

@@ -1,10 +1,10 @@
 """OLMoTrace's search over a release's trace index: the long, rare verbatim spans of a text that occur in the
 training data, each with the documents that hold it.
 
-As OLMoTrace runs it (Ai2's olmo-api and infini-gram-api), with the rules of infini-gram's `attribute` computed here
-from its `find` (see `maximal_spans` for why): for every position that starts a word, the longest span that occurs in
-the index, cut after a delimiter (a newline or period token) and
-ended before a token that starts a word, keeping only spans not inside an earlier one; spans are ranked by the sum
+As OLMoTrace runs it (Ai2's olmo-api and infini-gram-api), with the rules of infini-gram's `attribute` applied here
+to the engine's longest matches (see `maximal_spans` for why): for every position that starts a word, the longest
+span that occurs in the index, cut after a delimiter (a newline or period token) and ended before a token that starts
+a word, keeping only spans not inside an earlier one; spans are ranked by the sum
 of their tokens' unigram log-probabilities in the index (rarest first) and the first ceil(0.05 x L) kept (L: the
 text's tokens); each keeps up to 10 of its documents, drawn with seed 42 when it has more. `min_tokens` (OLMoTrace:
 1) drops shorter spans. A word-starting token, for a byte-level BPE, is one whose text starts with a character that
@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from clearlm.errors import InputError
@@ -51,23 +51,32 @@ class Span:
     documents: list[Document] = field(default_factory=list)
 
 
-def engine(release: Path, tok: Tokenizer) -> Any:
-    """infini-gram's engine over the release's `trace/` index; one-line errors when either is missing."""
-    index = Path(release) / "trace"
-    if not (index / "index.json").is_file():
-        raise InputError(f"{index}: no trace index in this release (set release.trace_index = true and rebuild it)")
+@dataclass
+class TraceIndex:
+    """infini-gram's engine over an index, and how often each token id occurs in it (for the unigram probabilities,
+    counted once from the token file rather than by a search per token)."""
+
+    search: Any
+    counts: np.ndarray  # by token id, the separator left out
+    total: int  # token positions, the documents' separators included (infini-gram's denominator)
+
+
+def open_index(folder: Path) -> TraceIndex:
+    """The index in `folder` (as `index.write_index` and the trace stage write it); one-line errors when it or
+    infini-gram is missing."""
+    if not (folder / "index.json").is_file():
+        raise InputError(f"{folder}: no trace index here (set release.trace_index = true and rebuild the release)")
     try:
         from infini_gram.engine import InfiniGramEngine
     except ImportError:
         raise InputError("tracing needs infini-gram's engine: pip install infini-gram (it ships wheels for CPython "
                          "3.11 on Linux only)") from None  # fmt: skip
-    info = json.loads((index / "index.json").read_text())
-    with tempfile.TemporaryDirectory() as scratch:  # the engine reads the word-starting ids from a file
-        bow = Path(scratch) / "bow_ids.txt"
-        bow.write_text("".join(f"{i}\n" for i in word_starts(tok)))
-        return InfiniGramEngine(index_dir=str(index), eos_token_id=info["eos_id"], vocab_size=tok.get_vocab_size(),
-                                token_dtype="u16" if info["token_dtype"] == "uint16" else "u32",
-                                bow_ids_path=str(bow))  # fmt: skip
+    info = json.loads((folder / "index.json").read_text())
+    dtype = np.dtype(info["token_dtype"])
+    search = InfiniGramEngine(index_dir=str(folder), eos_token_id=info["eos_id"], vocab_size=np.iinfo(dtype).max,
+                              token_dtype="u16" if dtype == np.uint16 else "u32")  # fmt: skip
+    tokens = np.fromfile(folder / "tokenized.0", dtype=dtype)
+    return TraceIndex(search, np.bincount(tokens[tokens != np.iinfo(dtype).max]), len(tokens))
 
 
 def word_starts(tok: Tokenizer) -> list[int]:
@@ -110,47 +119,55 @@ def _longest(search: Any, ids: list[int], at_least: int) -> int:
     return lo
 
 
-def maximal_spans(search: Any, ids: list[int], delims: set[int], bow: set[int], min_tokens: int = 1
-                  ) -> list[tuple[int, int, dict[str, Any]]]:  # fmt: skip
-    """infini-gram's `attribute` rules, with its `find`: from every word-starting position, the longest span that
-    occurs, cut after its first delimiter and backed off to end before a word start; spans of `min_tokens` or more
-    occurring at most MAX_COUNT times; then those that end after every earlier one. (`attribute` itself, in
-    infini-gram 2.6.0, finds no span at a position whose text sorts before every suffix of the index: its search
-    reads rank `start - 1` with `start` 0 as an unsigned number.) Returns (start, end, its `find` result)."""
-    out, last_r, known, known_at = [], 0, 0, 0
+def maximal_spans(search: Any, ids: list[int], delims: set[int], bow: set[int], min_tokens: int = 1,
+                  max_count: int | None = MAX_COUNT) -> list[tuple[int, int]]:  # fmt: skip
+    """infini-gram's `attribute` rules: from every word-starting position, the longest span that occurs, cut after
+    its first delimiter and backed off to end before a word start; spans of `min_tokens` or more occurring at most
+    `max_count` times (None: the index is too small for any to occur more); then those that end after every earlier
+    one.
+
+    The longest match at every position comes from the engine's `creativity` (one call, a thread a position), whose
+    search, like `attribute`'s, in infini-gram 2.6.0 reports 0 for a text that sorts before every suffix of the index
+    (it reads rank `start - 1` with `start` 0 as an unsigned number, so inspects nothing): a 0 at a token that does
+    occur is searched again here, by a galloping search on `find`."""
+    reach = search.creativity(input_ids=ids)["rs"] if ids else []
+    out, last_r = [], 0
     for left in range(len(ids)):
         if ids[left] not in bow:
             continue
-        n = _longest(search, ids[left:], max(0, known - (left - known_at)))  # a suffix of a match also matches
-        known, known_at = n, left
+        n = reach[left] - left
+        if n == 0 and search.count(input_ids=ids[left : left + 1]).get("count"):
+            n = _longest(search, ids[left:], 1)
         n = next((pos + 1 for pos in range(n - 1) if ids[left + pos] in delims), n)
         while n > 0 and not (left + n == len(ids) or ids[left + n] in bow):
             n -= 1
-        if n < min_tokens:
+        if n < min_tokens or left + n <= last_r:  # too short, or inside the span kept before it
             continue
-        found = search.find(input_ids=ids[left : left + n])
-        if found.get("cnt", 0) <= MAX_COUNT and left + n > last_r:
-            out.append((left, left + n, found))
+        if max_count is None or search.count(input_ids=ids[left : left + n]).get("count", 0) <= max_count:
+            out.append((left, left + n))
             last_r = left + n
     return out
 
 
-def trace(search: Any, tok: Tokenizer, ids: list[int], *, min_tokens: int = 1, density: float = SPAN_DENSITY,
+def trace(index: TraceIndex, tok: Tokenizer, ids: list[int], *, min_tokens: int = 1, density: float = SPAN_DENSITY,
           documents: int = DOCUMENTS_PER_SPAN, bow: set[int] | None = None) -> list[Span]:  # fmt: skip
     """The kept spans of `ids`, in text order, each with up to `documents` of its documents. `bow`: the tokenizer's
     `word_starts`, when already worked out (it decodes the whole vocabulary)."""
     bow = set(word_starts(tok)) if bow is None else bow
-    spans = maximal_spans(search, ids, set(delimiters(tok)), bow, min_tokens)
-    total = search.count(input_ids=[])["count"]  # every token position, the documents' separators included
-    unigram: dict[int, float] = {}
-    for t in set(ids):
-        count = search.count(input_ids=[t]).get("count", 0)
-        unigram[t] = math.log(count) - math.log(total) if count else -10000.0  # as infini-gram's engine scores
-    scored = [(sum(unigram[t] for t in ids[left:right]), left, right, found) for left, right, found in spans]
+    search, total = index.search, index.total
+    spans = maximal_spans(search, ids, set(delimiters(tok)), bow, min_tokens,
+                          MAX_COUNT if total > MAX_COUNT else None)  # fmt: skip
+
+    def logprob(t: int) -> float:  # as infini-gram's engine scores a span's tokens
+        count = int(index.counts[t]) if t < len(index.counts) else 0
+        return math.log(count) - math.log(total) if count else -10000.0
+
+    scored = [(sum(logprob(t) for t in ids[left:right]), left, right) for left, right in spans]
     kept = sorted(scored, key=lambda x: x[0])[: math.ceil(len(ids) * density)]
     out = []
-    for logprob, left, right, found in sorted(kept, key=lambda x: x[1]):
-        span = Span(left, right, tok.decode(ids[left:right]), found["cnt"], logprob)
+    for score, left, right in sorted(kept, key=lambda x: x[1]):
+        found = search.find(input_ids=ids[left:right])
+        span = Span(left, right, tok.decode(ids[left:right]), found["cnt"], score)
         ranks = [(s, r) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
         if len(ranks) > documents:
             ranks = random.Random(42).sample(ranks, documents)
