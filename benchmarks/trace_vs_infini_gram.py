@@ -27,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from clearlm.trace.index import write_index
-from clearlm.trace.query import delimiters, engine, trace, word_starts
+from clearlm.trace.query import delimiters, open_index, trace, word_starts
 
 
 def documents(index: Path) -> list[np.ndarray]:
@@ -75,14 +75,19 @@ def main() -> None:
             print(f"index of {size['tokens']:,} tokens ({copies}x): clearlm {ours_s:.2f} s, infini-gram's indexer "
                   f"{theirs_s:.2f} s ({theirs_s / ours_s:.2f}x); suffix arrays {'identical' if same else 'DIFFER'}",
                   flush=True)  # fmt: skip
-        search = engine(args.release, tok)
+        from infini_gram.engine import InfiniGramEngine
+
+        index = open_index(args.release / "trace")
+        (work / "bow.txt").write_text("".join(f"{i}\n" for i in word_starts(tok)))  # attribute reads word starts
+        search = InfiniGramEngine(index_dir=str(args.release / "trace"), eos_token_id=0, vocab_size=65535,
+                                  bow_ids_path=str(work / "bow.txt"))  # fmt: skip
         completions = [json.loads(line)["completion"] for line in (args.release / "eval" / "generations.jsonl").open()]
         ids = (tok.encode(" ".join(completions)).ids * 10)[:200]
         bow = set(word_starts(tok))
         timings = {"clearlm": [], "attribute": []}
         for _ in range(20):
             started = time.perf_counter()
-            spans = trace(search, tok, ids, bow=bow)
+            spans = trace(index, tok, ids, bow=bow)
             timings["clearlm"].append(time.perf_counter() - started)
             started = time.perf_counter()
             search.attribute(input_ids=ids, delim_ids=delimiters(tok), min_len=1, max_cnt=1_000_000, enforce_bow=True)
