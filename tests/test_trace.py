@@ -148,6 +148,12 @@ def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, 
         assert longest["documents"][0]["id"] == doc["id"] and longest["documents"][0]["license"] == "CC0-1.0"
     generations = subprocess.run([*command, "--generations"], capture_output=True, text=True)
     assert generations.returncode == 0, generations.stderr
+    memorized = json.loads((release / "eval" / "memorization.json").read_text())
+    assert json.loads((release / "openness.json").read_text())["information"]["memorization"] == memorized
+    assert memorized["generation_spans"]["windows"] >= 0 and set(memorized["personal_data_in_generations"]) == {
+        "email", "ip", "phone"}  # fmt: skip
+    assert "## Memorization and leakage" in (release / "README.md").read_text()
+    assert "Memorization and leakage" in (release / "report.html").read_text()
     assert verify_release(release, tmp_path, tmp_path).reproduced  # the index is re-built and compared too
     monkeypatch.setitem(sys.modules, "infini_gram.engine", None)
     with pytest.raises(InputError, match="pip install infini-gram"):
@@ -160,3 +166,34 @@ def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, 
     folder_only.write_text('name = "p"\n[sft]\nbase = "m"\ndata = [{ path = "c.jsonl" }]\n[release]\ntrace_index = 1\n')
     with pytest.raises(RecipeError, match=r"release\.trace_index: this recipe trains on no corpus of its own"):
         Pipeline(load_recipe(str(folder_only)), tmp_path / "p").stages()
+
+
+def test_extractable_memorization_finds_a_planted_document_and_not_an_unseen_one(tmp_path):
+    import torch
+
+    from clearlm.model.generate import generate
+    from clearlm.model.transformer import Transformer, TransformerConfig
+    from clearlm.trace.memorization import PREFIX, SUFFIX, extractable, personal_data, sample_documents
+
+    model = Transformer(TransformerConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, context=128))
+    model.init_weights(0)
+    with torch.no_grad():  # sharp distributions: a random document is not the model's greedy continuation
+        for p in model.parameters():
+            p.mul_(torch.empty_like(p).uniform_(0.5, 3.0))
+    rng = random.Random(0)
+    prompt = [rng.randrange(300) for _ in range(PREFIX)]
+    planted = prompt + generate(model, [prompt], max_new_tokens=SUFFIX)[0].tokens  # what it would say: memorized
+    unseen = [rng.randrange(300) for _ in range(PREFIX + SUFFIX)]
+    found = extractable(model, [(planted, "planted", "web"), (unseen, "unseen", "code")])
+    assert found["extracted_ids"] == ["planted"] and found["rate"] == 0.5
+    assert found["per_source"] == {"code": {"documents": 1, "extracted": 0, "rate": 0.0},
+                                   "web": {"documents": 1, "extracted": 1, "rate": 1.0}}  # fmt: skip
+    tokens = np.array(planted + [7] * 10 + unseen, dtype=np.uint16)  # a short document is never sampled
+    tokens.tofile(tmp_path / "train.bin")
+    spans = [(0, 64, "planted", "web"), (64, 74, "short", "web"), (74, 138, "unseen", "code")]
+    (tmp_path / "train.docs.jsonl").write_text("".join(json.dumps({"id": i, "source": s, "start": a, "end": b}) + "\n"
+                                                       for a, b, i, s in spans))  # fmt: skip
+    sampled = sample_documents(tmp_path, "uint16", 5, seed=1)
+    assert [(d[1], d[0]) for d in sampled] == [("planted", planted), ("unseen", unseen)]
+    text = "Mail ada@example.org or call (555) 123-4567 from 203.0.113.42. Nothing else."
+    assert personal_data([text, "plain"]) == {"email": 1, "ip": 1, "phone": 1}

@@ -22,6 +22,7 @@ Layout (transformers reads the top level and ignores the rest):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict
@@ -38,6 +39,7 @@ from clearlm.data.card import post_training_section, tokens_section
 from clearlm.data.chat import CHAT_TEMPLATE
 from clearlm.data.documents import read_jsonl
 from clearlm.data.tokenizer import load_tokenizer, own_tokenizer
+from clearlm.errors import InputError
 from clearlm.eval.taskspec import resolve_tasks
 from clearlm.model.generate import Sampling, complete
 from clearlm.model.hf import save_hf
@@ -48,6 +50,8 @@ from clearlm.release.card import model_card
 from clearlm.release.openness import card_section, mot_yaml, openness_report, release_components
 from clearlm.release.report import technical_report
 from clearlm.stages import StageRun, final_model, outside_base, post_training, spec
+from clearlm.trace import memorization
+from clearlm.trace.query import open_index
 
 _NOT_PACKAGES = {"python", "platform", "machine", "cpu_count"}
 _GENERATED_FILES = frozenset({"README.md", "report.html"})
@@ -217,6 +221,23 @@ def _write_data(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path)
             _compress(loaded.base_dir / item.path, out / "data" / "post_training" / stage / f"{name}.zst")
 
 
+def _memorization(seed: int, artifacts: dict[str, Artifact], model: Any, tok: Any, generations: list[dict[str, Any]],
+                  out: Path) -> dict[str, Any]:  # fmt: skip
+    """k-extractable memorization on pretraining documents, the generations' spans found in the trace index (when the
+    release has one and infini-gram is installed), personal-data patterns in the generations."""
+    shards = artifacts.get("shards")
+    fits = model.cfg.context >= memorization.PREFIX + memorization.SUFFIX  # a prompt and its continuation
+    documents = (memorization.sample_documents(shards.path, shards.metrics["dtype"], memorization.DOCUMENTS, seed)
+                 if shards and fits else [])  # fmt: skip
+    texts = [g["completion"] for g in generations]
+    spans = None
+    if (out / "trace" / "index.json").is_file():
+        with contextlib.suppress(InputError):  # infini-gram not installed: the index is there, the figure is not
+            spans = memorization.verbatim_spans(open_index(out / "trace"), [tok.encode(t).ids for t in texts])
+    return {"extractable": memorization.extractable(model, documents) if documents else None,
+            "generation_spans": spans, "personal_data_in_generations": memorization.personal_data(texts)}  # fmt: skip
+
+
 def _lineage(recipe: Recipe, artifacts: dict[str, Artifact], base_dir: Path) -> dict[str, Any]:
     """Every stage behind the release (digest, config, inputs, output hashes, environment) and, for a model
     trained from an outside folder, that folder's digest and audit."""
@@ -253,6 +274,8 @@ def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Pat
     generations = _generations(model, tok, eos_id, data.path / "validation.jsonl" if data else None)
     with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+    memorized = _memorization(recipe.seed, artifacts, model, tok, generations, out)
+    _dump(out / "eval" / "memorization.json", memorized)
     train = artifacts.get("train")
     ctx = {
         "name": recipe.release.name or recipe.name,
@@ -268,15 +291,17 @@ def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Pat
         "post_training": {name: artifacts[name].metrics for name in post_training(recipe, list(artifacts))},
         "stages": {name: art.metrics for name, art in artifacts.items()},
         "lineage": {k: a.digest for k, a in artifacts.items()},
+        "memorization": memorized,
     }
     dataset_licences, eval_licences = _licences(recipe, base_dir, artifacts)
     components = release_components(recipe, out, dataset_licences, eval_licences, will_write=_GENERATED_FILES,
                                     pretrained_here=train is not None)  # fmt: skip
     report = openness_report(recipe, components)
-    _dump(out / "openness.json", report)
+    _dump(out / "openness.json", {**report, "information": {"memorization": memorized}})  # not a class criterion
     created = artifacts[final_model(recipe)].manifest["created"][:10]
     (out / "mot.yml").write_text(mot_yaml(recipe, components, created))
-    (out / "README.md").write_text(model_card(ctx) + "\n" + card_section(report))
+    (out / "README.md").write_text(model_card(ctx) + "\n" + "\n".join(memorization.card_lines(memorized)) + "\n"
+                                   + card_section(report))  # fmt: skip
     logs = {name: list(read_jsonl(out / log)) for name in artifacts if (log := spec(name).log)}
     samples = artifacts["eval"].path / "samples.jsonl"
     answered = [row for row in read_jsonl(samples) if "generations" in row] if samples.is_file() else []

@@ -16,6 +16,7 @@ from typing import Any
 
 from clearlm.release.card import metric_rows, optimizer_summary, schedule_summary
 from clearlm.stages import describe, spec
+from clearlm.trace.memorization import report_section as memorization_section
 
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 _W, _H, _PAD = 560, 220, 44
@@ -310,6 +311,6 @@ def technical_report(
         _summary(ctx, openness), _data(ctx["data"]), _model(ctx), _training(ctx, logs), own,
         _post_training(ctx, logs),
         _evaluation(ctx["eval"]), _answered(list(answered)), _openness(openness), _generations(generations),
-        _reproduce(ctx["lineage"]),
+        memorization_section(ctx["memorization"]) if ctx.get("memorization") else [], _reproduce(ctx["lineage"]),
     ]  # fmt: skip
     return "\n".join(part for section in sections for part in section if part)

@@ -1,0 +1,94 @@
+"""What a release reproduces of its training data: k-extractable memorization (Carlini et al., "Quantifying
+Memorization Across Neural Language Models": a training document's first 32 tokens as the prompt, memorized when the
+greedy next 32 tokens are the document's), the share of the release's sample generations' 32-token spans found
+verbatim in the training data (with the trace index), and personal-data patterns in the generations (the data
+stage's e-mail, phone and IP patterns). Information for the card, `openness.json` and the report, not a class
+criterion."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clearlm.data.pii import PATTERNS
+
+PREFIX = SUFFIX = 32  # tokens: the paper's k = 32 and its 32-token continuation
+DOCUMENTS = 100  # training documents sampled per release
+
+
+def sample_documents(shards: Path, dtype: str, n: int, seed: int) -> list[tuple[list[int], str, str]]:
+    """Up to `n` training documents long enough for a prefix and a continuation, drawn with `seed`: (tokens, id,
+    source)."""
+    tokens = np.memmap(shards / "train.bin", dtype=np.dtype(dtype), mode="r")
+    spans = [json.loads(line) for line in (shards / "train.docs.jsonl").read_text(encoding="utf-8").splitlines()]
+    long = [s for s in spans if s["end"] - s["start"] >= PREFIX + SUFFIX]
+    chosen = np.random.default_rng(seed).permutation(len(long))[:n]
+    return [(tokens[s["start"] : s["start"] + PREFIX + SUFFIX].tolist(), s["id"], s["source"])
+            for s in (long[i] for i in sorted(chosen))]  # fmt: skip
+
+
+def extractable(model: Any, documents: list[tuple[list[int], str, str]]) -> dict[str, Any]:
+    """The share of documents whose greedy continuation of their first PREFIX tokens is their next SUFFIX tokens,
+    in all and per source, and the ids of those reproduced."""
+    from clearlm.model.generate import generate
+
+    done = generate(model, [ids[:PREFIX] for ids, _, _ in documents], max_new_tokens=SUFFIX, batch_size=16)
+    per: dict[str, Counter[str]] = {}
+    found = []
+    for (ids, doc_id, source), completion in zip(documents, done, strict=True):
+        hit = completion.tokens == ids[PREFIX:]
+        per.setdefault(source, Counter()).update(documents=1, extracted=int(hit))
+        if hit:
+            found.append(doc_id)
+    total = sum(c["extracted"] for c in per.values())
+    return {"documents": len(documents), "extracted": total, "rate": total / len(documents) if documents else None,
+            "per_source": {s: {**c, "rate": c["extracted"] / c["documents"]} for s, c in sorted(per.items())},
+            "extracted_ids": found, "prefix_tokens": PREFIX, "suffix_tokens": SUFFIX}  # fmt: skip
+
+
+def verbatim_spans(index: Any, token_lists: list[list[int]], n: int = SUFFIX) -> dict[str, Any]:
+    """How many of the texts' n-token windows occur verbatim in the trace index."""
+    windows = [ids[i : i + n] for ids in token_lists for i in range(len(ids) - n + 1)]
+    found = sum(bool(index.search.count(input_ids=w).get("count")) for w in windows)
+    return {"windows": len(windows), "found": found, "share": found / len(windows) if windows else None,
+            "tokens": n}  # fmt: skip
+
+
+def personal_data(texts: list[str]) -> dict[str, int]:
+    """Matches of the data stage's personal-data patterns in the texts, by kind."""
+    return {kind: sum(len(pattern.findall(t)) for t in texts) for kind, (pattern, _) in PATTERNS.items()}
+
+
+def card_lines(m: dict[str, Any]) -> list[str]:
+    ext = m["extractable"]
+    lines = ["## Memorization and leakage", ""]
+    if not ext:
+        lines.append(f"- k-extractable memorization: not measured (no pretraining corpus in this run, or a context "
+                     f"shorter than {PREFIX + SUFFIX} tokens).")  # fmt: skip
+    else:
+        per = ", ".join(f"{s} {c['extracted']}/{c['documents']}" for s, c in ext["per_source"].items())
+        lines.append(f"- k-extractable memorization (Carlini et al., k = {ext['prefix_tokens']}): "
+                     f"{ext['extracted']} of {ext['documents']} sampled training documents continue greedily into "
+                     f"their next {ext['suffix_tokens']} tokens ({per}).")  # fmt: skip
+    spans = m.get("generation_spans")
+    if spans and spans["windows"]:
+        lines.append(f"- Sample generations: {spans['found']} of their {spans['windows']} {spans['tokens']}-token "
+                     "spans occur verbatim in the training data (`clearlm trace RELEASE --generations` shows "
+                     "where).")  # fmt: skip
+    pii = m["personal_data_in_generations"]
+    lines.append("- Personal-data patterns in the sample generations: "
+                 + ", ".join(f"{k} {v}" for k, v in pii.items()) + ".")  # fmt: skip
+    return [*lines, ""]
+
+
+def report_section(m: dict[str, Any]) -> list[str]:
+    rows = "".join(f"<tr><td>{escape(s)}</td><td>{c['extracted']}</td><td>{c['documents']}</td></tr>"
+                   for s, c in (m["extractable"] or {"per_source": {}})["per_source"].items())  # fmt: skip
+    items = "".join(f"<li>{escape(line[2:])}</li>" for line in card_lines(m) if line.startswith("- "))
+    table = f"<table><tr><th>source</th><th>extracted</th><th>sampled</th></tr>{rows}</table>"
+    return ["<h2>Memorization and leakage</h2>", table, f"<ul>{items}</ul>"]
