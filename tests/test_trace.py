@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clearlm.trace.index import write_index
-from clearlm.trace.query import TraceIndex, maximal_spans, open_index
+from clearlm.trace.query import TraceIndex, longest_matches, maximal_spans, open_index
 
 pytest.importorskip("infini_gram.engine", reason="pip install infini-gram (CPython 3.11 Linux wheels)")
 
@@ -80,6 +80,12 @@ def test_counts_spans_and_documents_equal_a_brute_force_scan(tmp_path, dtype):
         for _ in range(5):  # OLMoTrace's spans of a text: part copied from a document, part not
             d = rng.choice(docs)
             ids = d[rng.randrange(len(d)) :][:8] + [offset + rng.randrange(1, vocab) for _ in range(6)]
+            reach = longest_matches(search, ids)
+            for left in range(len(ids)):  # the longest match at every position, rank-0 texts included
+                n = next(
+                    k for k in range(len(ids) - left, -1, -1) if k == 0 or _occurrences(docs, ids[left : left + k])
+                )
+                assert reach[left] == n, (docs, ids, left)
             for min_len, max_count in ((1, None), (3, None), (1, 1)):
                 ours = maximal_spans(search, ids, set(delims), set(bow), min_len, max_count)
                 got = [(left, right, search.count(input_ids=ids[left:right])["count"]) for left, right in ours]
@@ -197,3 +203,34 @@ def test_extractable_memorization_finds_a_planted_document_and_not_an_unseen_one
     assert [(d[1], d[0]) for d in sampled] == [("planted", planted), ("unseen", unseen)]
     text = "Mail ada@example.org or call (555) 123-4567 from 203.0.113.42. Nothing else."
     assert personal_data([text, "plain"]) == {"email": 1, "ip": 1, "phone": 1}
+
+
+def test_the_contamination_audit_counts_items_sharing_13_tokens_with_the_training_data(tmp_path):
+    from clearlm.trace.contamination import contamination
+
+    rng = random.Random(5)
+    words = [f"w{i}" for i in range(60)]
+    docs_text = [" ".join(rng.choice(words) for _ in range(80)) for _ in range(6)]
+    tok = _word_tokenizer(words)
+    index = _index(tmp_path / "index", [tok.encode(t).ids for t in docs_text], np.dtype(np.uint16))
+    copied = " ".join(docs_text[2].split()[10:23])  # 13 words of a training document
+    near = " ".join(docs_text[2].split()[10:22]) + " " + rng.choice(words)  # 12 of them, then another word
+    rows = [{"task": "a", "doc_id": 0, "context": "x " + copied}, {"task": "a", "doc_id": 0, "context": "x " + copied},
+            {"task": "a", "doc_id": 1, "context": " ".join(rng.choice(words) for _ in range(30))},
+            {"task": "b", "doc_id": 0, "prompt": near}]  # fmt: skip
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = contamination(index, tok, tmp_path / "samples.jsonl")
+    assert table["a"]["items"] == 2 and table["a"]["contaminated"] >= 1
+    grams = {tuple(d.split()[i : i + 13]) for d in docs_text for i in range(len(d.split()) - 12)}
+    brute = [any(tuple(t.split()[i : i + 13]) in grams for i in range(len(t.split()) - 12))
+             for t in ("x " + copied, rows[2]["context"], near)]  # fmt: skip
+    assert [table["a"]["contaminated"], table["b"]["contaminated"]] == [brute[0] + brute[1], int(brute[2])]
+
+
+def _word_tokenizer(words: list[str]):
+    """A tokenizer with one token per word (ids from 1), so that n tokens are n words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok

@@ -51,6 +51,7 @@ from clearlm.release.openness import card_section, mot_yaml, openness_report, re
 from clearlm.release.report import technical_report
 from clearlm.stages import StageRun, final_model, outside_base, post_training, spec
 from clearlm.trace import memorization
+from clearlm.trace.contamination import contamination
 from clearlm.trace.query import open_index
 
 _NOT_PACKAGES = {"python", "platform", "machine", "cpu_count"}
@@ -223,19 +224,24 @@ def _write_data(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path)
 
 def _memorization(seed: int, artifacts: dict[str, Artifact], model: Any, tok: Any, generations: list[dict[str, Any]],
                   out: Path) -> dict[str, Any]:  # fmt: skip
-    """k-extractable memorization on pretraining documents, the generations' spans found in the trace index (when the
-    release has one and infini-gram is installed), personal-data patterns in the generations."""
+    """k-extractable memorization on pretraining documents, personal-data patterns in the generations and, from the
+    trace index (when the release has one and infini-gram is installed), the generations' spans found in the training
+    data and the evaluated items' 13-gram overlap with it."""
     shards = artifacts.get("shards")
     fits = model.cfg.context >= memorization.PREFIX + memorization.SUFFIX  # a prompt and its continuation
     documents = (memorization.sample_documents(shards.path, shards.metrics["dtype"], memorization.DOCUMENTS, seed)
                  if shards and fits else [])  # fmt: skip
     texts = [g["completion"] for g in generations]
-    spans = None
+    spans, contaminated = None, {}
     if (out / "trace" / "index.json").is_file():
-        with contextlib.suppress(InputError):  # infini-gram not installed: the index is there, the figure is not
-            spans = memorization.verbatim_spans(open_index(out / "trace"), [tok.encode(t).ids for t in texts])
+        with contextlib.suppress(InputError):  # infini-gram not installed: the index is there, the figures are not
+            index = open_index(out / "trace")
+            spans = memorization.verbatim_spans(index, [tok.encode(t).ids for t in texts])
+            if (samples := artifacts["eval"].path / "samples.jsonl").is_file():
+                contaminated = contamination(index, tok, samples)
     return {"extractable": memorization.extractable(model, documents) if documents else None,
-            "generation_spans": spans, "personal_data_in_generations": memorization.personal_data(texts)}  # fmt: skip
+            "generation_spans": spans, "personal_data_in_generations": memorization.personal_data(texts),
+            "contamination": contaminated}  # fmt: skip
 
 
 def _lineage(recipe: Recipe, artifacts: dict[str, Artifact], base_dir: Path) -> dict[str, Any]:

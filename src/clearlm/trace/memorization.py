@@ -1,9 +1,9 @@
 """What a release reproduces of its training data: k-extractable memorization (Carlini et al., "Quantifying
 Memorization Across Neural Language Models": a training document's first 32 tokens as the prompt, memorized when the
 greedy next 32 tokens are the document's), the share of the release's sample generations' 32-token spans found
-verbatim in the training data (with the trace index), and personal-data patterns in the generations (the data
-stage's e-mail, phone and IP patterns). Information for the card, `openness.json` and the report, not a class
-criterion."""
+verbatim in the training data (with the trace index), personal-data patterns in the generations (the data stage's
+e-mail, phone and IP patterns), and the contamination audit (`contamination.py`). Information for the card,
+`openness.json` and the report, not a class criterion."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clearlm.data.pii import PATTERNS
+from clearlm.trace import contamination
 
 PREFIX = SUFFIX = 32  # tokens: the paper's k = 32 and its 32-token continuation
 DOCUMENTS = 100  # training documents sampled per release
@@ -83,7 +84,7 @@ def card_lines(m: dict[str, Any]) -> list[str]:
     pii = m["personal_data_in_generations"]
     lines.append("- Personal-data patterns in the sample generations: "
                  + ", ".join(f"{k} {v}" for k, v in pii.items()) + ".")  # fmt: skip
-    return [*lines, ""]
+    return [*lines, *contamination.card_lines(m.get("contamination") or {}), ""]
 
 
 def report_section(m: dict[str, Any]) -> list[str]:
@@ -91,4 +92,5 @@ def report_section(m: dict[str, Any]) -> list[str]:
                    for s, c in (m["extractable"] or {"per_source": {}})["per_source"].items())  # fmt: skip
     items = "".join(f"<li>{escape(line[2:])}</li>" for line in card_lines(m) if line.startswith("- "))
     table = f"<table><tr><th>source</th><th>extracted</th><th>sampled</th></tr>{rows}</table>"
-    return ["<h2>Memorization and leakage</h2>", table, f"<ul>{items}</ul>"]
+    return ["<h2>Memorization and leakage</h2>", table, f"<ul>{items}</ul>",
+            contamination.report_rows(m.get("contamination") or {})]  # fmt: skip

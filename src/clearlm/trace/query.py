@@ -119,6 +119,21 @@ def _longest(search: Any, ids: list[int], at_least: int) -> int:
     return lo
 
 
+def longest_matches(search: Any, ids: list[int], where: list[int] | None = None) -> list[int]:
+    """The length of the longest span of `ids` starting at each position that occurs in the index (exact at the
+    positions `where`, default all).
+
+    From the engine's `creativity` (one call, a thread a position), whose search, like `attribute`'s, in infini-gram
+    2.6.0 reports 0 for a text that sorts before every suffix of the index (it reads rank `start - 1` with `start` 0
+    as an unsigned number, so inspects nothing): a 0 at a token that does occur is searched again here, by a
+    galloping search on `find`."""
+    reach = [r - i for i, r in enumerate(search.creativity(input_ids=ids)["rs"])] if ids else []
+    for i in range(len(ids)) if where is None else where:
+        if reach[i] == 0 and search.count(input_ids=ids[i : i + 1]).get("count"):
+            reach[i] = _longest(search, ids[i:], 1)
+    return reach
+
+
 def maximal_spans(search: Any, ids: list[int], delims: set[int], bow: set[int], min_tokens: int = 1,
                   max_count: int | None = MAX_COUNT) -> list[tuple[int, int]]:  # fmt: skip
     """infini-gram's `attribute` rules: from every word-starting position, the longest span that occurs, cut after
@@ -126,18 +141,13 @@ def maximal_spans(search: Any, ids: list[int], delims: set[int], bow: set[int], 
     `max_count` times (None: the index is too small for any to occur more); then those that end after every earlier
     one.
 
-    The longest match at every position comes from the engine's `creativity` (one call, a thread a position), whose
-    search, like `attribute`'s, in infini-gram 2.6.0 reports 0 for a text that sorts before every suffix of the index
-    (it reads rank `start - 1` with `start` 0 as an unsigned number, so inspects nothing): a 0 at a token that does
-    occur is searched again here, by a galloping search on `find`."""
-    reach = search.creativity(input_ids=ids)["rs"] if ids else []
+    See `longest_matches` for why not `attribute` itself."""
+    reach = longest_matches(search, ids, [i for i, t in enumerate(ids) if t in bow])
     out, last_r = [], 0
     for left in range(len(ids)):
         if ids[left] not in bow:
             continue
-        n = reach[left] - left
-        if n == 0 and search.count(input_ids=ids[left : left + 1]).get("count"):
-            n = _longest(search, ids[left:], 1)
+        n = reach[left]
         n = next((pos + 1 for pos in range(n - 1) if ids[left + pos] in delims), n)
         while n > 0 and not (left + n == len(ids) or ids[left + n] in bow):
             n -= 1
