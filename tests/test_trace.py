@@ -160,6 +160,20 @@ def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, 
         "email", "ip", "phone"}  # fmt: skip
     assert "## Memorization and leakage" in (release / "README.md").read_text()
     assert "Memorization and leakage" in (release / "report.html").read_text()
+    traced = memorized["traced_generations"]
+    generations = [json.loads(line) for line in (release / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(traced) == len(generations) and any(traced)
+    for spans, g in zip(traced, generations, strict=True):
+        assert all(0 <= s["start"] < s["end"] <= len(g["completion"]) and s["documents"] for s in spans)
+    from test_pipeline import _chromium
+
+    if _chromium():  # the report marks each traced span, its documents one click away (<details>)
+        flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=2000"]
+        dom = subprocess.run([*flags, "--dump-dom", (release / "report.html").as_uri()], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert dom.returncode == 0 and "Uncaught" not in dom.stderr
+        assert dom.stdout.count("<mark") == sum(len(s) for s in traced) - _overlapped(traced)
+        assert dom.stdout.count("<details>") == sum(len(s) for s in traced)
     assert verify_release(release, tmp_path, tmp_path).reproduced  # the index is re-built and compared too
     monkeypatch.setitem(sys.modules, "infini_gram.engine", None)
     with pytest.raises(InputError, match="pip install infini-gram"):
@@ -234,3 +248,14 @@ def _word_tokenizer(words: list[str]):
     tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tok
+
+
+def _overlapped(traced: list[list[dict]]) -> int:
+    """Spans wholly inside the marked text before them (the report marks none for them)."""
+    hidden = 0
+    for spans in traced:
+        end = 0
+        for s in spans:
+            hidden += s["end"] <= max(end, s["start"])
+            end = max(end, s["end"])
+    return hidden

@@ -232,16 +232,17 @@ def _memorization(seed: int, artifacts: dict[str, Artifact], model: Any, tok: An
     documents = (memorization.sample_documents(shards.path, shards.metrics["dtype"], memorization.DOCUMENTS, seed)
                  if shards and fits else [])  # fmt: skip
     texts = [g["completion"] for g in generations]
-    spans, contaminated = None, {}
+    spans, contaminated, traced = None, {}, []
     if (out / "trace" / "index.json").is_file():
         with contextlib.suppress(InputError):  # infini-gram not installed: the index is there, the figures are not
             index = open_index(out / "trace")
             spans = memorization.verbatim_spans(index, [tok.encode(t).ids for t in texts])
+            traced = memorization.traced(index, tok, texts)
             if (samples := artifacts["eval"].path / "samples.jsonl").is_file():
                 contaminated = contamination(index, tok, samples)
     return {"extractable": memorization.extractable(model, documents) if documents else None,
             "generation_spans": spans, "personal_data_in_generations": memorization.personal_data(texts),
-            "contamination": contaminated}  # fmt: skip
+            "contamination": contaminated, "traced_generations": traced}  # fmt: skip
 
 
 def _lineage(recipe: Recipe, artifacts: dict[str, Artifact], base_dir: Path) -> dict[str, Any]:

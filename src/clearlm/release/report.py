@@ -257,10 +257,27 @@ def _openness(openness: dict[str, Any]) -> list[str]:
     return out
 
 
-def _generations(generations: list[dict[str, Any]]) -> list[str]:
+def _generations(generations: list[dict[str, Any]], traced: list[list[dict[str, Any]]] | None = None) -> list[str]:
+    """Each sample generation; with a trace index, its spans found in the training data marked, and under it each
+    span's documents (id, source, licence, a snippet) one click away."""
     out = ["<h2>Sample generations</h2>"] if generations else []
-    out += [f"<p class='note'>prompt (temperature {g['temperature']}, top-k {g['top_k']}, seed {g['seed']})"
-            f"</p><pre><b>{_esc(g['prompt'])}</b>{_esc(g['completion'])}</pre>" for g in generations]  # fmt: skip
+    for i, g in enumerate(generations):
+        spans = traced[i] if traced and i < len(traced) else []
+        text, parts, at = g["completion"], [], 0
+        for n, span in enumerate(spans):  # in text order; OLMoTrace's spans may overlap: the overlap is marked once
+            start = max(at, span["start"])
+            if span["end"] > start:
+                parts += [_esc(text[at:start]), f"<mark title='span {n + 1}: {span['count']} occurrence(s) in the "
+                          f"training data'>{_esc(text[start : span['end']])}</mark>"]  # fmt: skip
+                at = span["end"]
+        parts.append(_esc(text[at:]))
+        out.append(f"<p class='note'>prompt (temperature {g['temperature']}, top-k {g['top_k']}, seed {g['seed']})"
+                   f"</p><pre><b>{_esc(g['prompt'])}</b>{''.join(parts)}</pre>")  # fmt: skip
+        for n, span in enumerate(spans):
+            docs = "".join(f"<li>{_esc(d['id'])} ({_esc(d['stage'])}, {_esc(d['source'])}, {_esc(d['license'])})"
+                           f"<pre>{_esc(d['snippet'])}</pre></li>" for d in span["documents"])  # fmt: skip
+            out.append(f"<details><summary>span {n + 1}: {_esc(text[span['start'] : span['end']])} — "
+                       f"{span['count']} occurrence(s)</summary><ul>{docs}</ul></details>")  # fmt: skip
     return out
 
 
@@ -310,7 +327,8 @@ def technical_report(
     sections = [
         _summary(ctx, openness), _data(ctx["data"]), _model(ctx), _training(ctx, logs), own,
         _post_training(ctx, logs),
-        _evaluation(ctx["eval"]), _answered(list(answered)), _openness(openness), _generations(generations),
+        _evaluation(ctx["eval"]), _answered(list(answered)), _openness(openness),
+        _generations(generations, (ctx.get("memorization") or {}).get("traced_generations")),
         memorization_section(ctx["memorization"]) if ctx.get("memorization") else [], _reproduce(ctx["lineage"]),
     ]  # fmt: skip
     return "\n".join(part for section in sections for part in section if part)

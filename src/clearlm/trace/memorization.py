@@ -60,6 +60,20 @@ def verbatim_spans(index: Any, token_lists: list[list[int]], n: int = SUFFIX) ->
             "tokens": n}  # fmt: skip
 
 
+def traced(index: Any, tok: Any, texts: list[str]) -> list[list[dict[str, Any]]]:
+    """Each text's OLMoTrace spans as character ranges, with their counts and documents (for the report)."""
+    from clearlm.trace.query import trace, word_starts
+
+    bow, out = set(word_starts(tok)), []
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        out.append([{"start": len(tok.decode(ids[: s.start])), "end": len(tok.decode(ids[: s.end])), "count": s.count,
+                     "documents": [{k: getattr(d, k) for k in ("id", "source", "license", "stage", "snippet")}
+                                   for d in s.documents]}
+                    for s in trace(index, tok, ids, bow=bow)])  # fmt: skip
+    return out
+
+
 def personal_data(texts: list[str]) -> dict[str, int]:
     """Matches of the data stage's personal-data patterns in the texts, by kind."""
     return {kind: sum(len(pattern.findall(t)) for t in texts) for kind, (pattern, _) in PATTERNS.items()}
