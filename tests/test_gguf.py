@@ -115,6 +115,14 @@ def test_folders_it_cannot_export_are_one_line_errors(tmp_path, chat_tok):
     assert not list(tmp_path.glob("*.gguf*"))
 
 
+def test_without_the_gguf_package_export_says_how_to_get_it(tmp_path, chat_tok, monkeypatch):
+    folder, _ = _folder(tmp_path, chat_tok, "llama")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(InputError, match=r"GGUF export needs the `gguf` package: pip install gguf"):
+        export_gguf(folder, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("m.gguf*"))
+
+
 def _toolchain() -> bool:
     return bool(shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++")))
 

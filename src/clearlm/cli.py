@@ -425,6 +425,10 @@ def trace(
     generations: Annotated[bool, typer.Option(help="trace the release's own sample generations")] = False,
     min_tokens: Annotated[int, typer.Option(min=1, help="shortest span kept (OLMoTrace: 1)")] = 1,
     documents: Annotated[int, typer.Option(min=1, help="documents shown per span (OLMoTrace: 10)")] = 10,
+    density: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="spans kept per token of the text, the rarest first (OLMoTrace: 0.05)"),
+    ] = 0.05,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the spans here as JSON")] = None,
 ) -> None:
     """Where a text's words come from: its long, rare spans that occur verbatim in the training data (OLMoTrace)."""
@@ -448,7 +452,7 @@ def trace(
         found, bow = [], set(word_starts(tok))
         for item in texts:
             spans = find_spans(index, tok, tok.encode(item, add_special_tokens=False).ids, min_tokens=min_tokens,
-                               documents=documents, bow=bow)  # fmt: skip
+                               documents=documents, density=density, bow=bow)  # fmt: skip
             found.append({"text": item, "spans": as_json(spans)})
             table = Table("span", "tokens", "count", "documents (stage · source · licence)", title=item[:60])
             for span in spans:
