@@ -137,19 +137,15 @@ def export_gguf(folder: Path, out: Path, dtype: GGUFType = "f32") -> dict[str, A
     partial = out.with_name(out.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(folder.resolve().name)
-    writer.add_context_length(cfg.context)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.hidden_dim)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    hyperparameters = {  # the writer's `add_<key>` for each: llama.cpp's `<arch>.<key>` metadata
+        "name": folder.resolve().name, "context_length": cfg.context, "embedding_length": cfg.d_model,
+        "block_count": cfg.n_layers, "feed_forward_length": cfg.hidden_dim, "head_count": cfg.n_heads,
+        "head_count_kv": cfg.kv_heads, "key_length": cfg.head_dim, "value_length": cfg.head_dim,
+        "rope_dimension_count": cfg.head_dim, "rope_freq_base": cfg.rope_theta, "layer_norm_rms_eps": cfg.norm_eps,
+        "vocab_size": cfg.vocab_size,
+    }  # fmt: skip
+    for key, value in hyperparameters.items():
+        getattr(writer, f"add_{key}")(value)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}  # fmt: skip
     writer.add_file_type(file_types[dtype])
