@@ -236,7 +236,7 @@ def _memorization(seed: int, artifacts: dict[str, Artifact], model: Any, tok: An
     if (out / "trace" / "index.json").is_file():
         with contextlib.suppress(InputError):  # infini-gram not installed: the index is there, the figures are not
             index = open_index(out / "trace")
-            spans = memorization.verbatim_spans(index, [tok.encode(t).ids for t in texts])
+            spans = memorization.verbatim_spans(index, [tok.encode(t, add_special_tokens=False).ids for t in texts])
             traced = memorization.traced(index, tok, texts)
             if (samples := artifacts["eval"].path / "samples.jsonl").is_file():
                 contaminated = contamination(index, tok, samples)

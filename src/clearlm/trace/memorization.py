@@ -53,11 +53,16 @@ def extractable(model: Any, documents: list[tuple[list[int], str, str]]) -> dict
 
 
 def verbatim_spans(index: Any, token_lists: list[list[int]], n: int = SUFFIX) -> dict[str, Any]:
-    """How many of the texts' n-token windows occur verbatim in the trace index."""
-    windows = [ids[i : i + n] for ids in token_lists for i in range(len(ids) - n + 1)]
-    found = sum(bool(index.search.count(input_ids=w).get("count")) for w in windows)
-    return {"windows": len(windows), "found": found, "share": found / len(windows) if windows else None,
-            "tokens": n}  # fmt: skip
+    """How many of the texts' n-token windows occur verbatim in the trace index: those where the longest match
+    starting there is n tokens or more (one search of each text, as the contamination audit)."""
+    from clearlm.trace.query import longest_matches
+
+    windows = found = 0
+    for ids in token_lists:
+        starts = max(0, len(ids) - n + 1)
+        windows += starts
+        found += sum(reach >= n for reach in longest_matches(index.search, ids)[:starts])
+    return {"windows": windows, "found": found, "share": found / windows if windows else None, "tokens": n}
 
 
 def traced(index: Any, tok: Any, texts: list[str]) -> list[list[dict[str, Any]]]:

@@ -178,10 +178,7 @@ def trace(index: TraceIndex, tok: Tokenizer, ids: list[int], *, min_tokens: int 
     for score, left, right in sorted(kept, key=lambda x: x[1]):
         found = search.find(input_ids=ids[left:right])
         span = Span(left, right, tok.decode(ids[left:right]), found["cnt"], score)
-        ranks = [(s, r) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
-        if len(ranks) > documents:
-            ranks = random.Random(42).sample(ranks, documents)
-        for s, rank in sorted(ranks):
+        for s, rank in _occurrences(found["segment_by_shard"], documents):
             doc = search.get_doc_by_rank_2(s=s, rank=rank, needle_len=right - left, max_ctx_len=SNIPPET_TOKENS)
             meta = json.loads(doc["metadata"]) if doc["metadata"] else {}
             window, at = doc["token_ids"], doc["needle_offset"]
@@ -190,6 +187,19 @@ def trace(index: TraceIndex, tok: Tokenizer, ids: list[int], *, min_tokens: int 
             span.documents.append(Document(doc["doc_ix"], meta.get("stage", ""), meta.get("id", ""),
                                            meta.get("source", ""), meta.get("license", ""), snippet))  # fmt: skip
         out.append(span)
+    return out
+
+
+def _occurrences(segments: list[tuple[int, int]], documents: int) -> list[tuple[int, int]]:
+    """(shard, rank) of every occurrence `find` returned, in order, or `documents` of them drawn with seed 42 when
+    there are more, without listing the others (a common span occurs up to MAX_COUNT times)."""
+    sizes = [hi - lo for lo, hi in segments]
+    every = range(sum(sizes))
+    picks = every if len(every) <= documents else sorted(random.Random(42).sample(every, documents))
+    out, starts = [], np.cumsum([0, *sizes])
+    for k in picks:
+        s = int(np.searchsorted(starts, k, side="right")) - 1
+        out.append((s, segments[s][0] + k - int(starts[s])))
     return out
 
 
