@@ -124,7 +124,7 @@ def test_the_kept_spans_are_the_rarest_and_carry_their_documents(tmp_path, chat_
 def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, monkeypatch):
     from conftest import write_tiny_recipe
 
-    from clearlm.errors import InputError, RecipeError
+    from clearlm.errors import InputError
     from clearlm.pipeline import Pipeline
     from clearlm.recipe import load_recipe
     from clearlm.release.verify import verify_release
@@ -182,10 +182,6 @@ def test_a_release_with_a_trace_index_is_traced_from_the_command_line(tmp_path, 
     (tmp_path / "bare" / "tokenizer.json").write_bytes((release / "tokenizer.json").read_bytes())
     missing = subprocess.run([*command[:-1], str(tmp_path / "bare"), "text"], capture_output=True, text=True)
     assert missing.returncode == 2 and "no trace index here" in missing.stderr and missing.stderr.count("\n") == 1
-    folder_only = tmp_path / "post.toml"
-    folder_only.write_text('name = "p"\n[sft]\nbase = "m"\ndata = [{ path = "c.jsonl" }]\n[release]\ntrace_index = 1\n')
-    with pytest.raises(RecipeError, match=r"release\.trace_index: this recipe trains on no corpus of its own"):
-        Pipeline(load_recipe(str(folder_only)), tmp_path / "p").stages()
 
 
 def test_extractable_memorization_finds_a_planted_document_and_not_an_unseen_one(tmp_path):
@@ -213,8 +209,10 @@ def test_extractable_memorization_finds_a_planted_document_and_not_an_unseen_one
     spans = [(0, 64, "planted", "web"), (64, 74, "short", "web"), (74, 138, "unseen", "code")]
     (tmp_path / "train.docs.jsonl").write_text("".join(json.dumps({"id": i, "source": s, "start": a, "end": b}) + "\n"
                                                        for a, b, i, s in spans))  # fmt: skip
-    sampled = sample_documents(tmp_path, "uint16", 5, seed=1)
+    sampled = sample_documents(tmp_path, "train", "uint16", 5, seed=1)
     assert [(d[1], d[0]) for d in sampled] == [("planted", planted), ("unseen", unseen)]
+    assert [d[2] for d in sample_documents(tmp_path, "train", "uint16", 5, seed=1, stage="SFT")] == [
+        "web (SFT)", "code (SFT)"]  # fmt: skip
     text = "Mail ada@example.org or call (555) 123-4567 from 203.0.113.42. Nothing else."
     assert personal_data([text, "plain"]) == {"email": 1, "ip": 1, "phone": 1}
 
@@ -259,3 +257,87 @@ def _overlapped(traced: list[list[dict]]) -> int:
             hidden += s["end"] <= max(end, s["start"])
             end = max(end, s["end"])
     return hidden
+
+
+def _index_documents(folder: Path) -> list[tuple[list[int], dict]]:
+    """Every document of an index folder (its tokens between separators, its metadata line), read directly."""
+    info = json.loads((folder / "index.json").read_text())
+    tokens = np.fromfile(folder / "tokenized.0", dtype=np.dtype(info["token_dtype"]).newbyteorder("<"))
+    cuts = [*np.flatnonzero(tokens == np.iinfo(tokens.dtype).max).tolist(), len(tokens)]
+    metas = [json.loads(line) for line in (folder / "metadata.0").read_text().splitlines()]
+    return [(tokens[a + 1 : b].tolist(), m) for a, b, m in zip(cuts[:-1], cuts[1:], metas, strict=True)]
+
+
+@pytest.mark.slow
+def test_post_training_data_is_in_the_trace_index_with_its_file_line_and_licence(tmp_path):
+    """SFT examples (as truncated), DPO pairs trained on (prompt with chosen, with rejected; not the held-out ones) and
+    RL prompts trained on are indexed with their file and line, licence and stage; a span of an SFT answer is traced to
+    its row. The model is an outside folder, so the index holds the post-training data only and the card says so."""
+    from conftest import write_outside_llama
+
+    from clearlm.data.chat import ChatTemplate, encode_prompt, parse_preference_row, parse_sft_row, tokenize_pair
+    from clearlm.data.chat import tokenize_sft as sft_ids
+    from clearlm.pipeline import Pipeline
+    from clearlm.recipe import load_recipe
+    from clearlm.release.load import load_release
+
+    folder = write_outside_llama(tmp_path / "outside")
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
+    chats = [{"messages": [{"role": "user", "content": f"Say {w}."},
+                           {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(12))}]}
+             for w in words * 2]  # fmt: skip
+    chats.insert(2, {"messages": [{"role": "user", "content": "no answer"}]})  # line 3: a bad row, not indexed
+    pairs = [{"prompt": f"Name {w} {i}.", "chosen": f" {w} {w}", "rejected": f" {w}"} for i, w in enumerate(words * 2)]
+    prompts = [{"prompt": [{"role": "user", "content": f"Write {w}."}]} for w in words]
+    for name, rows in (("chat", chats), ("pairs", pairs), ("prompts", prompts)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.toml").write_text(
+        f'name = "x"\n[sft]\nbase = "{folder}"\ndata = [{{ path = "chat.jsonl", license = "CC0-1.0" }}]\nepochs = 1\n'
+        '[dpo]\ndata = [{ path = "pairs.jsonl", license = "CC-BY-4.0" }]\nheld_out_fraction = 0.25\n'
+        '[rlvr]\ndata = [{ path = "prompts.jsonl", license = "MIT" }]\nmax_steps = 1\nnum_generations = 2\n'
+        'prompts_per_step = 2\nmax_completion_length = 4\nheld_out_fraction = 0.25\n'
+        '[[rlvr.verifiers]]\nname = "python_parses"\n[release]\ntrace_index = true\n')  # fmt: skip
+    pipe = Pipeline(load_recipe(tmp_path / "r.toml"), tmp_path / "runs")
+    assert "trace" in pipe.stages() and "shards" not in pipe.stages()
+    release = pipe.run("release").path
+    docs = _index_documents(release / "trace")
+    by_stage: dict[str, list] = {}
+    for ids, meta in docs:
+        by_stage.setdefault(meta["stage"], []).append((ids, meta))
+    assert list(by_stage) == ["SFT", "DPO", "RL prompts"]
+    info = json.loads((release / "trace" / "index.json").read_text())
+    assert {s: c["documents"] for s, c in info["stages"].items()} == {s: len(d) for s, d in by_stage.items()}
+    _, tok, _ = load_release(release)
+    template, context = ChatTemplate(), 64
+    lines = (tmp_path / "chat.jsonl").read_text().splitlines()
+    assert [m["id"] for _, m in by_stage["SFT"]] == [f"chat.jsonl:{n}" for n in range(1, len(lines) + 1) if n != 3]
+    for ids, meta in by_stage["SFT"]:
+        assert meta["source"] == "chat.jsonl" and meta["license"] == "CC0-1.0"
+        row = json.loads(lines[int(meta["id"].split(":")[1]) - 1])
+        assert ids == sft_ids(tok, template, parse_sft_row(row))[0][:context]
+    pair_lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    dpo = by_stage["DPO"]
+    assert [m["part"] for _, m in dpo] == ["chosen", "rejected"] * (len(dpo) // 2)
+    assert 0 < len(dpo) // 2 < len(pairs)  # the held-out pairs are not trained on
+    assert len(dpo) // 2 == pipe.run("dpo").metrics["counts"]["pairs"]
+    for ids, meta in dpo:
+        assert meta["license"] == "CC-BY-4.0"
+        prompt, chosen, rejected = tokenize_pair(tok, template, parse_preference_row(
+            json.loads(pair_lines[int(meta["id"].split(":")[1]) - 1])))  # fmt: skip
+        assert ids == prompt + (chosen if meta["part"] == "chosen" else rejected)
+    rl = by_stage["RL prompts"]
+    assert 0 < len(rl) < len(prompts) and all(m["license"] == "MIT" for _, m in rl)
+    prompt_lines = (tmp_path / "prompts.jsonl").read_text().splitlines()
+    for ids, meta in rl:
+        row = json.loads(prompt_lines[int(meta["id"].split(":")[1]) - 1])
+        assert ids == encode_prompt(tok, template, row["prompt"])
+    card = (release / "README.md").read_text()
+    assert f"SFT {len(by_stage['SFT'])} documents" in card and "not the base model's own training data" in card
+    answer = json.loads(lines[5])["messages"][1]["content"]
+    out = subprocess.run([sys.executable, "-m", "clearlm", "trace", str(release), answer, "--json",
+                          str(tmp_path / "t.json"), "--min-tokens", "4"], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    spans = json.loads((tmp_path / "t.json").read_text())[0]["spans"]
+    assert any(d["id"] == "chat.jsonl:6" and d["stage"] == "SFT" and d["license"] == "CC0-1.0"
+               for s in spans for d in s["documents"])  # fmt: skip

@@ -166,13 +166,10 @@ def _eval_needs(recipe: Recipe) -> tuple[str, ...]:
 
 
 def _trace_needs(recipe: Recipe) -> tuple[str, ...]:
-    """The corpora the released model was trained on: pretraining's shards, mid-training's."""
+    """Every stage behind the released model that trained on data: the corpora (pretraining's and mid-training's
+    token shards) and the post-training stages (their trained sequences)."""
     graph = resolve(recipe, [final_model(recipe)])
-    corpora = tuple(name for name in ("shards", "mid_shards") if name in graph)
-    if not corpora:
-        raise RecipeError("release.trace_index: this recipe trains on no corpus of its own (it post-trains a model "
-                          "folder), so there is nothing to index; set release.trace_index = false")  # fmt: skip
-    return corpora
+    return tuple(name for name in ("shards", "mid_shards", "sft", "dpo", "rlvr") if name in graph)
 
 
 def _release_needs(recipe: Recipe) -> tuple[str, ...]:

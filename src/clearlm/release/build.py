@@ -49,9 +49,10 @@ from clearlm.recipe import LoadedRecipe, Recipe
 from clearlm.release.card import model_card
 from clearlm.release.openness import card_section, mot_yaml, openness_report, release_components
 from clearlm.release.report import technical_report
-from clearlm.stages import StageRun, final_model, outside_base, post_training, spec
+from clearlm.stages import StageRun, final_model, outside_base, post_training, resolve, spec
 from clearlm.trace import memorization
 from clearlm.trace.contamination import contamination
+from clearlm.trace.index import training_sets
 from clearlm.trace.query import open_index
 
 _NOT_PACKAGES = {"python", "platform", "machine", "cpu_count"}
@@ -222,25 +223,27 @@ def _write_data(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Path)
             _compress(loaded.base_dir / item.path, out / "data" / "post_training" / stage / f"{name}.zst")
 
 
-def _memorization(seed: int, artifacts: dict[str, Artifact], model: Any, tok: Any, generations: list[dict[str, Any]],
-                  out: Path) -> dict[str, Any]:  # fmt: skip
-    """k-extractable memorization on pretraining documents, personal-data patterns in the generations and, from the
-    trace index (when the release has one and infini-gram is installed), the generations' spans found in the training
-    data and the evaluated items' 13-gram overlap with it."""
-    shards = artifacts.get("shards")
+def _memorization(recipe: Recipe, artifacts: dict[str, Artifact], model: Any, tok: Any,
+                  generations: list[dict[str, Any]], out: Path) -> dict[str, Any]:  # fmt: skip
+    """k-extractable memorization on documents of each training stage behind the model, personal-data patterns in the
+    generations and, from the trace index (when the release has one and infini-gram is installed), what it covers,
+    the generations' spans found in the training data and the evaluated items' 13-gram overlap with it."""
     fits = model.cfg.context >= memorization.PREFIX + memorization.SUFFIX  # a prompt and its continuation
-    documents = (memorization.sample_documents(shards.path, shards.metrics["dtype"], memorization.DOCUMENTS, seed)
-                 if shards and fits else [])  # fmt: skip
+    behind = {name: artifacts[name] for name in resolve(recipe, [final_model(recipe)]) if name in artifacts}
+    documents = [doc for stage, folder, stem, dtype, _ in training_sets(behind) if fits
+                 for doc in memorization.sample_documents(folder, stem, dtype, memorization.DOCUMENTS, recipe.seed,
+                                                          stage)]  # fmt: skip
     texts = [g["completion"] for g in generations]
-    spans, contaminated, traced = None, {}, []
+    spans, contaminated, traced, covered = None, {}, [], None
     if (out / "trace" / "index.json").is_file():
+        covered = json.loads((out / "trace" / "index.json").read_text())["stages"]
         with contextlib.suppress(InputError):  # infini-gram not installed: the index is there, the figures are not
             index = open_index(out / "trace")
             spans = memorization.verbatim_spans(index, [tok.encode(t, add_special_tokens=False).ids for t in texts])
             traced = memorization.traced(index, tok, texts)
             if (samples := artifacts["eval"].path / "samples.jsonl").is_file():
                 contaminated = contamination(index, tok, samples)
-    return {"extractable": memorization.extractable(model, documents) if documents else None,
+    return {"trace_index": covered, "extractable": memorization.extractable(model, documents) if documents else None,
             "generation_spans": spans, "personal_data_in_generations": memorization.personal_data(texts),
             "contamination": contaminated, "traced_generations": traced}  # fmt: skip
 
@@ -281,7 +284,7 @@ def build_release(loaded: LoadedRecipe, artifacts: dict[str, Artifact], out: Pat
     generations = _generations(model, tok, eos_id, data.path / "validation.jsonl" if data else None)
     with open(out / "eval" / "generations.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
-    memorized = _memorization(recipe.seed, artifacts, model, tok, generations, out)
+    memorized = _memorization(recipe, artifacts, model, tok, generations, out)
     _dump(out / "eval" / "memorization.json", memorized)
     train = artifacts.get("train")
     ctx = {

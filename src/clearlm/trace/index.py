@@ -1,5 +1,6 @@
-"""The trace index: every document of the training corpora (pretraining's and mid-training's token shards) with its
-stage, id, source and licence, in infini-gram's on-disk format (version 4), so that infini-gram's engine, and
+"""The trace index: every document of the training corpora (pretraining's and mid-training's token shards) and every
+sequence post-training trained on (SFT examples, DPO pairs' chosen and rejected sequences, RL prompts: `trained.py`),
+with its stage, id, source and licence, in infini-gram's on-disk format (version 4), so that infini-gram's engine, and
 OLMoTrace's span finder (`attribute`), query it unchanged.
 
 The files, as infini-gram's indexer writes them: `tokenized.0` (each document as a separator, the all-ones token,
@@ -22,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from clearlm.artifacts import Artifact
 from clearlm.errors import ArtifactError
 from clearlm.stages import StageRun
+from clearlm.train.trained import DTYPE, STEM
 
 INDEX_FILES = ("tokenized.0", "offset.0", "metadata.0", "metaoff.0", "table.0")
 CORPORA = {"shards": "pretraining", "mid_shards": "mid-training"}  # the corpus stages indexed, and their names
+POST_TRAINING = {"sft": "SFT", "dpo": "DPO", "rlvr": "RL prompts"}  # the post-training stages, and their names
 
 
 def index_dtype(max_token_id: int) -> np.dtype:
@@ -60,31 +64,41 @@ def write_index(documents: list[tuple[np.ndarray, dict[str, Any]]], dtype: np.dt
             "token_dtype": dtype.name}  # fmt: skip
 
 
-def corpus_documents(shards: Path, dtype: str, stage: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-    """A shards folder's training documents as trained on (their end-of-text token included), with provenance."""
-    tokens = np.memmap(shards / "train.bin", dtype=np.dtype(dtype), mode="r")
-    with open(shards / "train.docs.jsonl", encoding="utf-8") as spans:
+def corpus_documents(folder: Path, stem: str, dtype: str, stage: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """The documents of `folder`'s `stem`.bin and `stem`.docs.jsonl as trained on (a corpus document's end-of-text
+    token included), with their provenance."""
+    tokens = np.memmap(folder / f"{stem}.bin", dtype=np.dtype(dtype), mode="r")
+    with open(folder / f"{stem}.docs.jsonl", encoding="utf-8") as spans:
         for line in spans:
             doc = json.loads(line)
-            meta = {"stage": stage, "id": doc["id"], "source": doc["source"], "license": doc["license"]}
+            meta = {"stage": stage, **{k: v for k, v in doc.items() if k not in ("start", "end")}}
             yield np.asarray(tokens[doc["start"] : doc["end"]]), meta
 
 
+def training_sets(artifacts: dict[str, Artifact]) -> Iterator[tuple[str, Path, str, str, int]]:
+    """(stage, folder, file stem, token dtype, end-of-text id) of each set of trained tokens among `artifacts`: the
+    corpora's training splits, the post-training stages' trained sequences, in training order."""
+    for name, stage in {**CORPORA, **POST_TRAINING}.items():
+        if name in artifacts:
+            path, m = artifacts[name].path, artifacts[name].metrics
+            if name in CORPORA:
+                yield stage, path, "train", m["dtype"], int(m["eos_id"])
+            else:
+                yield stage, path, STEM, DTYPE, int(m["trained"]["eos_id"])
+
+
 def build_stage(run: StageRun, out: Path) -> dict[str, Any]:
-    """The `trace` stage: the index of every corpus the released model was trained on."""
-    documents, per_stage, top = [], {}, 0
-    for name, stage in CORPORA.items():
-        if name not in run.inputs:
-            continue
-        art = run.inputs[name]
-        docs = list(corpus_documents(art.path, art.metrics["dtype"], stage))
+    """The `trace` stage: the index of everything the released model was trained on."""
+    documents, per_stage, eos, top = [], {}, set(), 0
+    for stage, folder, stem, dtype, eos_id in training_sets(run.inputs):
+        docs = list(corpus_documents(folder, stem, dtype, stage))
         per_stage[stage] = {"documents": len(docs), "tokens": int(sum(len(ids) for ids, _ in docs))}
         top = max([top, *(int(ids.max()) for ids, _ in docs if len(ids))])
         documents += docs
+        eos.add(eos_id)
     if not documents:
         raise ArtifactError("the trace index has no training documents to index")
     size = write_index(documents, index_dtype(top), out)
-    eos = {int(run.inputs[name].metrics["eos_id"]) for name in CORPORA if name in run.inputs}
     info = {**size, "eos_id": min(eos), "stages": per_stage}
     (out / "index.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -19,17 +19,20 @@ from clearlm.data.pii import PATTERNS
 from clearlm.trace import contamination
 
 PREFIX = SUFFIX = 32  # tokens: the paper's k = 32 and its 32-token continuation
-DOCUMENTS = 100  # training documents sampled per release
+DOCUMENTS = 100  # training documents sampled per training stage
 
 
-def sample_documents(shards: Path, dtype: str, n: int, seed: int) -> list[tuple[list[int], str, str]]:
-    """Up to `n` training documents long enough for a prefix and a continuation, drawn with `seed`: (tokens, id,
-    source)."""
-    tokens = np.memmap(shards / "train.bin", dtype=np.dtype(dtype), mode="r")
-    spans = [json.loads(line) for line in (shards / "train.docs.jsonl").read_text(encoding="utf-8").splitlines()]
+def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, stage: str = "pretraining"
+                     ) -> list[tuple[list[int], str, str]]:  # fmt: skip
+    """Up to `n` of the documents in `folder`'s `stem`.bin (a corpus's training split, a post-training stage's
+    trained sequences) long enough for a prefix and a continuation, drawn with `seed`: (tokens, id, source; a
+    source of a stage after pretraining is named with its stage)."""
+    tokens = np.memmap(folder / f"{stem}.bin", dtype=np.dtype(dtype), mode="r")
+    spans = [json.loads(line) for line in (folder / f"{stem}.docs.jsonl").read_text(encoding="utf-8").splitlines()]
     long = [s for s in spans if s["end"] - s["start"] >= PREFIX + SUFFIX]
     chosen = np.random.default_rng(seed).permutation(len(long))[:n]
-    return [(tokens[s["start"] : s["start"] + PREFIX + SUFFIX].tolist(), s["id"], s["source"])
+    return [(tokens[s["start"] : s["start"] + PREFIX + SUFFIX].tolist(), s["id"],
+             s["source"] if stage == "pretraining" else f"{s['source']} ({stage})")
             for s in (long[i] for i in sorted(chosen))]  # fmt: skip
 
 
@@ -87,9 +90,15 @@ def personal_data(texts: list[str]) -> dict[str, int]:
 def card_lines(m: dict[str, Any]) -> list[str]:
     ext = m["extractable"]
     lines = ["## Memorization and leakage", ""]
+    if covered := m.get("trace_index"):
+        held = ", ".join(f"{stage} {c['documents']:,} documents ({c['tokens']:,} tokens)"
+                         for stage, c in covered.items())  # fmt: skip
+        outside = "" if "pretraining" in covered else "; not the base model's own training data"
+        lines.append(f"- The trace index (`trace/`; `clearlm trace RELEASE TEXT` finds a text's spans in it) holds "
+                     f"what this model was trained on: {held}{outside}.")  # fmt: skip
     if not ext:
-        lines.append(f"- k-extractable memorization: not measured (no pretraining corpus in this run, or a context "
-                     f"shorter than {PREFIX + SUFFIX} tokens).")  # fmt: skip
+        lines.append(f"- k-extractable memorization: not measured (no training document of {PREFIX + SUFFIX} tokens "
+                     "or more in this run, or a context shorter than that).")  # fmt: skip
     else:
         per = ", ".join(f"{s} {c['extracted']}/{c['documents']}" for s, c in ext["per_source"].items())
         lines.append(f"- k-extractable memorization (Carlini et al., k = {ext['prefix_tokens']}): "

@@ -32,6 +32,7 @@ from clearlm.stages import StageRun
 from clearlm.train.logps import answer_logps
 from clearlm.train.post_setup import base_model, licences, stage_start
 from clearlm.train.posttrain import run_steps
+from clearlm.train.trained import write_trained
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    row: int | None = None  # its place among the stage's rows, for its provenance
 
 
 def truncate(pairs: list[TokenizedPair], max_length: int) -> tuple[list[TokenizedPair], dict[str, int]]:
@@ -51,7 +53,7 @@ def truncate(pairs: list[TokenizedPair], max_length: int) -> tuple[list[Tokenize
         room = max_length - len(p.prompt)
         if len(p.chosen) > room or len(p.rejected) > room:
             counts["truncated"] += 1
-        out.append(TokenizedPair(p.prompt, p.chosen[:room], p.rejected[:room]))
+        out.append(TokenizedPair(p.prompt, p.chosen[:room], p.rejected[:room], p.row))
         counts["pairs"] += 1
     return out, counts
 
@@ -199,9 +201,10 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `[dpo]` stage: preference tuning of its base against a reference whose log-probabilities are computed
     once; None when `stop_after` stopped it."""
     cfg, tok_cfg = run.recipe.dpo, run.recipe.tokenizer
-    model, tok, pairs, bad = stage_start(run, "dpo", read_pair_file, stdlib_function_pairs, cfg.builtin_pairs, out)
+    model, tok, pairs, origins, bad = stage_start(run, "dpo", read_pair_file, stdlib_function_pairs,
+                                                  cfg.builtin_pairs, out)  # fmt: skip
     template = ChatTemplate(eos_token=tok_cfg.eos_token)
-    tokenized = [(p, TokenizedPair(*tokenize_pair(tok, template, p))) for p in pairs]
+    tokenized = [(p, TokenizedPair(*tokenize_pair(tok, template, p), row=i)) for i, p in enumerate(pairs)]
     empty = sum(1 for _, t in tokenized if not t.prompt)
     train_pairs, held = split_held_out([(p, t) for p, t in tokenized if t.prompt], cfg.held_out_fraction)
     max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
@@ -217,5 +220,8 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     after = preference_accuracy(model, held, pad_id)
     save_model(model, out)
     tok.save(str(out / "tokenizer.json"))
+    sequences = ((p.prompt + answer, {**origins[p.row], "part": part})
+                 for p in train_pairs for part, answer in (("chosen", p.chosen), ("rejected", p.rejected)))  # fmt: skip
+    trained = write_trained(out, sequences, tok.token_to_id(tok_cfg.eos_token))
     return {**metrics, "counts": counts, "bad_rows": bad, "held_out_before": before, "held_out_after": after,
-            "licenses": licences(cfg)}  # fmt: skip
+            "licenses": licences(cfg), "trained": trained}  # fmt: skip

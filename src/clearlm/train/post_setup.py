@@ -1,4 +1,4 @@
-"""Where SFT and DPO (and mid-training from a folder) start: the model and tokenizer (an earlier stage's, or a
+"""Where SFT, DPO and RLVR (and mid-training from a folder) start: the model and tokenizer (an earlier stage's, or a
 model folder's with the chat tokens added), and their data rows, bad ones counted and listed."""
 
 from __future__ import annotations
@@ -19,25 +19,30 @@ from clearlm.errors import RecipeError
 from clearlm.eval.results import write_samples
 from clearlm.model.transformer import Transformer
 from clearlm.model.weights import load_model
-from clearlm.recipe import DPOConfig, RLVRConfig, SFTConfig, TokenizerConfig
+from clearlm.recipe import ChatDataConfig, DPOConfig, PromptDataConfig, RLVRConfig, SFTConfig, TokenizerConfig
 from clearlm.release.load import load_release
 from clearlm.stages import StageRun, base_stage
+from clearlm.train.trained import origin
 
 _FIELD_PREFIX = re.compile(r"^\w+(\[\d+\])?: ")  # "messages[2]: role must be ..." counts as "role must be ..."
 
 
-def read_rows(files: list[Path], reader: Callable[[Path], Any], out: Path) -> tuple[list[Any], dict[str, int]]:
-    """Good rows of every file; bad ones go to `out/rejects.jsonl` with file, line and reason, and are counted."""
-    rows, bad, rejects = [], Counter(), []
-    for file in files:
+def read_rows(
+    data: list[tuple[ChatDataConfig | PromptDataConfig, Path]], reader: Callable[[Path], Any], out: Path
+) -> tuple[list[Any], list[dict[str, str]], dict[str, int]]:  # fmt: skip
+    """Good rows of every (recipe entry, file) and where each came from; bad ones go to `out/rejects.jsonl` with file,
+    line and reason, and are counted."""
+    rows, origins, bad, rejects = [], [], Counter(), []
+    for entry, file in data:
         for where, row in reader(file):
             if isinstance(row, BadRow):
                 bad[_FIELD_PREFIX.sub("", str(row))] += 1
                 rejects.append({"where": where, "reason": str(row)})
             else:
                 rows.append(row)
+                origins.append(origin(entry.path, entry.license, where.removeprefix(str(file))))
     write_samples(out / "rejects.jsonl", rejects)
-    return rows, dict(bad)
+    return rows, origins, dict(bad)
 
 
 def licences(cfg: SFTConfig | DPOConfig | RLVRConfig) -> dict[str, str]:
@@ -81,13 +86,16 @@ def starting_model(run: StageRun, section: str) -> tuple[Transformer, Tokenizer]
 def stage_start(
     run: StageRun, section: str, reader: Callable[[Path], Any], builtin: Callable[[Path, int], list[Any]],
     builtin_count: int, out: Path,
-) -> tuple[Transformer, Tokenizer, list[Any], dict[str, int]]:  # fmt: skip
-    """What an SFT or DPO stage starts from: its model and tokenizer, and its rows (the built-in set made from the
-    corpus first, when the recipe asks for it), bad rows counted and listed in `out/rejects.jsonl`."""
+) -> tuple[Transformer, Tokenizer, list[Any], list[dict[str, str]], dict[str, int]]:  # fmt: skip
+    """What a post-training stage starts from: its model and tokenizer, its rows (the built-in set made from the
+    corpus first, when the recipe asks for it) and where each came from, bad rows counted and listed in
+    `out/rejects.jsonl`."""
     cfg = getattr(run.recipe, section)
     model, tok = starting_model(run, section)
     files, _ = post_training_sources(cfg, run.base_dir, run.recipe.tokenizer)
-    rows, bad = read_rows(files, reader, out)
+    rows, origins, bad = read_rows(list(zip(cfg.data, files, strict=True)), reader, out)
     if cfg.builtin:
-        rows = builtin(run.inputs["data"].path / "train.jsonl", builtin_count) + rows
-    return model, tok, rows, bad
+        made = builtin(run.inputs["data"].path / "train.jsonl", builtin_count)
+        rows = made + rows
+        origins = [origin(cfg.builtin, INSTRUCTIONS_LICENSE, f":{i}") for i in range(1, len(made) + 1)] + origins
+    return model, tok, rows, origins, bad

@@ -32,7 +32,6 @@ from clearlm.data.chat import ChatTemplate, encode_prompt
 from clearlm.data.documents import hold_out
 from clearlm.data.instructions import stdlib_function_prompts
 from clearlm.data.prompts import read_prompts
-from clearlm.data.sources import post_training_sources
 from clearlm.errors import TrainingError
 from clearlm.eval.results import write_samples
 from clearlm.model.generate import Completion, Sampling, generate
@@ -45,8 +44,9 @@ from clearlm.train.grpo import Advantages, LossSettings, advantages, nanstd, pol
 from clearlm.train.guard import LossGuard
 from clearlm.train.loop import clip_gradients, read_log, truncate_log
 from clearlm.train.optim import build_optimizer
-from clearlm.train.post_setup import licences, read_rows, starting_model
+from clearlm.train.post_setup import licences, stage_start
 from clearlm.train.posttrain import lr_at
+from clearlm.train.trained import write_trained
 from clearlm.verifiers import Verifier, load, score
 
 
@@ -54,6 +54,7 @@ from clearlm.verifiers import Verifier, load, score
 class Prompt:
     row: dict[str, Any]  # as given: `prompt` (text or messages) and the verifiers' fields
     ids: list[int]
+    index: int  # its place among the stage's rows, for its provenance
 
 
 @dataclass
@@ -124,14 +125,14 @@ def prepare_prompts(rows: list[dict[str, Any]], tok: Tokenizer, template: ChatTe
                     ) -> tuple[list[Prompt], Counter[str]]:  # fmt: skip
     """Tokenized prompts; those that leave no room for a completion in the context are dropped and counted."""
     kept, counts = [], Counter()
-    for row in rows:
+    for index, row in enumerate(rows):
         ids = encode_prompt(tok, template, row["prompt"])
         if not ids:
             counts["dropped: empty prompt"] += 1
         elif len(ids) > room:
             counts["dropped: prompt longer than the context less max_completion_length"] += 1
         else:
-            kept.append(Prompt(row, ids))
+            kept.append(Prompt(row, ids, index))
     counts["prompts"] = len(kept)
     return kept, counts
 
@@ -293,11 +294,8 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `[rlvr]` stage: GRPO from its base on its prompts, rewarded by its verifiers; None when `stop_after`
     stopped it (continue with `resume`)."""
     cfg, tok_cfg = run.recipe.rlvr, run.recipe.tokenizer
-    model, tok = starting_model(run, "rlvr")
-    files, _ = post_training_sources(cfg, run.base_dir, tok_cfg)
-    rows, bad = read_rows(files, read_prompts, out)
-    if cfg.builtin:
-        rows = stdlib_function_prompts(run.inputs["data"].path / "train.jsonl", cfg.builtin_prompts) + rows
+    model, tok, rows, origins, bad = stage_start(run, "rlvr", read_prompts, stdlib_function_prompts,
+                                                 cfg.builtin_prompts, out)  # fmt: skip
     verifiers = [load(v.name, v.weight, v.function, run.base_dir) for v in cfg.verifiers]
     room = model.cfg.context - cfg.max_completion_length
     if room < 1:
@@ -321,8 +319,10 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     after = held_out_reward(model, held, verifiers, sample)
     save_model(model, out)
     tok.save(str(out / "tokenizer.json"))
+    trained = write_trained(out, ((p.ids, origins[p.index]) for p in train), eos_id)
     return {**metrics, "counts": dict(counts), "bad_rows": bad, "held_out_before": before, "held_out_after": after,
-            "verifiers": {v.name: v.weight for v in verifiers}, "licenses": licences(cfg)}  # fmt: skip
+            "verifiers": {v.name: v.weight for v in verifiers}, "licenses": licences(cfg),
+            "trained": trained}  # fmt: skip
 
 
 def card_lines(recipe: dict[str, Any], m: dict[str, Any]) -> list[str]:

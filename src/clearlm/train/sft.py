@@ -28,14 +28,22 @@ from clearlm.recipe import SFTConfig
 from clearlm.stages import StageRun
 from clearlm.train.post_setup import licences, stage_start
 from clearlm.train.posttrain import run_steps
+from clearlm.train.trained import write_trained
 
 
 @dataclass(frozen=True)
 class Tokenized:
-    """Model input (ids without the last token) and targets (labels shifted by one)."""
+    """An example's ids (as trained: truncated) and targets (labels shifted by one); `row` is its place among the
+    stage's rows."""
 
-    inputs: list[int]
+    ids: list[int]
     targets: list[int]
+    row: int
+
+    @property
+    def inputs(self) -> list[int]:
+        """What the model reads: the ids without the last one."""
+        return self.ids[:-1]
 
     @property
     def trained(self) -> int:
@@ -58,12 +66,12 @@ def prepare(examples: Iterable[Example], tok: Tokenizer, template: ChatTemplate,
     """Tokenise and keep the first `max_length` tokens (TRL's keep_start); examples left with no trained
     token are dropped. The counts say how many were truncated or dropped, so nothing is silent."""
     out, counts = [], Counter()
-    for example in examples:
+    for row, example in enumerate(examples):
         ids, labels = tokenize_sft(tok, template, example)
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
             counts["truncated"] += 1
-        item = Tokenized(ids[:-1], labels[1:])
+        item = Tokenized(ids, labels[1:], row)
         if item.trained == 0:
             counts["dropped: no trained token within max_length"] += 1
             continue
@@ -156,7 +164,8 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     """The `[sft]` stage: its chat data (and the built-in set made from the corpus), fine-tuned from its base;
     None when `stop_after` stopped it (continue with `resume`)."""
     cfg, tok_cfg = run.recipe.sft, run.recipe.tokenizer
-    model, tok, examples, bad = stage_start(run, "sft", read_sft, stdlib_function_examples, cfg.builtin_examples, out)
+    model, tok, examples, origins, bad = stage_start(run, "sft", read_sft, stdlib_function_examples,
+                                                     cfg.builtin_examples, out)  # fmt: skip
     max_length = min(cfg.max_length or model.cfg.context, model.cfg.context)
     items, counts = prepare(examples, tok, ChatTemplate(eos_token=tok_cfg.eos_token), max_length)
     metrics = train_sft(model, items, cfg, run.recipe.seed, tok.token_to_id(tok_cfg.pad_token), out,
@@ -165,4 +174,5 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
         return None
     save_model(model, out)
     tok.save(str(out / "tokenizer.json"))
-    return {**metrics, "counts": dict(counts), "bad_rows": bad, "licenses": licences(cfg)}
+    trained = write_trained(out, ((i.ids, origins[i.row]) for i in items), tok.token_to_id(tok_cfg.eos_token))
+    return {**metrics, "counts": dict(counts), "bad_rows": bad, "licenses": licences(cfg), "trained": trained}
