@@ -139,3 +139,37 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == grads[1][0]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"architecture": "olmo2", "n_kv_heads": 2}])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_prompt_run_once_for_its_completions_gives_each_rows_values_and_gradients(kw, checkpointed):
+    """GRPO's loss pass runs a prompt once for its group of completions (`share_prompts`): every completion token's
+    log-probability, and the weights' gradients, equal those of each row run on its own, padding, an empty
+    completion, a one-token one and a prompt of its own included."""
+    from clearlm.train.logps import answer_logps
+
+    model = _model(**kw).train()
+    model.checkpoint_blocks = checkpointed
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, 300, (n,), generator=gen).tolist()
+
+    first, second = ids(9), ids(4)
+    prompts = [first] * 4 + [second] * 3 + [ids(6)]
+    answers = [ids(12), ids(5), ids(1), ids(20), [], ids(7), ids(2), ids(3)]
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        picked, rows = answer_logps(model, prompts, answers, 0, 0.7, share_prompts=share)
+        (picked * torch.linspace(-1, 1, len(picked))).sum().backward()
+        results.append((picked.detach(), rows, [p.grad.clone() for p in model.parameters()]))
+    (a, rows_a, grads_a), (b, rows_b, grads_b) = results
+    assert len(a) == sum(map(len, answers)) and torch.equal(rows_a, rows_b)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert all((x - y).abs().max() <= 1e-5 * x.abs().max() for x, y in zip(grads_a, grads_b, strict=True))
+    prefix, rest = model.shared_prefix_states(torch.tensor(first), torch.tensor([ids(8), ids(8)]))
+    assert prefix.shape == (9, 64) and rest.shape == (2, 8, 64)
+    with pytest.raises(ValueError, match="exceeds the context of 48"):
+        model.shared_prefix_states(torch.tensor(ids(40)), torch.tensor([ids(9)]))

@@ -7,6 +7,7 @@ stream (a single integer) is the whole data-loader state, whatever the number of
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from itertools import islice
@@ -59,7 +60,9 @@ def write_shards(tok: Tokenizer, eos_id: int, data_dir: Path, out: Path) -> dict
                     per_source["tokens"] += len(ids)
                     total += len(ids)
                     offsets.append(total)
-        np.save(out / f"{split}.idx.npy", np.asarray(offsets, dtype=np.int64))
+        npy = io.BytesIO()  # written by Python, not numpy's tofile, whose full-disk error has no errno
+        np.save(npy, np.asarray(offsets, dtype=np.int64))
+        (out / f"{split}.idx.npy").write_bytes(npy.getvalue())
         metrics[split] = {
             "tokens": total,
             "documents": len(offsets) - 1,

@@ -137,6 +137,24 @@ def prefix_attention(
     return y.reshape(B, H, T, D)
 
 
+def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, rows: int, length: int
+                            ) -> torch.Tensor:  # fmt: skip
+    """Attention in a packed row [1, heads, prefix + rows x length, head_dim] that holds a prefix and then `rows`
+    continuations of it, each `length` tokens: the prefix attends causally to itself, each continuation to the
+    prefix and causally to its own tokens, as if each were in a row of its own after the prefix. Returns
+    [1, prefix + rows x length, heads x head_dim]."""
+    H, D = q.shape[1], q.shape[3]
+    pk, pv = k[:, :, :prefix], v[:, :, :prefix]
+    head = F.scaled_dot_product_attention(q[:, :, :prefix], pk, pv, is_causal=True, enable_gqa=True)
+
+    def each(t: torch.Tensor) -> torch.Tensor:  # [rows, heads, length, head_dim]
+        return t[0, :, prefix:].view(t.shape[1], rows, length, D).transpose(0, 1)
+
+    tail = prefix_attention(each(q), each(k), each(v), None, (pk, pv))
+    return torch.cat([head[0].transpose(0, 1).reshape(prefix, H * D),
+                      tail.transpose(1, 2).reshape(rows * length, H * D)])[None]  # fmt: skip
+
+
 class LayerCache:
     """One layer's state while a batch is generated: its keys and values, allocated once at the longest length they
     will reach, so that a step computes one new column instead of re-running the prefix; and its projections fused
@@ -201,6 +219,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        shared: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
         if cache is not None:
             return self.cached(x, cos, sin, mask, cache)
@@ -211,6 +230,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if shared is not None:
+            return self.o_proj(shared_prefix_attention(q, k, v, *shared))
         if self.kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
@@ -281,11 +302,12 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        shared: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
         if self.post_norm:
-            h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache, shared))
             return h + self.post_feedforward_layernorm(self.mlp(h, cache))
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, shared)
         return h + self.mlp(self.post_attention_layernorm(h), cache)
 
 
@@ -343,6 +365,24 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, mask)
         return self.norm(x)
+
+    def shared_prefix_states(self, prefix: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-norm hidden states of a prefix [prefix] and of continuations of it [rows, length], the prefix
+        computed once instead of once per row: the same as `hidden_states` of each row after the prefix (up to
+        rounding), for groups of completions of one prompt. Returns [prefix, d_model] and [rows, length, d_model]."""
+        P, (B, T) = len(prefix), rows.shape
+        if P + T > self.cfg.context:
+            raise ValueError(f"sequence of {P + T} tokens exceeds the context of {self.cfg.context}")
+        positions = torch.cat([torch.arange(P + T), torch.arange(P, P + T).repeat(B - 1)]).to(rows.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed_tokens(torch.cat([prefix, rows.reshape(-1)]))[None]
+        for block in self.layers:
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, None, None, (P, B, T), use_reentrant=False)
+            else:
+                x = block(x, cos, sin, shared=(P, B, T))
+        x = self.norm(x)[0]
+        return x[:P], x[P:].view(B, T, -1)
 
     @torch.no_grad()
     def fused_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

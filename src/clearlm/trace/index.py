@@ -59,7 +59,8 @@ def write_index(documents: list[tuple[np.ndarray, dict[str, Any]]], dtype: np.dt
     order = divsufsort(raw) if len(raw) else np.zeros(0, dtype=np.int64)
     order = order[order % dtype.itemsize == 0].astype("<u8")
     width = max(1, math.ceil(math.log2(position + 1) / 8))  # bytes a pointer takes
-    order.view(np.uint8).reshape(-1, 8)[:, :width].tofile(out / "table.0")
+    with open(out / "table.0", "wb") as table:  # Python's write, not numpy's tofile: a full disk reads as one
+        table.write(np.ascontiguousarray(order.view(np.uint8).reshape(-1, 8)[:, :width]).data)
     return {"documents": len(documents), "tokens": tokens, "bytes": position, "pointer_bytes": width,
             "token_dtype": dtype.name}  # fmt: skip
 

@@ -67,8 +67,9 @@ def advantages(per_verifier: torch.Tensor, weights: torch.Tensor, num_generation
 def token_logps(model: Transformer, prompts: list[list[int]], completions: list[list[int]], temperature: float,
                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Each completion token's log-probability under `model` at `temperature` (TRL divides the logits by the
-    sampling temperature), [batch, longest completion] with 0 past a completion's end, and the completions' mask."""
-    picked, _ = answer_logps(model, prompts, completions, pad_id, temperature)
+    sampling temperature), [batch, longest completion] with 0 past a completion's end, and the completions' mask.
+    A prompt is run once for its group of completions."""
+    picked, _ = answer_logps(model, prompts, completions, pad_id, temperature, share_prompts=True)
     mask = torch.zeros(len(completions), max(len(c) for c in completions))
     for row, completion in enumerate(completions):
         mask[row, : len(completion)] = 1.0

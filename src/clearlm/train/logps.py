@@ -25,14 +25,45 @@ def answer_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int)
     return idx, targets
 
 
+def shared_prompt_states(model: Transformer, prompts: list[list[int]], answers: list[list[int]], pad_id: int
+                         ) -> torch.Tensor:  # fmt: skip
+    """The hidden states that predict each answer token, flat in row-major order, with each distinct prompt run once
+    for all the rows that share it (`Transformer.shared_prefix_states`): the last prompt token's, then the answer's
+    own but its last."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(row)
+    states: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for prompt, rows in groups.items():
+        width = max(len(answers[r]) for r in rows) - 1
+        if width > 0:
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : max(0, len(answers[r]) - 1)] = torch.tensor(answers[r][:-1], dtype=torch.long)
+            head, tail = model.shared_prefix_states(torch.tensor(prompt), ids)
+        else:
+            head, tail = model.hidden_states(torch.tensor([prompt]))[0], None
+        for i, r in enumerate(rows):
+            n = len(answers[r])
+            states[r] = (head[-1:] if tail is None else torch.cat([head[-1:], tail[i, : max(0, n - 1)]]))[:n]
+    return torch.cat(states)
+
+
 def answer_logps(model: Transformer, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                 temperature: float = 1.0, *, share_prompts: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Each answer token's log-probability (the logits divided by `temperature`, as TRL's GRPO scores samples),
-    flat in row-major order (each row's answer in order), and the row each belongs to."""
-    idx, targets = answer_rows(prompts, answers, pad_id)
-    scored = targets != IGNORE_INDEX
-    logits = model.lm_head(model.hidden_states(idx)[scored]).float()
+    flat in row-major order (each row's answer in order), and the row each belongs to. `share_prompts` runs each
+    distinct prompt once for the rows that repeat it (GRPO's groups of completions) instead of once per row."""
+    if share_prompts:
+        hidden = shared_prompt_states(model, prompts, answers, pad_id)
+        targets = torch.tensor([t for a in answers for t in a], dtype=torch.long)
+        rows = torch.repeat_interleave(torch.tensor([len(a) for a in answers]))
+    else:
+        idx, padded = answer_rows(prompts, answers, pad_id)
+        scored = padded != IGNORE_INDEX
+        hidden, targets, rows = model.hidden_states(idx)[scored], padded[scored], scored.nonzero()[:, 0]
+    logits = model.lm_head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
-    picked = logits.log_softmax(-1).gather(1, targets[scored].unsqueeze(-1)).squeeze(-1)
-    return picked, scored.nonzero()[:, 0]
+    return logits.log_softmax(-1).gather(1, targets.unsqueeze(-1)).squeeze(-1), rows
