@@ -8,7 +8,7 @@ a reward function); `num_generations` completions of `--prompts` prompts per ste
 fresh process; prints steps/s, completion tokens/s (sampled tokens per second of whole steps: generation, reward and
 the optimizer step), the ratio and peak RSS.
 
-    python benchmarks/rlvr_vs_trl.py --steps 6
+    python benchmarks/rlvr_vs_trl.py --steps 16
 """
 
 from __future__ import annotations
@@ -32,9 +32,13 @@ def _setup(workdir: Path, n: int):
     return tok, model, stdlib_function_prompts(corpus, n)
 
 
+SCORED: list[list] = []  # the prompts TRL passes to the reward function, batch by batch
+
+
 def _parses(prompts, completions, **kw):
     from clearlm.verifiers.python_parses import verify
 
+    SCORED.append(prompts)
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return verify(texts, [{} for _ in texts])
 
@@ -49,7 +53,6 @@ def run(tool: str, steps: int, prompts: int, generations: int, length: int, work
     if tool == "trl":
         import datasets
         import trl
-        from torch.utils.data import SequentialSampler
 
         hf_model, hf_tok = hf_copy(tok, model, workdir / "hf")
         args = trl.GRPOConfig(
@@ -61,10 +64,12 @@ def run(tool: str, steps: int, prompts: int, generations: int, length: int, work
         trainer = trl.GRPOTrainer(model=hf_model, reward_funcs=[_parses], args=args,
                                   train_dataset=datasets.Dataset.from_list([{"prompt": r["prompt"]} for r in rows]),
                                   processing_class=hf_tok)  # fmt: skip
-        trainer._get_train_sampler = lambda *a, **k: SequentialSampler(trainer.train_dataset)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
+        groups = [json.dumps(batch[i : i + generations]) for batch in SCORED for i in range(0, len(batch), generations)]
+        assert all(len({json.dumps(p) for p in json.loads(g)}) == 1 for g in groups), "TRL's groups mix prompts"
+        assert [len(batch) for batch in SCORED] == [prompts * generations] * steps, "TRL scored other batches"
         log = [h for h in trainer.state.log_history if "completions/mean_length" in h]
         tokens = sum(h["completions/mean_length"] * prompts * generations for h in log)
         rewards = [h["reward"] for h in log]
