@@ -337,6 +337,40 @@ def test_run_many_runs_in_parallel_and_keeps_the_input_order():
     assert time.monotonic() - started < 2
 
 
+@linux_only
+def test_hostile_programs_run_together_are_each_contained(marker: str, exposed: Path):
+    """Under load: every hostile kind twice, beside correct programs, 6 at a time on this machine's cores. Each gets
+    its own verdict and reason, the correct ones pass, nothing is written or read outside, nothing connects, and no
+    process is left."""
+    _require("processes")
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+        hostile = {
+            "loop": (_python(marker, "while True: pass"), {"timeout", "cpu time limit"}),
+            "fork bomb": (_python(marker, bomb), {"timeout", "cpu time limit"}),
+            "memory": ("hog = []\nwhile True:\n    hog.append(bytes(16 << 20))", {"memory limit"}),
+            "write": (f"open({str(exposed / 'written.txt')!r}, 'w').write('escaped')", {"blocked: filesystem"}),
+            "read": (f"print(open({str(exposed / 'secret.txt')!r}).read())", {"blocked: filesystem"}),
+            "socket": (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'x')",
+                       {"blocked: network"}),
+            "output": ("while True:\n    print('x' * 1000)", {"output limit"}),
+            "correct": ("print(sum(range(10)))", {"passed"}),
+        }  # fmt: skip
+        kinds = [k for k in hostile for _ in range(2)]
+        verdicts = run_many([hostile[k][0] for k in kinds], FAST, workers=6)
+        for kind, verdict in zip(kinds, verdicts, strict=True):
+            got = "passed" if verdict.passed else verdict.reason
+            assert got in hostile[kind][1], (kind, got, verdict.stderr[-300:])
+        assert [v.stdout for k, v in zip(kinds, verdicts, strict=True) if k == "correct"] == ["45\n", "45\n"]
+        assert not (exposed / "written.txt").exists()
+        assert all("the-secret" not in v.stdout + v.stderr for v in verdicts)
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()
+    assert _marked(marker) == []
+
+
 # An evaluator in a process of its own, to be killed: it reads its programs as JSON on stdin, so that its command line
 # does not carry their marker.
 EVALUATOR = """
