@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -19,9 +20,11 @@ from pathlib import Path
 
 
 def make(folder: Path, files: int) -> None:
+    """The folder of `files` one-line files, kept for a rerun with the same count (made afresh otherwise)."""
     done = folder / ".complete"
     if done.is_file() and int(done.read_text()) == files:
         return
+    shutil.rmtree(folder, ignore_errors=True)
     for start in range(0, files, 1000):
         part = folder / "data" / "datasets" / f"part-{start // 1000:05d}"
         part.mkdir(parents=True, exist_ok=True)
@@ -31,6 +34,7 @@ def make(folder: Path, files: int) -> None:
 
 
 def main() -> None:
+    """Make the folder, audit it in a fresh process, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/audit-many"))

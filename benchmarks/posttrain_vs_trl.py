@@ -131,7 +131,8 @@ def run(tool: str, kind: str, steps: int, batch: int, workdir: Path) -> dict:
                 losses.append(loss.item() / batch_.trained)
         else:
             cfg = DPOConfig(builtin="stdlib-functions", loss="sigmoid", beta=0.1)
-            tokenized, _ = truncate([TokenizedPair(*tokenize_pair(tok, ChatTemplate(), p)) for p in pairs], CONTEXT)
+            tokenized, _ = truncate([TokenizedPair(*tokenize_pair(tok, ChatTemplate(), p), i)
+                                     for i, p in enumerate(pairs)], CONTEXT)  # fmt: skip
             ref = reference_logps(model, tokenized, pad_id)  # counted in the time: TRL runs its reference too
             model.train()
             for i in range(steps):

@@ -67,8 +67,8 @@ def run(tool: str, steps: int, prompts: int, generations: int, length: int, work
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-        groups = [json.dumps(batch[i : i + generations]) for batch in SCORED for i in range(0, len(batch), generations)]
-        assert all(len({json.dumps(p) for p in json.loads(g)}) == 1 for g in groups), "TRL's groups mix prompts"
+        groups = [batch[i : i + generations] for batch in SCORED for i in range(0, len(batch), generations)]
+        assert all(len({json.dumps(p) for p in g}) == 1 for g in groups), "TRL's groups mix prompts"
         assert [len(batch) for batch in SCORED] == [prompts * generations] * steps, "TRL scored other batches"
         log = [h for h in trainer.state.log_history if "completions/mean_length" in h]
         tokens = sum(h["completions/mean_length"] * prompts * generations for h in log)

@@ -106,7 +106,7 @@ def test_dpo_loss_and_rewards_equal_trl(chat_tok, tmp_path, loss):
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, dict(batch)).item()
     metrics = {k: v[-1] for logged in trainer._metrics.values() for k, v in logged.items() if v}
-    pairs = [TokenizedPair(*x) for x in ours]
+    pairs = [TokenizedPair(*x, row) for row, x in enumerate(ours)]
     with torch.no_grad():
         chosen, rejected = sequence_logps(policy, pairs, pad_id)
         ref_c, ref_r = sequence_logps(ref, pairs, pad_id)
@@ -136,9 +136,9 @@ def test_simpo_equals_trl_cpo_loss():
 
 def test_held_out_pairs_are_chosen_by_content_not_row_number():
     pairs = [Pair(f"question {i}", f"good {i}", f"bad {i}") for i in range(200)]
-    tokenized = [TokenizedPair([i], [1], [2]) for i in range(200)]
+    tokenized = [TokenizedPair([i], [1], [2], i) for i in range(200)]
     train, held = split_held_out(list(zip(pairs, tokenized, strict=True)), 0.2)
     assert 20 < len(held) < 60 and len(train) + len(held) == 200
-    extra = (Pair("a new first row", "x", "y"), TokenizedPair([999], [1], [2]))
+    extra = (Pair("a new first row", "x", "y"), TokenizedPair([999], [1], [2], 200))
     _, held2 = split_held_out([extra, *zip(pairs, tokenized, strict=True)], 0.2)
     assert {t.prompt[0] for t in held2} - {999} == {t.prompt[0] for t in held}

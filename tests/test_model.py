@@ -156,9 +156,9 @@ def test_a_prompt_run_once_for_its_completions_gives_each_rows_values_and_gradie
     def ids(n: int) -> list[int]:
         return torch.randint(0, 300, (n,), generator=gen).tolist()
 
-    first, second = ids(9), ids(4)
-    prompts = [first] * 4 + [second] * 3 + [ids(6)]
-    answers = [ids(12), ids(5), ids(1), ids(20), [], ids(7), ids(2), ids(3)]
+    first, second, short = ids(9), ids(4), ids(5)
+    prompts = [first] * 4 + [second] * 3 + [ids(6)] + [short] * 2  # the last group's answers: one token, none
+    answers = [ids(12), ids(5), ids(1), ids(20), [], ids(7), ids(2), ids(3), ids(1), []]
     results = []
     for share in (False, True):
         model.zero_grad()

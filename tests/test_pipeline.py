@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,7 +19,8 @@ from typer.testing import CliRunner
 import clearlm
 from clearlm.artifacts import integrity, sha256_file
 from clearlm.cli import app
-from clearlm.data.chat import ChatTemplate
+from clearlm.data.chat import ChatTemplate, tokenize_sft
+from clearlm.data.instructions import stdlib_function_examples
 from clearlm.model.generate import Sampling, complete
 from clearlm.model.transformer import Transformer, TransformerConfig
 from clearlm.model.weights import load_model
@@ -284,6 +286,17 @@ def test_quickstart_recipe_runs_on_the_builtin_corpus_when_shrunk(tmp_path):
     assert "stdlib_functions: generations" in (tmp_path / "quickstart" / "release" / "report.html").read_text()
     assert (tmp_path / "quickstart" / "release" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "quickstart" / "release" / "openness.json").read_text())["mof"]["class"] == 1
+    index = json.loads((tmp_path / "quickstart" / "release" / "trace" / "index.json").read_text())
+    assert list(index["stages"]) == ["pretraining", "mid-training", "SFT", "DPO", "RL prompts"]
+    sft = pipe.artifacts["sft"].path  # the built-in set's rows: provenance `stdlib-functions:N`, tokens as trained
+    docs = [json.loads(line) for line in (sft / "trained.docs.jsonl").read_text().splitlines()]
+    assert len(docs) == pipe.artifacts["sft"].metrics["examples"] == index["stages"]["SFT"]["documents"]
+    made = stdlib_function_examples(pipe.artifacts["data"].path / "train.jsonl", 40)
+    tok = Tokenizer.from_file(str(sft / "tokenizer.json"))
+    for doc in docs[:3]:
+        assert doc["source"] == "stdlib-functions" and doc["license"] == "Python-2.0"
+        expected = tokenize_sft(tok, ChatTemplate(), made[int(doc["id"].split(":")[1]) - 1])[0][:128]
+        assert np.fromfile(sft / "trained.bin", dtype="<u4")[doc["start"] : doc["end"]].tolist() == expected
 
 
 def test_cli_eval_a_model_folder_on_a_task_file(tmp_path, tiny_run):

@@ -204,11 +204,13 @@ def test_extractable_memorization_finds_a_planted_document_and_not_an_unseen_one
     assert found["extracted_ids"] == ["planted"] and found["rate"] == 0.5
     assert found["per_source"] == {"code": {"documents": 1, "extracted": 0, "rate": 0.0},
                                    "web": {"documents": 1, "extracted": 1, "rate": 1.0}}  # fmt: skip
-    tokens = np.array(planted + [7] * 10 + unseen, dtype=np.uint16)  # a short document is never sampled
+    # a short document is never sampled, nor a DPO rejected answer
+    tokens = np.array(planted + [7] * 10 + unseen + unseen, dtype=np.uint16)
     tokens.tofile(tmp_path / "train.bin")
-    spans = [(0, 64, "planted", "web"), (64, 74, "short", "web"), (74, 138, "unseen", "code")]
-    (tmp_path / "train.docs.jsonl").write_text("".join(json.dumps({"id": i, "source": s, "start": a, "end": b}) + "\n"
-                                                       for a, b, i, s in spans))  # fmt: skip
+    spans = [(0, 64, "planted", "web", {}), (64, 74, "short", "web", {}), (74, 138, "unseen", "code", {}),
+             (138, 202, "pushed-down", "code", {"part": "rejected"})]  # fmt: skip
+    (tmp_path / "train.docs.jsonl").write_text("".join(json.dumps({"id": i, "source": s, "start": a, "end": b, **m})
+                                                       + "\n" for a, b, i, s, m in spans))  # fmt: skip
     sampled = sample_documents(tmp_path, "train", "uint16", 5, seed=1)
     assert [(d[1], d[0]) for d in sampled] == [("planted", planted), ("unseen", unseen)]
     assert [d[2] for d in sample_documents(tmp_path, "train", "uint16", 5, seed=1, stage="SFT")] == [
@@ -326,11 +328,14 @@ def test_post_training_data_is_in_the_trace_index_with_its_file_line_and_licence
         prompt, chosen, rejected = tokenize_pair(tok, template, parse_preference_row(
             json.loads(pair_lines[int(meta["id"].split(":")[1]) - 1])))  # fmt: skip
         assert ids == prompt + (chosen if meta["part"] == "chosen" else rejected)
-    rl = by_stage["RL prompts"]
-    assert 0 < len(rl) < len(prompts) and all(m["license"] == "MIT" for _, m in rl)
+    rl = by_stage["RL prompts"]  # the prompts its one generation batch sampled, not every training prompt
+    sampled = [json.loads(line)["prompt"] for line in (pipe.run("rlvr").path / "completions.jsonl").read_text()
+               .splitlines()]  # fmt: skip
+    assert len(rl) == 2 and all(m["license"] == "MIT" for _, m in rl)
     prompt_lines = (tmp_path / "prompts.jsonl").read_text().splitlines()
-    for ids, meta in rl:
-        row = json.loads(prompt_lines[int(meta["id"].split(":")[1]) - 1])
+    rows = [json.loads(prompt_lines[int(meta["id"].split(":")[1]) - 1]) for _, meta in rl]
+    assert [r["prompt"] for r in rows] == list({json.dumps(p): p for p in sampled}.values())
+    for (ids, _), row in zip(rl, rows, strict=True):
         assert ids == encode_prompt(tok, template, row["prompt"])
     card = (release / "README.md").read_text()
     assert f"SFT {len(by_stage['SFT'])} documents" in card and "not the base model's own training data" in card

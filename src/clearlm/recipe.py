@@ -316,8 +316,8 @@ class ReleaseConfig(_Section):
     include_datasets: bool = Field(True, description="put the cleaned datasets in the release (zstd-compressed)")
     trace_index: bool = Field(
         False,
-        description="index the training corpora so that `clearlm trace` finds where "
-        "the model's words come from (OLMoTrace)",
+        description="index everything the model was trained on (corpora and post-training data) so that "
+        "`clearlm trace` finds where the model's words come from (OLMoTrace)",
     )
     authors: list[str] = []
     description: str = ""

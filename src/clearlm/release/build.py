@@ -230,7 +230,8 @@ def _memorization(recipe: Recipe, artifacts: dict[str, Artifact], model: Any, to
     the generations' spans found in the training data and the evaluated items' 13-gram overlap with it."""
     fits = model.cfg.context >= memorization.PREFIX + memorization.SUFFIX  # a prompt and its continuation
     behind = {name: artifacts[name] for name in resolve(recipe, [final_model(recipe)]) if name in artifacts}
-    documents = [doc for stage, folder, stem, dtype, _ in training_sets(behind) if fits
+    sets = [s for s in training_sets(behind) if s[0] not in memorization.UNSAMPLED] if fits else []
+    documents = [doc for stage, folder, stem, dtype, _ in sets
                  for doc in memorization.sample_documents(folder, stem, dtype, memorization.DOCUMENTS, recipe.seed,
                                                           stage)]  # fmt: skip
     texts = [g["completion"] for g in generations]

@@ -20,16 +20,18 @@ from clearlm.trace import contamination
 
 PREFIX = SUFFIX = 32  # tokens: the paper's k = 32 and its 32-token continuation
 DOCUMENTS = 100  # training documents sampled per training stage
+UNSAMPLED = ("RL prompts",)  # stages whose sequences are context only: no loss on their tokens
 
 
 def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, stage: str = "pretraining"
                      ) -> list[tuple[list[int], str, str]]:  # fmt: skip
     """Up to `n` of the documents in `folder`'s `stem`.bin (a corpus's training split, a post-training stage's
     trained sequences) long enough for a prefix and a continuation, drawn with `seed`: (tokens, id, source; a
-    source of a stage after pretraining is named with its stage)."""
+    source of a stage after pretraining is named with its stage). DPO's rejected answers, which training pushes
+    down, are not drawn."""
     tokens = np.memmap(folder / f"{stem}.bin", dtype=np.dtype(dtype), mode="r")
     spans = [json.loads(line) for line in (folder / f"{stem}.docs.jsonl").read_text(encoding="utf-8").splitlines()]
-    long = [s for s in spans if s["end"] - s["start"] >= PREFIX + SUFFIX]
+    long = [s for s in spans if s["end"] - s["start"] >= PREFIX + SUFFIX and s.get("part") != "rejected"]
     chosen = np.random.default_rng(seed).permutation(len(long))[:n]
     return [(tokens[s["start"] : s["start"] + PREFIX + SUFFIX].tolist(), s["id"],
              s["source"] if stage == "pretraining" else f"{s['source']} ({stage})")
@@ -101,9 +103,12 @@ def card_lines(m: dict[str, Any]) -> list[str]:
                      "or more in this run, or a context shorter than that).")  # fmt: skip
     else:
         per = ", ".join(f"{s} {c['extracted']}/{c['documents']}" for s, c in ext["per_source"].items())
+        post = any(s.endswith(("(SFT)", "(DPO)")) for s in ext["per_source"])
         lines.append(f"- k-extractable memorization (Carlini et al., k = {ext['prefix_tokens']}): "
                      f"{ext['extracted']} of {ext['documents']} sampled training documents continue greedily into "
-                     f"their next {ext['suffix_tokens']} tokens ({per}).")  # fmt: skip
+                     f"their next {ext['suffix_tokens']} tokens ({per}"
+                     + ("; a post-training document is an SFT example or a DPO prompt with its chosen answer, as "
+                        "trained on" if post else "") + ").")  # fmt: skip
     spans = m.get("generation_spans")
     if spans and spans["windows"]:
         lines.append(f"- Sample generations: {spans['found']} of their {spans['windows']} {spans['tokens']}-token "

@@ -40,7 +40,7 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-    row: int | None = None  # its place among the stage's rows, for its provenance
+    row: int  # its place among the stage's rows, for its provenance
 
 
 def truncate(pairs: list[TokenizedPair], max_length: int) -> tuple[list[TokenizedPair], dict[str, int]]:

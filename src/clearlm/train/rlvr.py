@@ -187,6 +187,13 @@ def _batch_prompts(n: int, per_batch: int, seed: int, batch: int) -> list[int]:
     return out
 
 
+def trained_prompts(n: int, cfg: RLVRConfig, seed: int) -> list[int]:
+    """The prompts the run's generation batches sample, each once, in the order first sampled: what the trace index
+    holds (a run shorter than an epoch never sees the others)."""
+    batches = range(cfg.max_steps // cfg.num_iterations)
+    return list(dict.fromkeys(i for b in batches for i in _batch_prompts(n, cfg.prompts_per_step, seed, b)))
+
+
 def train_rlvr(
     model: Transformer, prompts: list[Prompt], verifiers: list[Verifier], cfg: RLVRConfig, seed: int, pad_id: int,
     sample: Sampler, out: Path, on_step: Callable[[dict[str, Any]], None] | None = None, *, resume: bool = False,
@@ -319,7 +326,8 @@ def build_stage(run: StageRun, out: Path) -> dict[str, Any] | None:
     after = held_out_reward(model, held, verifiers, sample)
     save_model(model, out)
     tok.save(str(out / "tokenizer.json"))
-    trained = write_trained(out, ((p.ids, origins[p.index]) for p in train), eos_id)
+    sampled = (train[i] for i in trained_prompts(len(train), cfg, run.recipe.seed))
+    trained = write_trained(out, ((p.ids, origins[p.index]) for p in sampled), eos_id)
     return {**metrics, "counts": dict(counts), "bad_rows": bad, "held_out_before": before, "held_out_after": after,
             "verifiers": {v.name: v.weight for v in verifiers}, "licenses": licences(cfg),
             "trained": trained}  # fmt: skip

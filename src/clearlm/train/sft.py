@@ -46,6 +46,11 @@ class Tokenized:
         return self.ids[:-1]
 
     @property
+    def length(self) -> int:
+        """How many tokens the model reads (`len(inputs)`, without the copy)."""
+        return len(self.ids) - 1
+
+    @property
     def trained(self) -> int:
         return sum(t != IGNORE_INDEX for t in self.targets)
 
@@ -82,11 +87,11 @@ def prepare(examples: Iterable[Example], tok: Tokenizer, template: ChatTemplate,
 
 def pad(items: list[Tokenized], pad_id: int) -> Batch:
     """Rows padded on the right (targets -100 there), as TRL's collator does."""
-    width = max(len(i.inputs) for i in items)
+    width = max(i.length for i in items)
     idx = torch.full((len(items), width), pad_id, dtype=torch.long)
     targets = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     for row, item in enumerate(items):
-        idx[row, : len(item.inputs)] = torch.tensor(item.inputs)
+        idx[row, : item.length] = torch.tensor(item.inputs)
         targets[row, : len(item.targets)] = torch.tensor(item.targets)
     return Batch(idx, targets)
 
@@ -95,9 +100,9 @@ def pack(items: list[Tokenized], width: int, pad_id: int) -> Batch:
     """Examples placed in order into rows of `width` tokens (a new row when the next does not fit)."""
     rows: list[list[Tokenized]] = [[]]
     for item in items:
-        if len(item.inputs) > width:
-            raise ValueError(f"an example of {len(item.inputs)} tokens does not fit a row of {width}")
-        if sum(len(i.inputs) for i in rows[-1]) + len(item.inputs) > width:
+        if item.length > width:
+            raise ValueError(f"an example of {item.length} tokens does not fit a row of {width}")
+        if sum(i.length for i in rows[-1]) + item.length > width:
             rows.append([])
         rows[-1].append(item)
     idx = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -106,7 +111,7 @@ def pack(items: list[Tokenized], width: int, pad_id: int) -> Batch:
     for r, row in enumerate(rows):
         at = 0
         for s, item in enumerate(row):
-            n = len(item.inputs)
+            n = item.length
             idx[r, at : at + n] = torch.tensor(item.inputs)
             targets[r, at : at + n] = torch.tensor(item.targets)
             segments[r, at : at + n] = s
