@@ -382,7 +382,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, shared=(P, B, T))
         x = self.norm(x)[0]
-        return x[:P], x[P:].view(B, T, -1)
+        return x[:P], x[P:].view(B, T, x.shape[-1])  # T may be 0: every continuation one token or none
 
     @torch.no_grad()
     def fused_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

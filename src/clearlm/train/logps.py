@@ -35,17 +35,13 @@ def shared_prompt_states(model: Transformer, prompts: list[list[int]], answers: 
         groups.setdefault(tuple(prompt), []).append(row)
     states: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     for prompt, rows in groups.items():
-        width = max(len(answers[r]) for r in rows) - 1
-        if width > 0:
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : max(0, len(answers[r]) - 1)] = torch.tensor(answers[r][:-1], dtype=torch.long)
-            head, tail = model.shared_prefix_states(torch.tensor(prompt), ids)
-        else:
-            head, tail = model.hidden_states(torch.tensor([prompt]))[0], None
+        inputs = [answers[r][:-1] for r in rows]  # an answer's last token predicts nothing
+        ids = torch.full((len(rows), max(map(len, inputs))), pad_id, dtype=torch.long)
+        for i, row_inputs in enumerate(inputs):
+            ids[i, : len(row_inputs)] = torch.tensor(row_inputs, dtype=torch.long)
+        head, tail = model.shared_prefix_states(torch.tensor(prompt), ids)
         for i, r in enumerate(rows):
-            n = len(answers[r])
-            states[r] = (head[-1:] if tail is None else torch.cat([head[-1:], tail[i, : max(0, n - 1)]]))[:n]
+            states[r] = torch.cat([head[-1:], tail[i, : len(inputs[i])]])[: len(answers[r])]
     return torch.cat(states)
 
 
