@@ -7,7 +7,6 @@ e-mail, phone and IP patterns), and the contamination audit (`contamination.py`)
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from html import escape
 from pathlib import Path
@@ -17,25 +16,25 @@ import numpy as np
 
 from clearlm.data.pii import PATTERNS
 from clearlm.trace import contamination
+from clearlm.trace.index import CORPORA, POST_TRAINING, corpus_documents
 
 PREFIX = SUFFIX = 32  # tokens: the paper's k = 32 and its 32-token continuation
 DOCUMENTS = 100  # training documents sampled per training stage
-UNSAMPLED = ("RL prompts",)  # stages whose sequences are context only: no loss on their tokens
+UNSAMPLED = (POST_TRAINING["rlvr"],)  # stages whose sequences are context only: no loss on their tokens
 
 
-def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, stage: str = "pretraining"
+def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, stage: str = CORPORA["shards"]
                      ) -> list[tuple[list[int], str, str]]:  # fmt: skip
     """Up to `n` of the documents in `folder`'s `stem`.bin (a corpus's training split, a post-training stage's
     trained sequences) long enough for a prefix and a continuation, drawn with `seed`: (tokens, id, source; a
     source of a stage after pretraining is named with its stage). DPO's rejected answers, which training pushes
     down, are not drawn."""
-    tokens = np.memmap(folder / f"{stem}.bin", dtype=np.dtype(dtype), mode="r")
-    spans = [json.loads(line) for line in (folder / f"{stem}.docs.jsonl").read_text(encoding="utf-8").splitlines()]
-    long = [s for s in spans if s["end"] - s["start"] >= PREFIX + SUFFIX and s.get("part") != "rejected"]
+    long = [(ids, meta) for ids, meta in corpus_documents(folder, stem, dtype, stage)
+            if len(ids) >= PREFIX + SUFFIX and meta.get("part") != "rejected"]  # fmt: skip
     chosen = np.random.default_rng(seed).permutation(len(long))[:n]
-    return [(tokens[s["start"] : s["start"] + PREFIX + SUFFIX].tolist(), s["id"],
-             s["source"] if stage == "pretraining" else f"{s['source']} ({stage})")
-            for s in (long[i] for i in sorted(chosen))]  # fmt: skip
+    return [(ids[: PREFIX + SUFFIX].tolist(), meta["id"],
+             meta["source"] if stage == CORPORA["shards"] else f"{meta['source']} ({stage})")
+            for ids, meta in (long[i] for i in sorted(chosen))]  # fmt: skip
 
 
 def extractable(model: Any, documents: list[tuple[list[int], str, str]]) -> dict[str, Any]:
