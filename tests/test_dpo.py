@@ -11,7 +11,15 @@ from conftest import hf_chat_tokenizer, tiny_decoder
 
 from clearlm.data.chat import BadRow, ChatTemplate, Pair, parse_preference_row, read_preferences, tokenize_pair
 from clearlm.recipe import DPOConfig
-from clearlm.train.dpo import TokenizedPair, answer_lengths, dpo_loss, sequence_logps, split_held_out
+from clearlm.train.dpo import (
+    TokenizedPair,
+    answer_lengths,
+    dpo_loss,
+    reference_logps,
+    sequence_logps,
+    split_held_out,
+    step_backward,
+)
 
 PAIRS = [
     Pair([{"role": "user", "content": "What color is the sky?"}], [{"role": "assistant", "content": "It is blue."}],
@@ -142,3 +150,40 @@ def test_held_out_pairs_are_chosen_by_content_not_row_number():
     extra = (Pair("a new first row", "x", "y"), TokenizedPair([999], [1], [2], 200))
     _, held2 = split_held_out([extra, *zip(pairs, tokenized, strict=True)], 0.2)
     assert {t.prompt[0] for t in held2} - {999} == {t.prompt[0] for t in held}
+
+
+def test_a_step_in_passes_of_similar_lengths_equals_one_batch_of_all_its_pairs():
+    """Pairs are scored and trained in passes of similar lengths: the reference log-probabilities equal each pair's
+    scored alone, and a step's loss, metrics and gradient equal those of all its pairs in one padded batch."""
+    from clearlm.model.transformer import Transformer, TransformerConfig
+    from clearlm.train.posttrain import length_groups
+
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 64, (n,), generator=g).tolist()
+
+    shapes = [(5, 3, 4), (6, 200, 180), (10, 7, 2), (8, 190, 210), (4, 5, 9), (7, 150, 170)]
+    pairs = [TokenizedPair(ids(p), ids(c), ids(r), row) for row, (p, c, r) in enumerate(shapes)]
+    assert len(length_groups([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs], 6, 2)) > 1
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, context=256)
+    model, reference = Transformer(cfg), Transformer(cfg)
+    model.init_weights(0)
+    reference.load_state_dict(model.state_dict())
+    ref = reference_logps(model, pairs, 0, batch=4)
+    alone = [sequence_logps(model, [p], 0) for p in pairs]
+    torch.testing.assert_close(ref[0], torch.cat([c for c, _ in alone]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ref[1], torch.cat([r for _, r in alone]), atol=1e-4, rtol=0)
+    ref = (ref[0] - 1.0, ref[1] + 0.5)  # a reference that differs from the policy, so the loss has a gradient
+    model.train(), reference.train()
+    dpo_cfg = _cfg("sigmoid_norm").model_copy(update={"micro_batch_size": len(pairs)})
+    logged = step_backward(model, pairs, list(range(len(pairs))), ref, dpo_cfg, 0)
+    chosen, rejected = sequence_logps(reference, pairs, 0)
+    loss, metrics = dpo_loss(chosen, rejected, ref[0], ref[1], answer_lengths(pairs), dpo_cfg)
+    loss.backward()
+    assert logged["loss"] == pytest.approx(loss.item(), abs=1e-6)
+    for key, value in metrics.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-5)

@@ -104,3 +104,62 @@ def test_sft_loss_equals_trl(chat_tok, tmp_path):
     prepared = trainer.train_dataset[0]
     ids, labels = tokenize_sft(chat_tok, ChatTemplate(), Example(**completion[0]))
     assert ids == prepared["input_ids"] and labels == prepared["labels"]
+
+
+def test_length_groups_are_the_cheapest_cut_of_the_sorted_items():
+    """Every item once, at most max_rows per pass, sorted by length, and no cut of the sorted items costs less
+    (padded tokens + PASS_OVERHEAD per pass; brute force over every cut)."""
+    import itertools
+    import random
+
+    from clearlm.train.posttrain import PASS_OVERHEAD, length_groups
+
+    def cost(groups, lengths, rows_each):
+        return sum(len(g) * rows_each * max(lengths[i] for i in g) + PASS_OVERHEAD for g in groups)
+
+    assert length_groups([10, 200, 12, 198], 4) == [[0, 2], [3, 1]]  # 2 x 12 + 2 x 200 + 2 passes < 4 x 200 + 1
+    assert length_groups([100, 101, 102], 4) == [[0, 1, 2]]  # nothing to save: one pass
+    assert sorted(map(len, length_groups([5] * 5, 2))) == [1, 2, 2]
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.choice([rng.randint(1, 40), rng.randint(1, 400)]) for _ in range(rng.randint(1, 8))]
+        max_rows, rows_each = rng.randint(1, 5), rng.randint(1, 2)
+        groups = length_groups(lengths, max_rows, rows_each)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) <= max_rows for g in groups)
+        flat = [lengths[i] for g in groups for i in g]
+        assert flat == sorted(flat)
+        n, best = len(lengths), float("inf")
+        order = sorted(range(n), key=lambda i: (lengths[i], i))
+        for cuts in itertools.product([False, True], repeat=n - 1):
+            bounds = [0, *[i + 1 for i, c in enumerate(cuts) if c], n]
+            parts = [order[a:b] for a, b in itertools.pairwise(bounds)]
+            if all(len(p) <= max_rows for p in parts):
+                best = min(best, cost(parts, lengths, rows_each))
+        assert cost(groups, lengths, rows_each) == best
+
+
+def test_an_sft_step_in_passes_of_similar_lengths_has_the_gradient_of_one_padded_batch(chat_tok):
+    """A step is cut into passes by length; its gradient is the one of all its examples padded together (the loss
+    is summed, then divided by the step's trained tokens)."""
+    from clearlm.model.transformer import Transformer, TransformerConfig
+    from clearlm.recipe import SFTConfig
+    from clearlm.train.posttrain import length_groups
+    from clearlm.train.sft import loss_sum, step_backward
+
+    long = [[{"role": "user", "content": f"Count to {n}."},
+             {"role": "assistant", "content": " ".join(map(str, range(n)))}] for n in (90, 100, 110, 120)]  # fmt: skip
+    items, _ = prepare([Example(messages=c) for c in [*CONVERSATIONS, *long]], chat_tok, ChatTemplate(), 512)
+    assert len(length_groups([i.length for i in items], len(items))) > 1, "the step is cut into several passes"
+    cfg = TransformerConfig(vocab_size=chat_tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, context=512)
+    model, reference = Transformer(cfg), Transformer(cfg)
+    model.init_weights(0)
+    reference.load_state_dict(model.state_dict())
+    batch = pad(items, 1)
+    (loss_sum(reference, batch) / batch.trained).backward()
+    logged = step_backward(model, items, SFTConfig(builtin="stdlib-functions", micro_batch_size=len(items)), 511, 1)
+    assert logged["trained_tokens"] == batch.trained and logged["tokens"] < batch.idx.numel()
+    assert logged["loss"] == pytest.approx(mean_loss(reference, [batch]), abs=1e-6)
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-6, rtol=1e-5)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clearlm.model.loss import fused_cross_entropy
+from clearlm.model.loss import IGNORE_INDEX, fused_cross_entropy
 
 ARCHITECTURES = ("llama", "olmo2")
 
@@ -433,8 +433,11 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(idx, segments))
 
     def loss_sum(self, idx: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Summed next-token cross-entropy (targets -100 ignored), without materialising the logits."""
-        return self.loss_parts(idx, targets, 0.0, segments)[0]
+        """Summed next-token cross-entropy (targets -100 ignored), without materialising the logits. The output layer
+        runs only where there is a target: SFT's prompts and padding need hidden states, not logits."""
+        scored = (targets != IGNORE_INDEX).reshape(-1)
+        h = self.hidden_states(idx, segments).flatten(0, 1)[scored]
+        return fused_cross_entropy(h, self.lm_head.weight, targets.reshape(-1)[scored], 0.0, self.compile_loss)[0]
 
     def loss_parts(
         self, idx: torch.Tensor, targets: torch.Tensor, z_loss: float, segments: torch.Tensor | None = None

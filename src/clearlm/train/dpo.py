@@ -31,7 +31,7 @@ from clearlm.recipe import DPOConfig
 from clearlm.stages import StageRun
 from clearlm.train.logps import answer_logps
 from clearlm.train.post_setup import base_model, licences, stage_start
-from clearlm.train.posttrain import run_steps
+from clearlm.train.posttrain import length_groups, run_steps
 from clearlm.train.trained import write_trained
 
 
@@ -64,6 +64,11 @@ def sequence_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int) 
     picked, rows = answer_logps(model, prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     sums = torch.zeros(len(prompts), dtype=picked.dtype).index_add(0, rows, picked)
     return sums[: len(pairs)], sums[len(pairs) :]
+
+
+def pair_length(pair: TokenizedPair) -> int:
+    """The tokens a pair's longer row holds (prompt and answer)."""
+    return len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
 
 
 def answer_lengths(pairs: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,9 +115,13 @@ def dpo_loss(
 @torch.no_grad()
 def reference_logps(model: Transformer, pairs: list[TokenizedPair], pad_id: int, batch: int = 16
                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(chosen, rejected) summed answer log-probabilities of every pair, [pairs] each, scored in batches of similar
+    lengths."""
     model.eval()
-    parts = [sequence_logps(model, pairs[i : i + batch], pad_id) for i in range(0, len(pairs), batch)]
-    return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+    chosen, rejected = torch.empty(len(pairs)), torch.empty(len(pairs))
+    for group in length_groups([pair_length(p) for p in pairs], batch, rows_each=2):
+        chosen[group], rejected[group] = sequence_logps(model, [pairs[k] for k in group], pad_id)
+    return chosen, rejected
 
 
 def split_held_out(
@@ -134,6 +143,23 @@ def preference_accuracy(model: Transformer, pairs: list[TokenizedPair], pad_id: 
             "acc_norm": (chosen / len_c > rejected / len_r).float().mean().item(), "pairs": len(pairs)}  # fmt: skip
 
 
+def step_backward(model: Transformer, pairs: list[TokenizedPair], indices: list[int], ref: tuple[torch.Tensor,
+                  torch.Tensor], cfg: DPOConfig, pad_id: int) -> dict[str, float]:  # fmt: skip
+    """One step's backward over the pairs at `indices` (the gradients accumulate in `model`), in passes of pairs of
+    similar lengths; the step's loss is the mean over its pairs, and so are the metrics returned with it."""
+    sums: dict[str, float] = {"tokens": 0.0}
+    for group in length_groups([pair_length(pairs[j]) for j in indices], cfg.micro_batch_size, rows_each=2):
+        part = [indices[k] for k in group]
+        batch = [pairs[j] for j in part]
+        chosen, rejected = sequence_logps(model, batch, pad_id)
+        loss, metrics = dpo_loss(chosen, rejected, ref[0][part], ref[1][part], answer_lengths(batch), cfg)
+        (loss * len(part) / len(indices)).backward()
+        for k, v in {"loss": loss.item(), **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v * len(part) / len(indices)
+        sums["tokens"] += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in batch)
+    return sums
+
+
 def train_dpo(
     model: Transformer,
     pairs: list[TokenizedPair],
@@ -152,17 +178,7 @@ def train_dpo(
         raise TrainingError("no preference pair is left to train on (see the counts of dropped pairs)")
 
     def step(indices: list[int]) -> dict[str, float]:
-        sums: dict[str, float] = {"tokens": 0.0}
-        for i in range(0, len(indices), cfg.micro_batch_size):
-            part = indices[i : i + cfg.micro_batch_size]
-            batch = [pairs[j] for j in part]
-            chosen, rejected = sequence_logps(model, batch, pad_id)
-            loss, metrics = dpo_loss(chosen, rejected, ref[0][part], ref[1][part], answer_lengths(batch), cfg)
-            (loss * len(part) / len(indices)).backward()
-            for k, v in {"loss": loss.item(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(part) / len(indices)
-            sums["tokens"] += sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in batch)
-        return sums
+        return step_backward(model, pairs, indices, ref, cfg, pad_id)
 
     result = run_steps(model, len(pairs), cfg, seed, out, step, resume=resume, stop_after=stop_after, on_step=on_step)
     if result is None:

@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,31 @@ from clearlm.train.loop import clip_gradients, read_log, truncate_log
 from clearlm.train.optim import build_optimizer
 
 StepFn = Callable[[list[int]], dict[str, float]]  # backward over these items; returns loss, tokens, metrics
+
+# What one more forward and backward pass costs beyond its tokens, in tokens' worth of work: a step is cut into more,
+# shorter passes only where the padding that saves is larger. Measured ~70 for the quickstart's model on 2 cores
+# (a pass of n tokens took 5.9 ms + 0.083 ms x n, from 160 to 3,840 tokens); twice that, to stay on the safe side.
+PASS_OVERHEAD = 128
+
+
+def length_groups(lengths: Sequence[int], max_rows: int, rows_each: int = 1) -> list[list[int]]:
+    """A step's items as forward passes of similar lengths: the positions of `lengths`, sorted by length and cut into
+    runs of at most `max_rows` items (of `rows_each` padded rows each) so that padded tokens plus PASS_OVERHEAD per
+    pass are fewest (exactly, by dynamic programming). A step's loss is a sum over its items over a count made for
+    the whole step, so the grouping changes only rounding, and no pass is larger than a `max_rows` batch: random
+    batches of SFT examples are ~40 % padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # over the first j sorted items
+    for j in range(1, len(order) + 1):
+        for i in range(max(0, j - max_rows), j):
+            cost = best[i] + (j - i) * rows_each * lengths[order[j - 1]] + PASS_OVERHEAD
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def lr_at(step: int, total: int, cfg: SFTConfig | DPOConfig | RLVRConfig) -> float:

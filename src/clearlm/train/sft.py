@@ -27,7 +27,7 @@ from clearlm.model.weights import save_model
 from clearlm.recipe import SFTConfig
 from clearlm.stages import StageRun
 from clearlm.train.post_setup import licences, stage_start
-from clearlm.train.posttrain import run_steps
+from clearlm.train.posttrain import length_groups, run_steps
 from clearlm.train.trained import write_trained
 
 
@@ -132,6 +132,25 @@ def mean_loss(model: Transformer, micro_batches: list[Batch]) -> float:
     return total / max(1, sum(b.trained for b in micro_batches))
 
 
+def step_backward(model: Transformer, chosen: list[Tokenized], cfg: SFTConfig, width: int, pad_id: int
+                  ) -> dict[str, float]:  # fmt: skip
+    """One step's backward over `chosen` (the gradients accumulate in `model`): passes of similar lengths (or packed
+    rows of `width`), each pass's summed loss divided by the whole step's trained tokens; its loss and token counts."""
+    if cfg.packing:
+        groups = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
+        batches = [pack(g, width, pad_id) for g in groups]
+    else:
+        groups = [[chosen[k] for k in g] for g in length_groups([c.length for c in chosen], cfg.micro_batch_size)]
+        batches = [pad(g, pad_id) for g in groups]
+    n_trained = sum(b.trained for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss = loss_sum(model, batch)
+        (loss / n_trained).backward()
+        total += loss.item()
+    return {"loss": total / n_trained, "trained_tokens": n_trained, "tokens": sum(b.idx.numel() for b in batches)}
+
+
 def train_sft(
     model: Transformer,
     items: list[Tokenized],
@@ -150,16 +169,7 @@ def train_sft(
     width = min(cfg.max_length or model.cfg.context, model.cfg.context) - 1
 
     def step(indices: list[int]) -> dict[str, float]:
-        chosen = [items[i] for i in indices]
-        groups = [chosen[i : i + cfg.micro_batch_size] for i in range(0, len(chosen), cfg.micro_batch_size)]
-        batches = [pack(g, width, pad_id) if cfg.packing else pad(g, pad_id) for g in groups]
-        n_trained = sum(b.trained for b in batches)
-        total = 0.0
-        for batch in batches:
-            loss = loss_sum(model, batch)
-            (loss / n_trained).backward()
-            total += loss.item()
-        return {"loss": total / n_trained, "trained_tokens": n_trained, "tokens": sum(b.idx.numel() for b in batches)}
+        return step_backward(model, [items[i] for i in indices], cfg, width, pad_id)
 
     result = run_steps(model, len(items), cfg, seed, out, step, resume=resume, stop_after=stop_after, on_step=on_step)
     return None if result is None else {**result, "examples": len(items)}
