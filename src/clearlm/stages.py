@@ -88,6 +88,9 @@ class StageSpec:
     checkpoints: str | None = None  # the release folder that keeps its intermediate weights (step-*/)
     resume_from: str = "checkpoints"  # the folders (glob) in its partial folder that hold its checkpoints
     timed: tuple[str, ...] = ()  # files (globs) holding wall-clock times: compared without them
+    # its trained-on tokens go into the trace index under this name: a token shards stage's training split, or a model
+    # stage's trained sequences (`train/trained.py`)
+    indexed_as: str | None = None
 
     def load(self) -> Build:
         return _function(self.build)
@@ -169,7 +172,7 @@ def _trace_needs(recipe: Recipe) -> tuple[str, ...]:
     """Every stage behind the released model that trained on data: the corpora (pretraining's and mid-training's
     token shards) and the post-training stages (their trained sequences)."""
     graph = resolve(recipe, [final_model(recipe)])
-    return tuple(name for name in ("shards", "mid_shards", "sft", "dpo", "rlvr") if name in graph)
+    return tuple(s.name for s in table() if s.indexed_as and s.name in graph)
 
 
 def _release_needs(recipe: Recipe) -> tuple[str, ...]:
@@ -289,12 +292,12 @@ def _corpus_stage(
                      datasets=datasets)  # fmt: skip
 
 
-def _post_training_stage(name: str, label: str, build: str) -> StageSpec:
+def _post_training_stage(name: str, label: str, build: str, indexed_as: str) -> StageSpec:
     """SFT, DPO: a `[name]` section with a `base` (an earlier stage or a model folder) and chat data."""
     return StageSpec(name, label, build, needs=_post_training_needs(name), config=_post_training_config(name),
                      identity=_post_training_identity(name), asked=_present(name), resumes="checkpoints", model=True,
                      own_tokenizer=True, release={"log.jsonl": f"post_training/{name}_log.jsonl"},
-                     timed=("log.jsonl",))  # fmt: skip
+                     timed=("log.jsonl",), indexed_as=indexed_as)  # fmt: skip
 
 
 STAGES: dict[str, StageSpec] = {
@@ -304,7 +307,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("tokenizer", "Tokenizer", "clearlm.data.tokenizer:build_stage", needs=lambda r: ("data",),
                   config=_section("tokenizer"), torch=False),
         StageSpec("shards", "Token shards", "clearlm.data.shards:build_stage", needs=lambda r: ("data", "tokenizer"),
-                  config=lambda loaded: {}),
+                  config=lambda loaded: {}, indexed_as="pretraining"),
         StageSpec("train", "Pretraining", "clearlm.train.loop:build_stage", needs=lambda r: ("shards", "tokenizer"),
                   config=_train_config, resumes="checkpoints", model=True, pretraining=True, distributed=True,
                   release={"log.jsonl": "training/log.jsonl"}, checkpoints="checkpoints",
@@ -313,7 +316,7 @@ STAGES: dict[str, StageSpec] = {
                       "data/midtrain_datasets", asked=_present("midtrain")),
         StageSpec("mid_shards", "Mid-training token shards", "clearlm.train.midtrain:build_shards",
                   needs=lambda r: ("mid_data",) + (("tokenizer",) if r.midtrain.base == "pretrain" else ()),
-                  config=lambda loaded: {}, identity=_midtrain_base),
+                  config=lambda loaded: {}, identity=_midtrain_base, indexed_as="mid-training"),
         StageSpec("midtrain", "Mid-training", "clearlm.train.midtrain:build_stage", needs=_midtrain_needs,
                   config=_midtrain_config, identity=_midtrain_base, asked=_present("midtrain"),
                   resumes="checkpoints", model=True, own_tokenizer=True, pretraining=True, distributed=True,
@@ -322,15 +325,15 @@ STAGES: dict[str, StageSpec] = {
                          "ingredients/*/checkpoints/*/checksums.json"),
                   resume_from="ingredients/*/checkpoints", card="clearlm.train.midtrain:card_lines",
                   report="clearlm.train.midtrain:report_section"),
-        _post_training_stage("sft", "Supervised fine-tuning", "clearlm.train.sft:build_stage"),
-        _post_training_stage("dpo", "Preference tuning (DPO)", "clearlm.train.dpo:build_stage"),
+        _post_training_stage("sft", "Supervised fine-tuning", "clearlm.train.sft:build_stage", "SFT"),
+        _post_training_stage("dpo", "Preference tuning (DPO)", "clearlm.train.dpo:build_stage", "DPO"),
         StageSpec("rlvr", "Reinforcement learning (RLVR)", "clearlm.train.rlvr:build_stage",
                   needs=_post_training_needs("rlvr"), config=_post_training_config("rlvr"), identity=_rlvr_identity,
                   asked=_present("rlvr"), resumes="checkpoints", model=True, own_tokenizer=True,
                   release={"log.jsonl": "post_training/rlvr_log.jsonl",
                            "completions.jsonl": "post_training/rlvr_completions.jsonl"},
                   timed=("log.jsonl",), card="clearlm.train.rlvr:card_lines",
-                  report="clearlm.train.rlvr:report_section"),
+                  report="clearlm.train.rlvr:report_section", indexed_as="RL prompts"),
         StageSpec("eval", "Evaluation", "clearlm.eval.run:build_stage", needs=_eval_needs, config=_section("eval"),
                   identity=_eval_identity, release={"results.json": "eval/results.json",
                                                     "samples.jsonl": "eval/samples.jsonl"}),

@@ -25,12 +25,10 @@ import numpy as np
 
 from clearlm.artifacts import Artifact
 from clearlm.errors import ArtifactError
-from clearlm.stages import StageRun
+from clearlm.stages import StageRun, table
 from clearlm.train.trained import DTYPE, STEM
 
 INDEX_FILES = ("tokenized.0", "offset.0", "metadata.0", "metaoff.0", "table.0")
-CORPORA = {"shards": "pretraining", "mid_shards": "mid-training"}  # the corpus stages indexed, and their names
-POST_TRAINING = {"sft": "SFT", "dpo": "DPO", "rlvr": "RL prompts"}  # the post-training stages, and their names
 
 
 def index_dtype(max_token_id: int) -> np.dtype:
@@ -79,13 +77,13 @@ def corpus_documents(folder: Path, stem: str, dtype: str, stage: str) -> Iterato
 def training_sets(artifacts: dict[str, Artifact]) -> Iterator[tuple[str, Path, str, str, int]]:
     """(stage, folder, file stem, token dtype, end-of-text id) of each set of trained tokens among `artifacts`: the
     corpora's training splits, the post-training stages' trained sequences, in training order."""
-    for name, stage in {**CORPORA, **POST_TRAINING}.items():
-        if name in artifacts:
-            path, m = artifacts[name].path, artifacts[name].metrics
-            if name in CORPORA:
-                yield stage, path, "train", m["dtype"], int(m["eos_id"])
+    for s in table():
+        if s.indexed_as and s.name in artifacts:
+            path, m = artifacts[s.name].path, artifacts[s.name].metrics
+            if s.model:
+                yield s.indexed_as, path, STEM, DTYPE, int(m["trained"]["eos_id"])
             else:
-                yield stage, path, STEM, DTYPE, int(m["trained"]["eos_id"])
+                yield s.indexed_as, path, "train", m["dtype"], int(m["eos_id"])
 
 
 def build_stage(run: StageRun, out: Path) -> dict[str, Any]:

@@ -15,15 +15,17 @@ from typing import Any
 import numpy as np
 
 from clearlm.data.pii import PATTERNS
+from clearlm.stages import spec
 from clearlm.trace import contamination
-from clearlm.trace.index import CORPORA, POST_TRAINING, corpus_documents
+from clearlm.trace.index import corpus_documents
 
 PREFIX = SUFFIX = 32  # tokens: the paper's k = 32 and its 32-token continuation
 DOCUMENTS = 100  # training documents sampled per training stage
-UNSAMPLED = (POST_TRAINING["rlvr"],)  # stages whose sequences are context only: no loss on their tokens
+PRETRAINING = spec("shards").indexed_as  # the base corpus: its documents are named by their source alone
+UNSAMPLED = (spec("rlvr").indexed_as,)  # stages whose sequences are context only: no loss on their tokens
 
 
-def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, stage: str = CORPORA["shards"]
+def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, stage: str = PRETRAINING
                      ) -> list[tuple[list[int], str, str]]:  # fmt: skip
     """Up to `n` of the documents in `folder`'s `stem`.bin (a corpus's training split, a post-training stage's
     trained sequences) long enough for a prefix and a continuation, drawn with `seed`: (tokens, id, source; a
@@ -33,7 +35,7 @@ def sample_documents(folder: Path, stem: str, dtype: str, n: int, seed: int, sta
             if len(ids) >= PREFIX + SUFFIX and meta.get("part") != "rejected"]  # fmt: skip
     chosen = np.random.default_rng(seed).permutation(len(long))[:n]
     return [(ids[: PREFIX + SUFFIX].tolist(), meta["id"],
-             meta["source"] if stage == CORPORA["shards"] else f"{meta['source']} ({stage})")
+             meta["source"] if stage == PRETRAINING else f"{meta['source']} ({stage})")
             for ids, meta in (long[i] for i in sorted(chosen))]  # fmt: skip
 
 
