@@ -61,6 +61,13 @@ def _run(recipe: Path, workdir: Path, plan: list[str], cache: Path, busy: bool =
             p.wait()
 
 
+def _environments(workdir: Path, stage: str) -> list[dict]:
+    """What a stage's artifacts recorded of the process that made them (threads, MKL's mode and code path): the
+    first thing to compare when two runs part."""
+    manifests = sorted((workdir / "artifacts").glob(f"{stage}-*[!l]/manifest.json"))
+    return [json.loads(m.read_text()).get("environment", {}) for m in manifests]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(recipe, folder): every stage run in one process with a cold cache (the matmul peak measured), in
@@ -87,7 +94,11 @@ def test_every_stage_gives_the_same_bytes_whatever_ran_before_it_in_the_process(
     together = stage_outputs(folder / "together")
     assert set(together) == set(Pipeline(load_recipe(recipe), folder).stages())
     for history in ("fresh", "resumed", "loaded"):
-        assert first_difference(together, stage_outputs(tmp_path / history)) is None, history
+        difference = first_difference(together, stage_outputs(tmp_path / history))
+        stage = (difference or "").split(":")[0].split(" ")[0]
+        assert difference is None, (f"{history}: {difference}; what each recorded of its process: "
+                                    f"{_environments(folder / 'together', stage)} against "
+                                    f"{_environments(tmp_path / history, stage)}")  # fmt: skip
     manifest = json.loads(next((tmp_path / "fresh" / "artifacts").glob("sft-*[!l]/manifest.json")).read_text())
     assert manifest["environment"]["threads"] == stage_threads(0), "the stage set its threads itself"
     if available_cpus() > 1:
