@@ -15,6 +15,7 @@ from clearlm.train.dpo import (
     TokenizedPair,
     answer_lengths,
     dpo_loss,
+    pair_length,
     reference_logps,
     sequence_logps,
     split_held_out,
@@ -165,7 +166,7 @@ def test_a_step_in_passes_of_similar_lengths_equals_one_batch_of_all_its_pairs()
 
     shapes = [(5, 3, 4), (6, 200, 180), (10, 7, 2), (8, 190, 210), (4, 5, 9), (7, 150, 170)]
     pairs = [TokenizedPair(ids(p), ids(c), ids(r), row) for row, (p, c, r) in enumerate(shapes)]
-    assert len(length_groups([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs], 6, 2)) > 1
+    assert len(length_groups([pair_length(p) for p in pairs], 6, 2)) > 1
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, context=256)
     model, reference = Transformer(cfg), Transformer(cfg)
     model.init_weights(0)
