@@ -6,7 +6,8 @@ import torch
 from clearlm.model.auto import TransformersCausalLM
 from clearlm.model.generate import Sampling, _ClearlmRunner, choose, generate
 from clearlm.model.hf import save_hf
-from clearlm.model.transformer import Transformer, TransformerConfig
+from clearlm.model.transformer import Projection, Transformer, TransformerConfig
+from clearlm.numerics import mkl_strict
 
 transformers = pytest.importorskip("transformers")
 
@@ -207,3 +208,23 @@ def test_sampling_draws_tokens_in_proportion_and_never_a_filtered_one():
     assert torch.allclose(counts, probs, atol=0.015)
     top2 = torch.bincount(choose(logits, Sampling(temperature=1.0, top_k=2), gens), minlength=6)
     assert set(top2.nonzero()[:, 0].tolist()) == {0, 2}
+
+
+@pytest.mark.skipif(not mkl_strict(), reason="the transposed layout is taken under MKL's strict mode only")
+def test_the_transposed_products_generation_uses_give_the_bits_of_f_linear():
+    """Generation multiplies by transposed copies of the weights (faster under strict MKL); greedy tokens equal to
+    transformers' rest on these products giving F.linear's bits, at the shapes of a step and of a prefill."""
+    model = _model()
+    weights = model.decode_weights()
+    assert weights.lm_head.transposed and weights.lm_head.weight.shape == (64, 300)
+    gen = torch.Generator().manual_seed(0)
+    for rows, k, n in [
+        (1, 512, 32000),
+        (3, 1408, 512),
+        (16, 512, 2816),
+        (17, 192, 576),
+        (300, 768, 4096),
+        (5, 37, 1000),
+    ]:
+        w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+        assert torch.equal(Projection(w, True)(x), torch.nn.functional.linear(x, w)), (rows, k, n)

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from clearlm.errors import InputError
-from clearlm.model.transformer import Transformer
+from clearlm.model.transformer import DecodeWeights, Transformer
 
 
 @dataclass(frozen=True)
@@ -103,16 +103,16 @@ def _scores(logits: torch.Tensor, targets: list[list[int]]) -> list[Score]:
 @torch.no_grad()
 def score_choices(
     model: Transformer, ctx: list[int], conts: list[list[int]], batch_size: int = 16,
-    fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    weights: DecodeWeights | None = None,
 ) -> list[Score]:  # fmt: skip
     """The continuations of one context (a question's choices): the context goes through the model once, then the
     continuations, `batch_size` at a time, as rows of a batch over the context's cached keys and values (clearlm's
-    decoder; `fused`: its projections, made once per scoring call). The same log-probabilities as scoring each
+    decoder; `weights`: its `DecodeWeights`, made once per scoring call). The same log-probabilities as scoring each
     (context, continuation) whole, up to float rounding, for a fraction of the work when the context is long
     (TruthfulQA's primer, few-shot prompts)."""
     device = model.embed_tokens.weight.device
     n, width = len(ctx), max(len(c) for c in conts) - 1
-    base = model.new_cache(1, n + width, fused)
+    base = model.new_cache(1, n + width, weights)
     first = model.hidden_cached(torch.tensor([ctx], device=device), torch.arange(n, device=device)[None], base,
                                 None)[0, -1:]  # predicts each continuation's first token  # fmt: skip
     scores = []
@@ -161,7 +161,7 @@ def score_requests(
     scores: list[Score | None] = [None] * len(pairs)
     alone = []
     start = 0
-    fused = None  # the decoder's fused projections, made at the first shared context
+    weights = None  # the decoder's DecodeWeights, made at the first shared context
     while start < len(pairs):
         end = start + 1
         while end < len(pairs) and pairs[end][0] == pairs[start][0]:
@@ -170,10 +170,10 @@ def score_requests(
         n = len(group[0][0])
         shared = n >= SHARE_CONTEXT and (end - start - 1) * n >= SHARE_FROM  # context tokens not recomputed
         if isinstance(model, Transformer) and shared and all(len(a) + len(b) <= max_len for a, b in group):
-            if fused is None:
+            if weights is None:
                 model.eval()
-                fused = model.fused_projections()
-            scores[start:end] = score_choices(model, group[0][0], [b for _, b in group], batch_size, fused)
+                weights = model.decode_weights()
+            scores[start:end] = score_choices(model, group[0][0], [b for _, b in group], batch_size, weights)
         else:
             alone += range(start, end)
         start = end

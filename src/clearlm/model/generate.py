@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 from clearlm.model.auto import CausalLM, TransformersCausalLM
-from clearlm.model.transformer import Transformer
+from clearlm.model.transformer import DecodeWeights, Transformer
 
 # A batch's prompts that start with this many common tokens or more (few-shot examples, copies of one prompt) run
 # them once and attend to one copy of their keys and values: below it, the extra attention products cost more.
@@ -72,15 +72,15 @@ def _positions(real: torch.Tensor) -> torch.Tensor:
 
 
 class _ClearlmRunner:
-    def __init__(self, model: Transformer, batch: int, length: int, fused: list) -> None:
-        self.model, self.fused, self.cache = model, fused, model.new_cache(batch, length, fused)
+    def __init__(self, model: Transformer, batch: int, length: int, weights: DecodeWeights) -> None:
+        self.model, self.weights, self.cache = model, weights, model.new_cache(batch, length, weights)
         self.real: torch.Tensor | None = None  # [batch, tokens so far]: False at padding; None when none
         self.next_pos = torch.zeros(batch, dtype=torch.long)
         self.shared = 0  # tokens of the prefix every prompt of the batch starts with, cached once
 
     def share(self, prefix: list[int]) -> None:
         """Run the prompts' common prefix once; `prefill` then takes what follows it."""
-        cache = self.model.new_cache(1, len(prefix), self.fused)
+        cache = self.model.new_cache(1, len(prefix), self.weights)
         self.model.hidden_cached(torch.tensor([prefix]), torch.arange(len(prefix))[None], cache, None)
         for layer, shared in zip(self.cache, cache, strict=True):
             layer.prefix = (shared.keys, shared.values)
@@ -90,7 +90,7 @@ class _ClearlmRunner:
         positions = _positions(real) + self.shared
         self.next_pos = positions[:, -1] + 1
         if bool(real.all()):
-            return self.model.forward_cached(ids, positions, self.cache, None)
+            return self.model.forward_cached(ids, positions, self.cache, None, self.weights.lm_head)
         # Padded prompts are prefilled one by one into their rows of the cache: causal attention without a mask
         # (a padded batch's mask sends SDPA to its slow path, twice the time at a thousand tokens), and each prompt's
         # keys and values are what it computes alone. A copy of an earlier row's prompt (RL samples several
@@ -105,7 +105,7 @@ class _ClearlmRunner:
                 continue
             rows = [layer.row(i, width - n) for layer in self.cache]
             logits.append(self.model.forward_cached(ids[i : i + 1, width - n :], positions[i : i + 1, width - n :],
-                                                    rows, None))  # fmt: skip
+                                                    rows, None, self.weights.lm_head))  # fmt: skip
         for layer in self.cache:
             layer.filled = width
         return torch.cat(logits)
@@ -115,7 +115,8 @@ class _ClearlmRunner:
         if self.real is not None:
             self.real = torch.cat([self.real, self.real.new_ones(len(ids), 1)], dim=1)
             mask = self.real[:, None, None, :]
-        logits = self.model.forward_cached(ids[:, None], self.next_pos[:, None], self.cache, mask)
+        logits = self.model.forward_cached(ids[:, None], self.next_pos[:, None], self.cache, mask,
+                                           self.weights.lm_head)  # fmt: skip
         self.next_pos = self.next_pos + 1
         return logits
 
@@ -161,10 +162,10 @@ class _TransformersRunner:
         self.mask = self.mask[rows]
 
 
-def _runner(model: CausalLM, batch: int, length: int, fused: list) -> _Runner:
+def _runner(model: CausalLM, batch: int, length: int, weights: DecodeWeights | None) -> _Runner:
     if isinstance(model, TransformersCausalLM):
         return _TransformersRunner(model.hf)
-    return _ClearlmRunner(model, batch, length, fused)
+    return _ClearlmRunner(model, batch, length, weights or model.decode_weights())
 
 
 def _common_prefix(prompts: list[list[int]]) -> int:
@@ -214,9 +215,9 @@ def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def _generate_batch(
     model: CausalLM, prompts: list[list[int]], indices: list[int], *, max_new_tokens: int, sampling: Sampling,
     eos_ids: frozenset[int], stop: Sequence[str], decode: Callable[[list[int]], str] | None, pad_id: int,
-    fused: list,
+    weights: DecodeWeights | None,
 ) -> list[Completion]:  # fmt: skip
-    runner = _runner(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, fused)
+    runner = _runner(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, weights)
     shared = _common_prefix(prompts) if isinstance(runner, _ClearlmRunner) and len(prompts) > 1 else 0
     if shared >= SHARE_PREFIX:
         runner.share(prompts[0][:shared])
@@ -285,14 +286,14 @@ def generate(
     if any(not p for p in kept):
         raise ValueError("a prompt has no tokens (start it with the model's BOS or end-of-text token)")
     model.eval()
-    fused = model.fused_projections() if isinstance(model, Transformer) else []  # once for every batch
+    weights = model.decode_weights() if isinstance(model, Transformer) else None  # once for every batch
     order = sorted(range(len(kept)), key=lambda i: -len(kept[i]))
     out: list[Completion | None] = [None] * len(kept)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         results = _generate_batch(
             model, [kept[i] for i in chunk], chunk, max_new_tokens=max_new_tokens, sampling=sampling,
-            eos_ids=frozenset(eos_ids), stop=[s for s in stop if s], decode=decode, pad_id=pad_id, fused=fused,
+            eos_ids=frozenset(eos_ids), stop=[s for s in stop if s], decode=decode, pad_id=pad_id, weights=weights,
         )  # fmt: skip
         for i, result in zip(chunk, results, strict=True):
             out[i] = result

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from clearlm.model.loss import IGNORE_INDEX, fused_cross_entropy
+from clearlm.numerics import mkl_strict
 
 ARCHITECTURES = ("llama", "olmo2")
 
@@ -155,20 +156,51 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                       tail.transpose(1, 2).reshape(rows * length, H * D)])[None]  # fmt: skip
 
 
+class Projection:
+    """A weight [out, in] as generation multiplies by it. Under MKL's strict reproducible mode (`clearlm.numerics`)
+    it is kept transposed, [in, out]: `x @ weight` then gives the same bits as `F.linear(x, weight.T)`, which
+    transformers runs (checked on 300 random shapes), and a step's few rows run ~1.4x faster (MKL's strict
+    kernel streams a transposed operand at half the memory bandwidth). Elsewhere it is used as it is."""
+
+    def __init__(self, weight: torch.Tensor, transposed: bool) -> None:
+        self.transposed = transposed
+        self.weight = weight.t().contiguous() if transposed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight if self.transposed else F.linear(x, self.weight)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One block's products for generation: q/k/v and gate/up fused, so that a step makes four matrix products
+    where training makes seven (on a CPU a decoding step is mostly per-operation overhead)."""
+
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+
+
+@dataclass(frozen=True)
+class DecodeWeights:
+    """The weights generation multiplies by (`Transformer.decode_weights`), made once per generation or scoring
+    call: fused and transposed ones are copies of the weights of that moment."""
+
+    layers: list[LayerWeights]
+    lm_head: Projection
+
+
 class LayerCache:
     """One layer's state while a batch is generated: its keys and values, allocated once at the longest length they
-    will reach, so that a step computes one new column instead of re-running the prefix; and its projections fused
-    (q/k/v, gate/up), so that a step makes two matrix products where training makes five: on a CPU, a decoding step
-    is mostly per-operation overhead. The fused weights come from `Transformer.fused_projections`, made once per
-    generation or scoring call from the weights of that moment. Keys and values start at zero: columns a padded row
-    never writes are masked, and must not hold NaN."""
+    will reach, so that a step computes one new column instead of re-running the prefix, and its `LayerWeights`.
+    Keys and values start at zero: columns a padded row never writes are masked, and must not hold NaN."""
 
-    def __init__(self, block: Block, batch: int, length: int, fused: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, block: Block, batch: int, length: int, weights: LayerWeights) -> None:
         attn = block.self_attn
         self.keys = attn.q_proj.weight.new_zeros(batch, attn.kv_heads, length, attn.head_dim)
         self.values = torch.zeros_like(self.keys)
         self.filled = 0
-        self.qkv, self.gate_up = fused
+        self.weights = weights
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # keys and values every sequence shares
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +280,7 @@ class Attention(nn.Module):
         applied to queries and keys at once, and this step's keys and values appended to the cache."""
         B, T, _ = x.shape
         H, G, D = self.n_heads, self.kv_heads, self.head_dim
-        qkv = F.linear(x, cache.qkv)
+        qkv = cache.weights.qkv(x)
         if self.qk_norm:
             qk = torch.cat([self.q_norm(qkv[..., : H * D]), self.k_norm(qkv[..., H * D : (H + G) * D])], -1)
         else:
@@ -263,7 +295,7 @@ class Attention(nn.Module):
             y = decode_attention(qk[:, :H], k, v, mask, cache.prefix)
         else:
             y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return cache.weights.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -275,8 +307,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         if cache is not None:  # generation: one product for gate and up
-            gate, up = F.linear(x, cache.gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = cache.weights.gate_up(x).chunk(2, dim=-1)
+            return cache.weights.down(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -385,18 +417,24 @@ class Transformer(nn.Module):
         return x[:P], x[P:].view(B, T, x.shape[-1])  # T may be 0: every continuation one token or none
 
     @torch.no_grad()
-    def fused_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's q/k/v and gate/up weights concatenated (copies: a later optimizer step does not reach them)."""
-        return [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
-                 torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in self.layers]  # fmt: skip
+    def decode_weights(self) -> DecodeWeights:
+        """The weights generation multiplies by, copied in the layout `Projection` picks for this device."""
+        device = self.embed_tokens.weight.device
+        transposed = device.type == "cpu" and mkl_strict()
 
-    def new_cache(
-        self, batch: int, length: int, fused: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    ) -> list[LayerCache]:
-        """Empty key/value caches of every layer for `batch` sequences of up to `length` tokens, over `fused`
-        projections (made now when not given)."""
-        fused = fused if fused is not None else self.fused_projections()
-        return [LayerCache(block, batch, length, f) for block, f in zip(self.layers, fused, strict=True)]
+        def each(*weights: torch.Tensor) -> Projection:
+            return Projection(torch.cat(weights) if len(weights) > 1 else weights[0], transposed)
+
+        layers = [LayerWeights(each(b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight),
+                               each(b.self_attn.o_proj.weight), each(b.mlp.gate_proj.weight, b.mlp.up_proj.weight),
+                               each(b.mlp.down_proj.weight)) for b in self.layers]  # fmt: skip
+        return DecodeWeights(layers, each(self.lm_head.weight))
+
+    def new_cache(self, batch: int, length: int, weights: DecodeWeights | None = None) -> list[LayerCache]:
+        """Empty key/value caches of every layer for `batch` sequences of up to `length` tokens, over `weights`
+        (made now when not given)."""
+        weights = weights or self.decode_weights()
+        return [LayerCache(block, batch, length, w) for block, w in zip(self.layers, weights.layers, strict=True)]
 
     def hidden_cached(
         self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None
@@ -414,10 +452,12 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward_cached(
-        self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """`hidden_cached`'s logits [batch, vocab] at the last new token: what generation needs."""
-        return self.lm_head(self.hidden_cached(idx, positions, cache, mask)[:, -1])
+        self, idx: torch.Tensor, positions: torch.Tensor, cache: list[LayerCache], mask: torch.Tensor | None,
+        lm_head: Projection,
+    ) -> torch.Tensor:  # fmt: skip
+        """`hidden_cached`'s logits [batch, vocab] at the last new token (through `lm_head`, the `DecodeWeights`'
+        output layer): what generation needs."""
+        return lm_head(self.hidden_cached(idx, positions, cache, mask)[:, -1])
 
     def forward(
         self,
