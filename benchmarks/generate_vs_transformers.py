@@ -2,8 +2,10 @@
 
 Greedy decoding in float32 of a fixed number of new tokens (end-of-text disabled on both sides, so both do the
 same work), at batch 1 (prompts one after another) and batch 16 (prompts of different lengths, left-padded).
-Prints new tokens per second of each, the ratio, and whether the generated tokens are identical. Runs are
-interleaved and the best of `--repeats` is kept, so a slow phase of a shared machine hits both alike.
+Prints new tokens per second of each, the ratio, and whether the generated tokens are identical. Each tool runs in
+a process of its own with the MKL mode its users get: transformers MKL's default, clearlm its strict reproducible
+mode (`clearlm.numerics`), which costs it bandwidth on one-row products. Runs alternate and the best of `--repeats`
+is kept, so a slow phase of a shared machine hits both alike.
 
     python benchmarks/generate_vs_transformers.py                      # two random-weight Llama folders
     python benchmarks/generate_vs_transformers.py runs/quickstart/release --threads 2
@@ -15,9 +17,10 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from clearlm.model.generate import generate
 from clearlm.model.hf import load_hf, save_hf
 from clearlm.model.transformer import Transformer, TransformerConfig
+from clearlm.numerics import PEER_ENVIRONMENT, numerics
 
 SIZES = {
     "quickstart-size (d192, 4 layers, vocab 4096)": TransformerConfig(
@@ -58,38 +62,47 @@ def _transformers(hf: torch.nn.Module, prompts: list[list[int]], new: int) -> li
     return out[:, width:].tolist()
 
 
-def _clearlm(model: torch.nn.Module, prompts: list[list[int]], new: int) -> list[list[int]]:
-    return [c.tokens for c in generate(model, prompts, max_new_tokens=new, batch_size=len(prompts), pad_id=1)]
+def _worker(tool: str, folder: Path, batch: int, new: int) -> dict:
+    """One tool's generation of the benchmark's prompts: a warm-up run, then a timed one."""
+    prompts = _prompts(json.loads((folder / "config.json").read_text())["vocab_size"], 4 if batch == 1 else batch)
+    if tool == "clearlm":
+        ours = load_hf(folder).eval()
 
+        def run() -> list[list[int]]:  # batch 1: the prompts one after another, in one call
+            done = generate(ours, prompts, max_new_tokens=new, batch_size=batch, pad_id=1)
+            return [c.tokens for c in done]
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
 
-def _timed(fn: Callable[[], list[list[int]]], times: list[float]) -> None:
+        def run() -> list[list[int]]:
+            groups = [[p] for p in prompts] if batch == 1 else [prompts]
+            return [t for g in groups for t in _transformers(hf, g, new)]
+
+    run()
     started = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - started)
+    tokens = run()
+    return {"seconds": time.perf_counter() - started, "tokens": tokens, "mkl": numerics().get("mkl_cbwr")}
 
 
-def compare(folder: Path, batch: int, new: int, repeats: int) -> dict:
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # a fixed number of new tokens on both sides
-    ours = load_hf(folder).eval()
-    prompts = _prompts(ours.cfg.vocab_size, 4 if batch == 1 else batch)
-    groups = [[p] for p in prompts] if batch == 1 else [prompts]
-    runs = {"clearlm": lambda: [t for g in groups for t in _clearlm(ours, g, new)],
-            "transformers": lambda: [t for g in groups for t in _transformers(hf, g, new)]}  # fmt: skip
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    outputs = {}
-    for name, fn in runs.items():  # warm-up
-        outputs[name] = fn()
+def compare(folder: Path, batch: int, new: int, repeats: int, threads: int) -> dict:
+    """Each tool in a process of its own, in the environment its users have (transformers: MKL's default mode;
+    clearlm: its strict reproducible one), alternating, the best of `repeats` runs kept."""
+    runs: dict[str, list[dict]] = {"clearlm": [], "transformers": []}
     for _ in range(repeats):
-        for name, fn in runs.items():
-            _timed(fn, times[name])
-    tokens = len(prompts) * new
-    rate = {name: tokens / min(t) for name, t in times.items()}
+        for tool, extra in (("clearlm", {}), ("transformers", PEER_ENVIRONMENT)):
+            out = subprocess.run([sys.executable, __file__, "--worker", tool, str(folder), str(batch), str(new),
+                                  "--threads", str(threads)], env={**os.environ, **extra}, capture_output=True,
+                                 text=True, check=True)  # fmt: skip
+            runs[tool].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    tokens = 4 * new if batch == 1 else batch * new
+    rate = {tool: tokens / min(r["seconds"] for r in rs) for tool, rs in runs.items()}
     return {
-        "batch": batch, "new_tokens": new, "prompts": len(prompts),
+        "batch": batch, "new_tokens": new,
         "clearlm_tokens_per_s": round(rate["clearlm"], 1), "transformers_tokens_per_s": round(rate["transformers"], 1),
         "speedup": round(rate["clearlm"] / rate["transformers"], 2),
-        "identical": outputs["clearlm"] == outputs["transformers"],
+        "identical": runs["clearlm"][0]["tokens"] == runs["transformers"][0]["tokens"],
+        "mkl": {tool: rs[0]["mkl"] for tool, rs in runs.items()},
     }  # fmt: skip
 
 
@@ -100,8 +113,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--worker", nargs=4, metavar=("TOOL", "FOLDER", "BATCH", "NEW"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.worker:
+        tool, folder, batch, new = args.worker
+        print(json.dumps(_worker(tool, Path(folder), int(batch), int(new))))
+        return
     results = []
     with tempfile.TemporaryDirectory() as work:
         folders = {str(f): f for f in args.folders} or {
@@ -109,11 +127,11 @@ def main() -> None:
         }
         for name, folder in folders.items():
             for batch in (1, 16):
-                row = {"model": name, **compare(folder, batch, args.new_tokens, args.repeats)}
+                row = {"model": name, **compare(folder, batch, args.new_tokens, args.repeats, args.threads)}
                 results.append(row)
                 print(f"{name} | batch {batch}: clearlm {row['clearlm_tokens_per_s']} tok/s, transformers "
                       f"{row['transformers_tokens_per_s']} tok/s, {row['speedup']}x, "
-                      f"identical tokens: {row['identical']}", flush=True)  # fmt: skip
+                      f"identical tokens: {row['identical']} (MKL mode: {row['mkl']})", flush=True)  # fmt: skip
     meta = {"threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

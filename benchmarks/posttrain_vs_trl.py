@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -151,6 +152,14 @@ def run(tool: str, kind: str, steps: int, batch: int, workdir: Path) -> dict:
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "losses": losses, "peak_mb": peak}
 
 
+def worker_environment(tool: str) -> dict[str, str]:
+    """A worker's environment: TRL runs with MKL's default mode, as its users have it; clearlm's worker sets its strict
+    reproducible mode itself when it imports clearlm."""
+    from clearlm.numerics import PEER_ENVIRONMENT
+
+    return {**os.environ, **(PEER_ENVIRONMENT if tool == "trl" else {})}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -168,7 +177,7 @@ def main() -> None:
         batch = args.batch if kind == "sft" else args.batch // 2
         for tool in ("trl", "clearlm"):
             out = subprocess.run([sys.executable, __file__, "--worker", tool, kind, "--steps", str(args.steps),
-                                  "--batch", str(batch), "--workdir", str(workdir)],
+                                  "--batch", str(batch), "--workdir", str(workdir)], env=worker_environment(tool),
                                  capture_output=True, text=True, check=True)  # fmt: skip
             results[(tool, kind)] = json.loads(out.stdout.strip().splitlines()[-1])
         trl_r, ours = results[("trl", kind)], results[("clearlm", kind)]

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from posttrain_vs_trl import CONTEXT, hf_copy, quickstart_model
+from posttrain_vs_trl import CONTEXT, hf_copy, quickstart_model, worker_environment
 
 
 def _setup(workdir: Path, n: int):
@@ -115,7 +115,8 @@ def main() -> None:
     for tool in ("trl", "clearlm"):
         out = subprocess.run([sys.executable, __file__, "--worker", tool, "--steps", settings[0], "--prompts",
                               settings[1], "--generations", settings[2], "--length", settings[3], "--workdir",
-                              str(workdir)], capture_output=True, text=True, check=True)  # fmt: skip
+                              str(workdir)], env=worker_environment(tool), capture_output=True, text=True,
+                             check=True)  # fmt: skip
         results[tool] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"GRPO: {args.steps} steps of {args.prompts} prompts x {args.generations} completions, up to {args.length} "
           "new tokens, float32, 2 threads")  # fmt: skip
