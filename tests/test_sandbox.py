@@ -389,6 +389,7 @@ def test_killing_the_evaluator_with_sigkill_kills_its_sandboxes(marker: str, cou
     _require("orphans")
     sleep = _python(marker, "import time; time.sleep(1000)").replace("\n", "; ")
     program = f"import os\nif os.fork() == 0:\n    os.setsid()\n    {sleep}\n{sleep}"
+    folders = set(Path(tempfile.gettempdir()).glob("clearlm-sandbox-*"))
     evaluator = subprocess.Popen([sys.executable, "-c", EVALUATOR], stdin=subprocess.PIPE, text=True)
     sandboxes: set[int] = set()
     try:
@@ -418,3 +419,5 @@ def test_killing_the_evaluator_with_sigkill_kills_its_sandboxes(marker: str, cou
             if _alive(pid) is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        for folder in set(Path(tempfile.gettempdir()).glob("clearlm-sandbox-*")) - folders:
+            shutil.rmtree(folder, ignore_errors=True)  # the killed evaluator's, which nobody is left to remove
