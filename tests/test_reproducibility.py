@@ -101,6 +101,7 @@ def test_every_stage_gives_the_same_bytes_whatever_ran_before_it_in_the_process(
                                     f"{_environments(tmp_path / history, stage)}")  # fmt: skip
     manifest = json.loads(next((tmp_path / "fresh" / "artifacts").glob("sft-*[!l]/manifest.json")).read_text())
     assert manifest["environment"]["threads"] == stage_threads(0), "the stage set its threads itself"
+    assert manifest["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if available_cpus() > 1:
         assert manifest["environment"]["threads"] != 1, "not the count the disturbance left"
 

@@ -76,11 +76,13 @@ def _fixed_thread_counts() -> None:
 
 
 def numerics() -> dict[str, Any]:
-    """What this process's float results depend on besides the inputs: threads, and MKL's CNR mode and the code
-    path it chose (where torch carries MKL)."""
+    """What this process's float results depend on besides the inputs: threads, the vector instructions torch's own
+    kernels dispatch to (AVX2 and AVX-512 round their sums differently), and MKL's CNR mode and the code path it chose
+    (where torch carries MKL)."""
     import torch
 
-    info: dict[str, Any] = {"threads": torch.get_num_threads()}
+    info: dict[str, Any] = {"threads": torch.get_num_threads(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
     get_mode, get_path = _symbol("mkl_serv_cbwr_get"), _symbol("mkl_serv_cbwr_get_auto_branch")
     if get_mode is None or get_path is None:
         return info
