@@ -95,7 +95,7 @@ def compare(folder: Path, batch: int, new: int, repeats: int, threads: int) -> d
                                   "--threads", str(threads)], env={**os.environ, **extra}, capture_output=True,
                                  text=True, check=True)  # fmt: skip
             runs[tool].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    tokens = 4 * new if batch == 1 else batch * new
+    tokens = sum(map(len, runs["clearlm"][0]["tokens"]))  # every prompt's `new` tokens: end-of-text is off
     rate = {tool: tokens / min(r["seconds"] for r in rs) for tool, rs in runs.items()}
     return {
         "batch": batch, "new_tokens": new,

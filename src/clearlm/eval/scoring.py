@@ -112,6 +112,7 @@ def score_choices(
     (TruthfulQA's primer, few-shot prompts)."""
     device = model.embed_tokens.weight.device
     n, width = len(ctx), max(len(c) for c in conts) - 1
+    weights = weights or model.decode_weights()
     base = model.new_cache(1, n + width, weights)
     first = model.hidden_cached(torch.tensor([ctx], device=device), torch.arange(n, device=device)[None], base,
                                 None)[0, -1:]  # predicts each continuation's first token  # fmt: skip
@@ -132,7 +133,7 @@ def score_choices(
             after = model.hidden_cached(ids.to(device), positions.to(device), cache,
                                         mask.to(device).expand(len(chunk), 1, width, n + width))  # fmt: skip
             rows = [torch.cat([first, after[j, : len(cont) - 1]]) for j, cont in enumerate(chunk)]
-        scores += _scores(model.lm_head(torch.cat(rows)), chunk)
+        scores += _scores(weights.lm_head(torch.cat(rows)), chunk)
     return scores
 
 
